@@ -1,0 +1,224 @@
+"""Experiment 1: three ~1.3 M-parameter transformers trained from scratch on SST-2.
+
+    python experiment.py --data-dir ../shared/data/sst2      # the study, offline
+    python experiment.py --help                              # every setting, with units
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import reporting as rep
+from models import SmallConfig, build_small_model
+from training import (Built, Encoded, NonFiniteLoss, Recipe, UsageError, check_writable, load_arrays, load_sst2,
+                      parse_extra_eval, resolve_device, run_study)
+
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+PAD, UNK, BOS, EOS = range(4)
+STUDY = {
+    "best": {"sentiment_only": 80.28, "dual_head": 80.96, "dual_engram": 79.36},
+    "final": {"sentiment_only": 79.82, "dual_head": 80.96, "dual_engram": 79.36},
+    "engram": {"ari": 0.236, "cluster_accuracy": 74.3},
+    "minutes_gpu": 30,
+}
+DEFAULT_EPOCHS = 8
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+class Vocab:
+    """Word-level vocabulary of the training split: the specials, then the most frequent words
+    (ties broken alphabetically, so the vocabulary is a pure function of the data)."""
+
+    def __init__(self, words: list[str]):
+        self.itos = list(SPECIALS) + words
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, sentences: list[str], max_words: int) -> "Vocab":
+        counts = Counter(w for s in sentences for w in s.split())
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return cls([w for w, _ in ranked[:max_words]])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, sentence: str, max_len: int) -> list[int]:
+        """<bos> w1 ... wn <eos>, truncated at max_len tokens."""
+        return ([BOS] + [self.stoi.get(w, UNK) for w in sentence.split()] + [EOS])[:max_len]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def add_common_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float, out: str) -> None:
+    """Flags both experiments share, grouped as the help shows them."""
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "
+                        "default: download stanfordnlp/sst2 from the Hugging Face hub")
+    d.add_argument("--max-train", type=positive_int, default=None,
+                   help="use only the first N training rows (examples; marks the run as shortened)")
+    d.add_argument("--max-eval", type=positive_int, default=None,
+                   help="use only the first N validation rows (examples; marks the run as shortened)")
+    d.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
+                   help="also evaluate on this labeled TSV after every epoch (repeatable)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training set (default {epochs})")
+    t.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"examples per optimizer step (default {batch_size}; dual_engram splits it into two halves)")
+    t.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
+    t.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="SEED",
+                   help="train every variant once per seed (default: 42)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out}/)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
+                        "the one in progress restarts after its last complete epoch")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="experiment.py",
+        description="Experiment 1 of the study: sentiment_only, dual_head and dual_engram small transformers "
+                    "trained from scratch on SST-2. Defaults are the study's settings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_args(p, epochs=DEFAULT_EPOCHS, batch_size=64, lr=3e-4, out="results")
+    m = p.add_argument_group("model")
+    m.add_argument("--vocab-words", type=positive_int, default=7000, help="most frequent training words kept (plus 4 specials)")
+    m.add_argument("--max-len", type=positive_int, default=64, help="tokens per sentence, <bos> and <eos> included")
+    m.add_argument("--d-model", type=positive_int, default=128, help="embedding and hidden width")
+    m.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
+    m.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    m.add_argument("--d-ff", type=positive_int, default=512, help="feed-forward width")
+    m.add_argument("--dropout", type=unit_interval, default=0.1, help="dropout probability")
+    m.add_argument("--engram-dim", type=positive_int, default=32, help="engram width")
+    m.add_argument("--impl", choices=("packed", "padded"), default="packed",
+                   help="packed: per-token layers on real tokens only; padded: the naive reference (same function, slower)")
+    m.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def validate(args) -> None:
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
+    if args.d_model % args.heads:
+        raise UsageError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
+    if args.max_len < 2:
+        raise UsageError("--max-len must be at least 2 (<bos> and <eos>)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds repeats a seed: {args.seeds}")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def small_report(m: dict) -> str:
+    lines = rep.report_header(m, "Experiment 1: small transformers from scratch on SST-2")
+    lines += ["## Validation accuracy (%)", "", *rep.accuracy_table(m), *rep.per_seed_table(m)]
+    lines += rep.hypothesis_section(m)
+    lines += rep.engram_section(m, {"ari": STUDY["engram"]["ari"], "cluster_accuracy": STUDY["engram"]["cluster_accuracy"]})
+    lines += rep.probe_section(m)
+    lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
+    lines += rep.history_section(m)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except (UsageError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def run(args, argv) -> dict:
+    validate(args)
+    out = check_writable(args.out)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_sst2(args.data_dir)
+    extra = parse_extra_eval(args.extra_eval)
+    train_split = data["train"].head(args.max_train)
+    val_split = data["validation"].head(args.max_eval)
+    vocab = Vocab.build(train_split.sentences, args.vocab_words)
+    cfg = SmallConfig(vocab_size=len(vocab), max_len=args.max_len, d_model=args.d_model, n_layers=args.layers,
+                      n_heads=args.heads, d_ff=args.d_ff, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl)
+
+    def encode(split) -> Encoded:
+        return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], list(split.labels))
+
+    train = encode(train_split)
+    evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
+
+    def build(variant: str, seed: int, total_steps: int) -> Built:
+        model = build_small_model(variant, cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)
+        return Built(model, opt, info={"config": asdict(cfg)})
+
+    recipe = Recipe("small", build, PAD, args.batch_size, args.epochs, device, progress=not args.no_progress)
+    shortened = args.epochs < DEFAULT_EPOCHS or args.max_train is not None or args.max_eval is not None
+    header = {
+        "scale": "small",
+        "command": "python experiment.py " + shlex.join(argv),
+        "shortened": shortened,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model_config": asdict(cfg),
+        "versions": rep.versions(),
+        "device": str(device) + ("" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"),
+        "threads": torch.get_num_threads(),
+        "seeds": args.seeds,
+        "data": {"train": len(train), "validation": len(evals["validation"]), "vocab_size": len(vocab),
+                 "source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
+                 "extra": {k: len(v) for k, v in extra.items()}},
+    }
+    panels = [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])]
+    state = {}
+
+    def on_progress(results, complete):
+        state["metrics"] = rep.write_outputs(out, results, evals["validation"].labels, complete, header, STUDY, panels,
+                                             small_report, lambda seed: load_arrays(out, seed, "dual_engram"))
+
+    print(f"small experiment: {len(train):,} train / {len(evals['validation']):,} validation rows, vocabulary "
+          f"{len(vocab):,}, device {device}, seeds {args.seeds}")
+    run_study(recipe, args.seeds, train, evals, out, args.resume, on_progress)
+    print(f"wrote {out}/metrics.json, REPORT.md, learning_curves.png, engram_clusters.png")
+    return state["metrics"]
+
+
+if __name__ == "__main__":
+    main()

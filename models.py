@@ -1,0 +1,334 @@
+"""Network modules of the study: backbones, heads, engram modules and the model that composes them.
+
+A backbone is anything with this interface (the small transformer below, or `HFBackbone` around a
+Hugging Face causal LM):
+
+    hidden_size: int
+    embed(input_ids [B,T]) -> [B,T,H]                      token embeddings, no positions
+    forward(embeds [B,T,H], mask [B,T]) -> [B,T,H]         last-layer hidden states (right padding)
+    lm_logits(hidden [N,H]) -> [N,V]                      next-token logits of some rows
+
+`EngramModel` puts the heads of one variant on a backbone and returns what it computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+VARIANTS = ("sentiment_only", "dual_head", "dual_engram")
+USES_LM = {"sentiment_only": False, "dual_head": True, "dual_engram": True}
+USES_ENGRAM = {"sentiment_only": False, "dual_head": False, "dual_engram": True}
+
+
+# ----------------------------------------------------------------------------- small backbone
+
+
+@dataclass
+class SmallConfig:
+    vocab_size: int = 7004  # 4 specials + 7,000 words
+    max_len: int = 64  # tokens per sentence, <bos> and <eos> included
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 512
+    dropout: float = 0.1
+    engram_dim: int = 32
+    # "packed" runs the per-token layers on real tokens only; "padded" runs them on every padded
+    # position (the naive reference). Both compute the same function on the real tokens.
+    impl: str = "packed"
+
+
+class Block(nn.Module):
+    """Pre-LN causal transformer block that runs on packed rows or on a padded batch."""
+
+    def __init__(self, cfg: SmallConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, d)
+        self.dropout = cfg.dropout
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        B, T, three_d = qkv.shape  # [B,T,3d]
+        d = three_d // 3
+        q, k, v = qkv.view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,dh]
+        # Right padding + causal mask: a real token never sees a pad, so no padding mask is needed.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # [B,h,T,dh]
+        return y.transpose(1, 2).reshape(B, T, d)  # [B,T,d]
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, shape=None) -> torch.Tensor:
+        """x: [N,d] packed real rows (rows = their flat indices in the [B*T] grid, shape = (B,T)),
+        or [B,T,d] padded when rows is None."""
+        qkv = self.qkv(self.ln1(x))  # [N,3d] or [B,T,3d]
+        if rows is None:
+            a = self.attention(qkv)  # [B,T,d]
+        else:
+            B, T = shape
+            grid = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy(0, rows, qkv)  # [B*T,3d]
+            a = self.attention(grid.view(B, T, -1)).reshape(B * T, -1).index_select(0, rows)  # [N,d]
+        x = x + self.drop(self.proj(a))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+
+
+class SmallBackbone(nn.Module):
+    """Token + learned position embeddings, pre-LN causal blocks, final LayerNorm.
+
+    The LM head is optional so that `sentiment_only` carries no LM parameters."""
+
+    def __init__(self, cfg: SmallConfig, with_lm_head: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.hidden_size = cfg.d_model
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_len + 1, cfg.d_model)  # +1: the engram prefix slot
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size) if with_lm_head else None
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(input_ids)  # [B,T,d]
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = embeds.shape
+        if T > self.pos.num_embeddings:
+            raise ValueError(f"sequence of {T} positions exceeds the model's {self.pos.num_embeddings}")
+        x = embeds + self.pos.weight[:T]  # [B,T,d]
+        if self.cfg.impl == "padded":
+            x = self.drop(x)
+            for blk in self.blocks:
+                x = blk(x)
+            return self.ln_f(x)  # [B,T,d]
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of real positions
+        h = self.drop(x.reshape(B * T, d).index_select(0, rows))  # [N,d]
+        for blk in self.blocks:
+            h = blk(h, rows, (B, T))
+        h = self.ln_f(h)  # [N,d]
+        return h.new_zeros(B * T, d).index_copy(0, rows, h).view(B, T, d)  # [B,T,d], pads are 0
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [N,V]
+
+
+# ----------------------------------------------------------------------------- Hugging Face backbone
+
+
+class HFBackbone(nn.Module):
+    """A (possibly PEFT-wrapped, possibly 4-bit) Hugging Face causal LM seen through the backbone
+    interface. It runs the decoder stack only, so full-vocabulary logits are never computed for
+    positions that are not LM targets."""
+
+    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.lm = causal_lm
+        base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+        self._decoder = base.get_decoder()
+        self._lm_head = base.get_output_embeddings()
+        self.hidden_size = base.config.hidden_size
+        self.compute_dtype = compute_dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._decoder.get_input_embeddings()(input_ids)  # [B,T,H]
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self._decoder(inputs_embeds=embeds.to(self.compute_dtype), attention_mask=mask, use_cache=False)
+        return out.last_hidden_state  # [B,T,H]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self._lm_head.weight
+        return self._lm_head(hidden.to(w.dtype))  # [N,V]
+
+
+# ----------------------------------------------------------------------------- heads and engram modules
+
+
+class EngramCompressor(nn.Module):
+    """Linear(H -> e) -> Tanh: the engram of a pooled hidden state."""
+
+    def __init__(self, hidden: int, engram_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, engram_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(pooled))  # [B,e]
+
+
+class EngramProjector(nn.Module):
+    """Linear(e -> H): one prefix embedding from an engram."""
+
+    def __init__(self, engram_dim: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(engram_dim, hidden)
+
+    def forward(self, engram: torch.Tensor) -> torch.Tensor:
+        return self.linear(engram)  # [B,H]
+
+
+def small_sentiment_head(hidden: int) -> nn.Module:
+    return nn.Linear(hidden, 2)
+
+
+def mlp_sentiment_head(hidden: int, width: int = 256, dropout: float = 0.1) -> nn.Module:
+    return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 2))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def lm_loss_sum(backbone: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of `hidden` rows [N,H] against `targets` [N], in fp32.
+
+    Rows are processed `chunk_rows` at a time, each chunk recomputed in backward, so at most one
+    chunk of fp32 logits over the vocabulary exists at once."""
+
+    def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(backbone.lm_logits(h).float(), t, reduction="sum")  # logits [n,V]
+
+    n = hidden.shape[0]
+    if n <= chunk_rows:
+        return ce(hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk_rows):
+        total = total + checkpoint(ce, hidden[i : i + chunk_rows], targets[i : i + chunk_rows], use_reentrant=False)
+    return total
+
+
+def lm_targets(input_ids: torch.Tensor, mask: torch.Tensor):
+    """Positions that predict a real next token, and those tokens. Masked by the attention mask,
+    not by token id, so a pad id that happens to be a real word is never a target."""
+    has_next = (mask[:, :-1] * mask[:, 1:]).bool()  # [B,T-1]: position t predicts real token t+1
+    return has_next, input_ids[:, 1:][has_next]  # [B,T-1], [N]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ModelOutput:
+    sent_logits: torch.Tensor  # [B,2] fp32
+    sent_loss: torch.Tensor | None  # scalar, mean over the batch
+    lm_loss: torch.Tensor | None  # scalar, mean over the batch's LM targets
+    lm_sum: torch.Tensor | None  # scalar, summed CE (for exact means across batches)
+    lm_count: int  # number of LM targets
+    loss: torch.Tensor | None  # the variant's training loss
+    engram: torch.Tensor | None  # [B,e] this input's engram (dual_engram only)
+    pooled: torch.Tensor  # [B,H] fp32 pooled last-layer state
+
+
+@dataclass
+class ModelSpec:
+    variant: str
+    pooling: str  # "mean" over real tokens, or "last" real token
+    engram_dim: int = 32
+    lm_weight: float = 0.5
+    lm_chunk_rows: int = 1 << 30
+    extra: dict = field(default_factory=dict)
+
+
+class EngramModel(nn.Module):
+    """A backbone with the heads of one variant.
+
+    forward(input_ids, mask, labels=None, engram=None):
+      - dual_engram: the prefix is projector(engram) (projector(0) when engram is None), prepended to
+        the token embeddings with a 1 in the mask; the model also returns this input's own engram.
+      - loss = CE(sentiment) for sentiment_only, lm_weight*LM + (1-lm_weight)*CE(sentiment) otherwise.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: ModelSpec, sentiment_head: nn.Module):
+        super().__init__()
+        if spec.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {spec.variant!r}; choose from {VARIANTS}")
+        if spec.pooling not in ("mean", "last"):
+            raise ValueError(f"unknown pooling {spec.pooling!r}")
+        self.spec = spec
+        self.backbone = backbone
+        self.sentiment_head = sentiment_head
+        self.uses_lm = USES_LM[spec.variant]
+        self.uses_engram = USES_ENGRAM[spec.variant]
+        H = backbone.hidden_size
+        self.compressor = EngramCompressor(H, spec.engram_dim) if self.uses_engram else None
+        self.projector = EngramProjector(spec.engram_dim, H) if self.uses_engram else None
+
+    @property
+    def variant(self) -> str:
+        return self.spec.variant
+
+    def zero_engram(self, batch: int, device) -> torch.Tensor:
+        return torch.zeros(batch, self.spec.engram_dim, device=device)  # [B,e]
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden [B,T,H] over the sentence's own tokens only -> [B,H] fp32."""
+        if self.spec.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # [B,T,1]
+            return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float()  # [B,H]
+        last = mask.sum(1).long() - 1  # [B] index of the last real token (right padding)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [B,H]
+
+    def forward(self, input_ids, mask, labels=None, engram=None) -> ModelOutput:
+        B = input_ids.shape[0]
+        embeds = self.backbone.embed(input_ids)  # [B,T,H]
+        mask_in = mask
+        if self.uses_engram:
+            if engram is None:
+                engram = self.zero_engram(B, input_ids.device)
+            prefix = self.projector(engram).to(embeds.dtype).unsqueeze(1)  # [B,1,H]
+            embeds = torch.cat([prefix, embeds], 1)  # [B,1+T,H]
+            mask_in = torch.cat([mask.new_ones(B, 1), mask], 1)  # [B,1+T]
+        elif engram is not None:
+            raise ValueError(f"{self.variant} takes no engram")
+        hidden = self.backbone(embeds, mask_in)  # [B,T',H]
+        if self.uses_engram:
+            hidden = hidden[:, 1:]  # [B,T,H]: the prefix position is never pooled nor a target
+        pooled = self.pool(hidden, mask)  # [B,H] fp32
+        sent_logits = self.sentiment_head(pooled)  # [B,2]
+        own_engram = self.compressor(pooled) if self.uses_engram else None  # [B,e]
+
+        sent_loss = F.cross_entropy(sent_logits, labels) if labels is not None else None
+        lm_loss = lm_sum = None
+        n_lm = 0
+        if self.uses_lm:
+            where, targets = lm_targets(input_ids, mask)  # [B,T-1], [N]
+            n_lm = int(targets.numel())
+            rows = hidden[:, :-1][where]  # [N,H] only positions with a real next token
+            lm_sum = lm_loss_sum(self.backbone, rows, targets, self.spec.lm_chunk_rows)
+            lm_loss = lm_sum / max(n_lm, 1)
+        loss = None
+        if sent_loss is not None:
+            w = self.spec.lm_weight
+            loss = w * lm_loss + (1 - w) * sent_loss if self.uses_lm else sent_loss
+        return ModelOutput(sent_logits, sent_loss, lm_loss, lm_sum, n_lm, loss, own_engram, pooled)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) element counts. A 4-bit weight counts as the elements it stores (two
+    weights per byte), as the study's ~4.4 B total for Qwen2.5-7B does."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def build_small_model(variant: str, cfg: SmallConfig) -> EngramModel:
+    backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
+    spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim)
+    return EngramModel(backbone, spec, small_sentiment_head(cfg.d_model))
+
