@@ -180,17 +180,17 @@ def run(args, argv) -> dict:
                       n_heads=args.heads, d_ff=args.d_ff, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl)
 
     def encode(split) -> Encoded:
-        return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], list(split.labels))
+        return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], split.labels, PAD)
 
     train = encode(train_split)
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
 
     def build(variant: str, seed: int, total_steps: int) -> Built:
         model = build_small_model(variant, cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
         return Built(model, opt, info={"config": asdict(cfg)})
 
-    recipe = Recipe("small", build, PAD, args.batch_size, args.epochs, device, progress=not args.no_progress)
+    recipe = Recipe("small", build, args.batch_size, args.epochs, device, progress=not args.no_progress)
     shortened = args.epochs < DEFAULT_EPOCHS or args.max_train is not None or args.max_eval is not None
     header = {
         "scale": "small",

@@ -6,7 +6,7 @@ Hugging Face causal LM):
     hidden_size: int
     embed(input_ids [B,T]) -> [B,T,H]                      token embeddings, no positions
     forward(embeds [B,T,H], mask [B,T]) -> [B,T,H]         last-layer hidden states (right padding)
-    lm_logits(hidden [N,H]) -> [N,V]                      next-token logits of some rows
+    lm_head_module() -> nn.Linear                         the next-token head (H -> V)
 
 `EngramModel` puts the heads of one variant on a backbone and returns what it computes.
 """
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 VARIANTS = ("sentiment_only", "dual_head", "dual_engram")
 USES_LM = {"sentiment_only": False, "dual_head": True, "dual_engram": True}
@@ -126,8 +125,8 @@ class SmallBackbone(nn.Module):
         h = self.ln_f(h)  # [N,d]
         return h.new_zeros(B * T, d).index_copy(0, rows, h).view(B, T, d)  # [B,T,d], pads are 0
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [N,V]
+    def lm_head_module(self) -> nn.Linear:
+        return self.lm_head
 
 
 # ----------------------------------------------------------------------------- Hugging Face backbone
@@ -154,9 +153,8 @@ class HFBackbone(nn.Module):
         out = self._decoder(inputs_embeds=embeds.to(self.compute_dtype), attention_mask=mask, use_cache=False)
         return out.last_hidden_state  # [B,T,H]
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self._lm_head.weight
-        return self._lm_head(hidden.to(w.dtype))  # [N,V]
+    def lm_head_module(self) -> nn.Linear:
+        return self._lm_head
 
 
 # ----------------------------------------------------------------------------- heads and engram modules
@@ -195,22 +193,69 @@ def mlp_sentiment_head(hidden: int, width: int = 256, dropout: float = 0.1) -> n
 # ----------------------------------------------------------------------------- losses
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, t_i) without keeping more than `chunk_rows` rows of logits alive.
+
+    Logits are computed in W's dtype and reduced in fp32. With one chunk the softmax is kept for
+    backward (fast path of the small model); with several chunks, backward recomputes each chunk's
+    logits, so a 152k-word vocabulary never has fp32 logits for the whole batch at once."""
+
+    @staticmethod
+    def _logits(h, weight, bias):
+        z = h.to(weight.dtype) @ weight.t()  # [n,V]
+        if bias is not None:
+            z = z + bias
+        return z.float()  # [n,V] fp32
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_rows):
+        n = h.shape[0]
+        keep = n <= chunk_rows
+        total = h.new_zeros((), dtype=torch.float32)
+        probs = None
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, n, chunk_rows):
+                z = LinearCrossEntropy._logits(h[i : i + chunk_rows], weight, bias)  # [c,V]
+                t = targets[i : i + chunk_rows]  # [c]
+                lse = torch.logsumexp(z, 1)  # [c]
+                total += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+                if keep:
+                    probs = z.sub_(lse[:, None]).exp_()  # [n,V] softmax, reused in backward
+        ctx.save_for_backward(h, weight, bias, targets, probs)
+        ctx.chunk_rows = chunk_rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, targets, probs = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        c = ctx.chunk_rows
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], c):
+                hc, t = h[i : i + c], targets[i : i + c]
+                if probs is None:
+                    z = LinearCrossEntropy._logits(hc, weight, bias)  # [c,V]
+                    g = z.sub_(torch.logsumexp(z, 1, keepdim=True)).exp_()  # [c,V]
+                else:
+                    g = probs
+                g[torch.arange(len(t), device=g.device), t] -= 1.0  # d CE / d logits = softmax - onehot
+                g.mul_(grad_out)
+                if need_h:
+                    gh[i : i + c] = (g.to(weight.dtype) @ weight).to(h.dtype)  # [c,H]
+                if need_w:
+                    gw += g.t() @ hc.float()  # [V,H]
+                if need_b:
+                    gb += g.sum(0)
+        return gh, (gw.to(weight.dtype) if need_w else None), (gb.to(bias.dtype) if need_b else None), None, None
+
+
 def lm_loss_sum(backbone: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """Summed next-token cross-entropy of `hidden` rows [N,H] against `targets` [N], in fp32.
-
-    Rows are processed `chunk_rows` at a time, each chunk recomputed in backward, so at most one
-    chunk of fp32 logits over the vocabulary exists at once."""
-
-    def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(backbone.lm_logits(h).float(), t, reduction="sum")  # logits [n,V]
-
-    n = hidden.shape[0]
-    if n <= chunk_rows:
-        return ce(hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk_rows):
-        total = total + checkpoint(ce, hidden[i : i + chunk_rows], targets[i : i + chunk_rows], use_reentrant=False)
-    return total
+    """Summed next-token cross-entropy (fp32) of `hidden` rows [N,H] against `targets` [N]."""
+    head = backbone.lm_head_module()
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows)
 
 
 def lm_targets(input_ids: torch.Tensor, mask: torch.Tensor):

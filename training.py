@@ -152,10 +152,19 @@ def parse_extra_eval(items: list[str]) -> dict[str, Split]:
     return out
 
 
-@dataclass
 class Encoded:
-    ids: list[list[int]]
-    labels: list[int]
+    """Token ids of a split, kept as one right-padded matrix so a batch is a single slice."""
+
+    def __init__(self, ids: list[list[int]], labels: list[int], pad_id: int = 0):
+        if not ids:
+            raise UsageError("no examples to encode")
+        self.lengths = np.array([len(r) for r in ids], dtype=np.int64)  # [n]
+        if self.lengths.min() < 1:
+            raise UsageError("an example encodes to zero tokens")
+        self.ids = np.full((len(ids), int(self.lengths.max())), pad_id, dtype=np.int64)  # [n,Tmax]
+        for i, r in enumerate(ids):
+            self.ids[i, : len(r)] = r
+        self.labels = np.asarray(labels, dtype=np.int64)  # [n]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -169,16 +178,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def collate(enc: Encoded, idx, pad_id: int, device):
-    """Right-pad the rows `idx` to the longest of them: ids [B,T], mask [B,T], labels [B]."""
-    rows = [enc.ids[i] for i in idx]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    labels = torch.tensor([enc.labels[i] for i in idx], dtype=torch.long)
+def collate(enc: Encoded, idx, device):
+    """The rows `idx`, right-padded to the longest of them: ids [B,T], mask [B,T], labels [B]."""
+    idx = np.asarray(idx)
+    lengths = enc.lengths[idx]  # [B]
+    T = int(lengths.max())
+    ids = torch.from_numpy(enc.ids[idx, :T])  # [B,T]
+    mask = torch.from_numpy((np.arange(T)[None, :] < lengths[:, None]).astype(np.int64))  # [B,T]
+    labels = torch.from_numpy(enc.labels[idx])  # [B]
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -309,7 +316,6 @@ class Recipe:
 
     scale: str  # "small" or "7b"
     build: Callable[[str, int, int], Built]  # (variant, seed, total optimizer steps) -> Built
-    pad_id: int
     batch_size: int
     epochs: int
     device: torch.device
@@ -333,7 +339,7 @@ def evaluate(model: EngramModel, enc: Encoded, recipe: Recipe, autocast_dtype=No
     g = torch.Generator().manual_seed(seed)
     probs, sent_sum, lm_sum, lm_count = [], 0.0, 0.0, 0
     for i in range(0, len(enc), bs):
-        ids, mask, labels = collate(enc, range(i, min(i + bs, len(enc))), recipe.pad_id, recipe.device)
+        ids, mask, labels = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
         with _autocast(recipe.device, autocast_dtype):
             out = run_batch(model, ids, mask, labels, mode=mode, generator=g)
         probs.append(sentiment_probabilities(out.sent_logits).cpu())
@@ -361,7 +367,7 @@ def zero_prefix_states(model: EngramModel, enc: Encoded, recipe: Recipe, autocas
     bs = recipe.eval_batch_size or recipe.batch_size
     pooled, engrams = [], []
     for i in range(0, len(enc), bs):
-        ids, mask, _ = collate(enc, range(i, min(i + bs, len(enc))), recipe.pad_id, recipe.device)
+        ids, mask, _ = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
         with _autocast(recipe.device, autocast_dtype):
             out = _run(model, ids, mask, None)
         pooled.append(out.pooled.float().cpu())
@@ -404,7 +410,7 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         batches = epoch_batches(len(train), recipe.batch_size, seed, epoch)
         bar = _progress(batches, recipe, f"{variant} s{seed} e{epoch}/{recipe.epochs}")
         for step, idx in enumerate(bar, start=1):
-            ids, mask, labels = collate(train, idx, recipe.pad_id, recipe.device)
+            ids, mask, labels = collate(train, idx, recipe.device)
             with _autocast(recipe.device, built.autocast_dtype):
                 out = run_batch(model, ids, mask, labels, mode="pair")
             loss_value = out.loss.item()
