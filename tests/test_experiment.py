@@ -1,0 +1,157 @@
+import json
+
+import pytest
+
+import experiment
+import training
+from training import latest_checkpoint
+
+TINY = ["--epochs", "2", "--no-progress"]
+HISTORY_KEYS = {"epoch", "train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "val_acc", "val_sent_loss",
+                "val_lm_loss", "extra", "train_seconds", "seconds"}
+
+
+def run_small(data, out, *extra):
+    return experiment.main(["--data-dir", str(data), "--out", str(out), *TINY, *extra])
+
+
+def comparable(out):
+    """metrics.json and predictions.json without wall times, commands and paths."""
+    m = json.loads((out / "metrics.json").read_text())
+    for v in m["models"].values():
+        v.pop("minutes")
+        for r in v["runs"]:
+            r.pop("minutes")
+            for h in r["history"]:
+                h.pop("seconds"), h.pop("train_seconds")
+    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((out / "predictions.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_run(sst2_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small_run")
+    extra = sst2_small / "dev.tsv"
+    run_small(sst2_small, out, "--extra-eval", f"again={extra}")
+    return out
+
+
+def test_end_to_end_writes_every_output_with_the_full_schema(small_run, sst2_small):
+    for name in ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png"):
+        assert (small_run / name).stat().st_size > 0, name
+    for png in ("learning_curves.png", "engram_clusters.png"):
+        assert (small_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads((small_run / "metrics.json").read_text())
+    assert m["complete"] and m["shortened"] and m["scale"] == "small"
+    assert m["command"].startswith("python experiment.py --data-dir")
+    assert {"torch", "transformers", "peft", "bitsandbytes", "scikit-learn"} <= set(m["versions"])
+    assert m["data"] == {"train": 320, "validation": 96, "vocab_size": m["data"]["vocab_size"],
+                         "source": str(sst2_small), "extra": {"again": 96}}
+    assert m["config"]["epochs"] == 2 and m["config"]["batch_size"] == 64 and m["config"]["lr"] == 3e-4
+    assert list(m["models"]) == ["sentiment_only", "dual_head", "dual_engram"]
+    for v, mm in m["models"].items():
+        assert mm["trainable_params"] == mm["total_params"] > 0
+        (run,) = mm["runs"]
+        assert [h["epoch"] for h in run["history"]] == [1, 2]
+        for h in run["history"]:
+            assert set(h) == HISTORY_KEYS
+            assert (h["train_lm_loss"] is None) == (v == "sentiment_only") == (h["val_lm_loss"] is None)
+            assert h["extra"]["again"]["acc"] == h["val_acc"]  # the same file, evaluated the same way
+        assert run["best_val_acc"] == max(h["val_acc"] for h in run["history"])
+        assert run["final_val_acc"] == run["history"][-1]["val_acc"]
+        assert set(run["analysis"]["probe_pooled"]) == {"accuracy", "control_accuracy", "selectivity"}
+    eng = m["models"]["dual_engram"]["runs"][0]["analysis"]
+    assert set(eng["engram"]) == {"n", "dim", "ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine"}
+    assert eng["engram"]["n"] == 96 and eng["engram"]["dim"] == 32
+    assert set(eng["ablation"]) == {"pair", "zero", "shuffled"}
+    assert eng["ablation"]["pair"] == m["models"]["dual_engram"]["runs"][0]["final_val_acc"]
+    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == pytest.approx(0.68)
+    p = json.loads((small_run / "predictions.json").read_text())
+    assert len(p["labels"]) == 96 and len(p["runs"]["42"]["dual_head"]["final"]["prob"]) == 96
+    report = (small_run / "REPORT.md").read_text()
+    assert "Shortened run" in report and "80.28" in report and "| H2 |" in report and "0.236" in report
+
+
+def test_checkpoints_are_complete_and_incomplete_ones_are_ignored(small_run):
+    folder = small_run / "checkpoints" / "seed42" / "dual_engram"
+    last = latest_checkpoint(folder)
+    assert last.name == "epoch_002" and (last / "COMPLETE").is_file()
+    assert {p.name for p in last.iterdir()} == {"trainable.safetensors", "train_state.pt", "rng.safetensors", "state.json", "COMPLETE"}
+    (folder / "epoch_003").mkdir()  # a crash before the marker: never loaded
+    assert latest_checkpoint(folder) == last
+    (folder / "epoch_003").rmdir()
+
+
+def test_resume_after_a_crash_gives_exactly_the_uninterrupted_metrics(small_run, sst2_small, tmp_path, monkeypatch):
+    out = tmp_path / "crashed"
+    real_save = training.save_checkpoint
+
+    def crash_after_dual_head_epoch_1(folder, epoch, *a, **k):
+        path = real_save(folder, epoch, *a, **k)
+        if folder.name == "dual_head" and epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_dual_head_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_small(sst2_small, out, "--extra-eval", f"again={sst2_small / 'dev.tsv'}")
+    partial = json.loads((out / "metrics.json").read_text())
+    assert not partial["complete"] and list(partial["models"]) == ["sentiment_only"]  # finished work survived
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    run_small(sst2_small, out, "--extra-eval", f"again={sst2_small / 'dev.tsv'}", "--resume")
+    assert comparable(out) == comparable(small_run)
+
+
+def test_same_seed_twice_gives_identical_metrics_and_another_seed_does_not(small_run, sst2_small, tmp_path):
+    run_small(sst2_small, tmp_path / "again", "--extra-eval", f"again={sst2_small / 'dev.tsv'}")
+    assert comparable(tmp_path / "again") == comparable(small_run)
+
+
+def test_non_finite_loss_names_variant_epoch_and_step_and_keeps_the_checkpoint(sst2_small, tmp_path, monkeypatch, capsys):
+    real = training.run_batch
+    calls = {"n": 0}
+
+    def poisoned(model, *a, **k):
+        out = real(model, *a, **k)
+        if model.training and model.variant == "dual_head":
+            calls["n"] += 1
+            if calls["n"] == 5 + 2:  # epoch 2 (5 batches of 64 per epoch), step 2
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "run_batch", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, tmp_path)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: dual_head (seed 42): non-finite loss nan at epoch 2, step 2")
+    assert latest_checkpoint(tmp_path / "checkpoints" / "seed42" / "dual_head").name == "epoch_001"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--batch-size", "1"], "--batch-size 1 is too small: dual_engram"),
+    (["--batch-size", "-3"], "--batch-size: must be a positive integer"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--seeds", "1", "1"], "--seeds repeats a seed"),
+])
+def test_bad_flags_fail_loudly(args, message, sst2_small, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data-dir", str(sst2_small), "--out", str(tmp_path), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_line_errors(sst2_small, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--data-dir", str(tmp_path / "missing")], "error: data folder"),
+        (["--data-dir", str(sst2_small), "--out", str(tmp_path / "file" / "sub")], "is not writable"),
+        (["--data-dir", str(sst2_small), "--extra-eval", "x=" + str(tmp_path / "none.tsv")], "none.tsv not found"),
+    ]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cases.append((["--data-dir", str(sst2_small), "--device", "cuda"], "--device cuda was asked for but no CUDA GPU"))
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            experiment.main(["--out", str(tmp_path / "o"), *args] if "--out" not in args else args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, (args, err)
