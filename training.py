@@ -394,6 +394,8 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     built = recipe.build(variant, seed, batches_per_epoch * recipe.epochs)
     model, opt = built.model, built.optimizer
     total, trainable = count_parameters(model)
+    dtype = f"; compute dtype {built.info['compute_dtype']}" if "compute_dtype" in built.info else ""
+    print(f"[{variant} seed {seed}] parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f} %){dtype}")
     state = {"history": [], "best": None, "final": None, "seconds": 0.0}
     start_epoch = 1
     last = latest_checkpoint(ckpt) if resume else None
@@ -401,8 +403,6 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         state = load_checkpoint(last, model, opt, built.scheduler, built.scaler)
         start_epoch = state.pop("epoch") + 1
         print(f"[{variant} seed {seed}] resuming after epoch {start_epoch - 1} from {last}")
-    elif ckpt.exists():
-        shutil.rmtree(ckpt)
     model.train()
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
@@ -497,20 +497,40 @@ def analyse(model: EngramModel, val: Encoded, recipe: Recipe, autocast_dtype, se
         metrics, clusters = engram_metrics(engrams, labels, seed)
         analysis["engram"] = metrics
         analysis["probe_engram"] = probe(engrams, labels, seed)
-        analysis["ablation"] = {
-            mode: evaluate(model, val, recipe, autocast_dtype, mode=mode, seed=seed)["acc"]
-            for mode in ("pair", "zero", "shuffled")
-        }
+        runs = {mode: evaluate(model, val, recipe, autocast_dtype, mode=mode, seed=seed) for mode in ("pair", "zero", "shuffled")}
+        analysis["ablation"] = {mode: r["acc"] for mode, r in runs.items()}
+        for mode in ("zero", "shuffled"):  # predictions that differ from the trained pairing
+            analysis["ablation"][f"changed_{mode}"] = int((runs[mode]["pred"] != runs["pair"]["pred"]).sum())
         arrays.update(engrams=engrams, clusters=clusters)
     return analysis, arrays
 
 
+RESUME_FREE = ("resume", "no_progress", "seeds", "out", "device")  # settings a resumed run may change
+
+
+def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool) -> None:
+    """A fresh run clears old checkpoints; a resumed one only continues checkpoints made with the
+    same settings (seeds may be added)."""
+    if not resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    path = ckpt_root / "run.json"
+    mine = {k: v for k, v in settings.items() if k not in RESUME_FREE}
+    if resume and path.is_file():
+        theirs = json.loads(path.read_text())
+        diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
+        if diff:
+            raise UsageError(f"checkpoints in {ckpt_root} were made with other settings ({'; '.join(diff)}); "
+                             "resume with the same flags, or run without --resume to start over")
+    write_json(path, mine)
+
+
 def run_study(recipe: Recipe, seeds: list[int], train: Encoded, evals: dict[str, Encoded], out: Path,
-              resume: bool, on_progress: Callable[[dict, bool], None]) -> dict:
+              resume: bool, settings: dict, on_progress: Callable[[dict, bool], None]) -> dict:
     """Train every variant once per seed, in turn. Each finished variant's result is kept in its
     checkpoint folder (so --resume skips it) and `on_progress(results, complete)` is called so
     that the outputs are rewritten after every finished variant."""
     ckpt_root = out / "checkpoints"
+    prepare_checkpoints(ckpt_root, settings, resume)
     results: dict[int, dict[str, dict]] = {}
     for seed in seeds:
         results[seed] = {}

@@ -62,9 +62,9 @@ def test_end_to_end_writes_every_output_with_the_full_schema(small_run, sst2_sma
     eng = m["models"]["dual_engram"]["runs"][0]["analysis"]
     assert set(eng["engram"]) == {"n", "dim", "ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine"}
     assert eng["engram"]["n"] == 96 and eng["engram"]["dim"] == 32
-    assert set(eng["ablation"]) == {"pair", "zero", "shuffled"}
+    assert set(eng["ablation"]) == {"pair", "zero", "shuffled", "changed_zero", "changed_shuffled"}
     assert eng["ablation"]["pair"] == m["models"]["dual_engram"]["runs"][0]["final_val_acc"]
-    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == pytest.approx(0.68)
+    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == 0.69
     p = json.loads((small_run / "predictions.json").read_text())
     assert len(p["labels"]) == 96 and len(p["runs"]["42"]["dual_head"]["final"]["prob"]) == 96
     report = (small_run / "REPORT.md").read_text()
@@ -155,3 +155,11 @@ def test_bad_inputs_give_one_line_errors(sst2_small, tmp_path, capsys, monkeypat
             experiment.main(["--out", str(tmp_path / "o"), *args] if "--out" not in args else args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_resume_refuses_checkpoints_made_with_other_settings(small_run, sst2_small, capsys):
+    with pytest.raises(SystemExit):
+        experiment.main(["--data-dir", str(sst2_small), "--out", str(small_run), "--epochs", "3", "--no-progress", "--resume",
+                         "--extra-eval", f"again={sst2_small / 'dev.tsv'}"])
+    err = capsys.readouterr().err
+    assert "were made with other settings (epochs: 2 -> 3)" in err
