@@ -163,3 +163,18 @@ def test_resume_refuses_checkpoints_made_with_other_settings(small_run, sst2_sma
                          "--extra-eval", f"again={sst2_small / 'dev.tsv'}"])
     err = capsys.readouterr().err
     assert "were made with other settings (epochs: 2 -> 3)" in err
+
+
+def test_fast_run_matches_the_naive_reference_per_epoch(sst2_small, tmp_path):
+    """The packed implementation (real tokens only, LM logits at targets only) and the naive one
+    (batches padded to 64, everything at every position) give the same per-epoch numbers. Dropout
+    is off so that both draw no random numbers inside the model."""
+    runs = {}
+    for impl in ("packed", "padded"):
+        m = run_small(sst2_small, tmp_path / impl, "--impl", impl, "--dropout", "0", "--max-train", "192")
+        runs[impl] = {v: mm["runs"][0]["history"] for v, mm in m["models"].items()}
+    for v in runs["packed"]:
+        for a, b in zip(runs["packed"][v], runs["padded"][v]):
+            for key in ("train_loss", "train_sent_loss", "train_lm_loss", "val_sent_loss", "val_lm_loss"):
+                assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (v, key)
+            assert a["train_acc"] == b["train_acc"] and a["val_acc"] == b["val_acc"], v
