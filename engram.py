@@ -29,7 +29,8 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor):
     return ids[:, :T], mask[:, :T]  # [b,T]
 
 
-def _run(model: EngramModel, ids, mask, labels, engram=None):
+def run_single(model: EngramModel, ids, mask, labels, engram=None):
+    """One forward pass of the rows, padded only to their own longest row."""
     ids, mask = _trim(ids, mask)
     return model(ids, mask, labels=labels, engram=engram)
 
@@ -54,24 +55,24 @@ def run_batch(model: EngramModel, ids, mask, labels, mode: str = "pair", generat
     if mode not in ENGRAM_MODES:
         raise ValueError(f"unknown engram mode {mode!r}")
     if not model.uses_engram or mode == "zero":
-        out = _run(model, ids, mask, labels)
+        out = run_single(model, ids, mask, labels)
         return _collect([out], labels)
     if mode == "shuffled":
-        own = _run(model, ids, mask, None).engram  # [B,e]
+        own = run_single(model, ids, mask, None).engram  # [B,e]
         B = ids.shape[0]
         perm = torch.randperm(B, generator=generator)
         # Shift a random order by one so that no example receives its own engram.
         donor = torch.empty_like(perm)
         donor[perm] = perm.roll(1) if B > 1 else perm
-        out = _run(model, ids, mask, labels, engram=own[donor.to(own.device)])
+        out = run_single(model, ids, mask, labels, engram=own[donor.to(own.device)])
         return _collect([out], labels)
     n1, n2 = split_halves(ids.shape[0])
     lab1 = labels[:n1] if labels is not None else None
-    first = _run(model, ids[:n1], mask[:n1], lab1)
+    first = run_single(model, ids[:n1], mask[:n1], lab1)
     if n2 == 0:
         return _collect([first], labels)
     lab2 = labels[n1:] if labels is not None else None
-    second = _run(model, ids[n1:], mask[n1:], lab2, engram=first.engram[:n2])  # not detached
+    second = run_single(model, ids[n1:], mask[n1:], lab2, engram=first.engram[:n2])  # not detached
     return _collect([first, second], labels)
 
 

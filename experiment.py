@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -16,8 +14,9 @@ import torch
 
 import reporting as rep
 from models import SmallConfig, build_small_model
-from training import (Built, Encoded, NonFiniteLoss, Recipe, UsageError, check_writable, load_arrays, load_sst2,
-                      parse_extra_eval, resolve_device, run_study)
+from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main, load_arrays,
+                      load_sst2, parse_extra_eval, positive_int, resolve_device, run_study, unit_interval,
+                      validate_common)
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD, UNK, BOS, EOS = range(4)
@@ -59,63 +58,9 @@ class Vocab:
 # ----------------------------------------------------------------------------- CLI
 
 
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
-
-
-def unit_interval(text: str) -> float:
-    v = float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
-
-
-def add_common_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float, out: str) -> None:
-    """Flags both experiments share, grouped as the help shows them."""
-    d = p.add_argument_group("data")
-    d.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "
-                        "default: download stanfordnlp/sst2 from the Hugging Face hub")
-    d.add_argument("--max-train", type=positive_int, default=None,
-                   help="use only the first N training rows (examples; marks the run as shortened)")
-    d.add_argument("--max-eval", type=positive_int, default=None,
-                   help="use only the first N validation rows (examples; marks the run as shortened)")
-    d.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
-                   help="also evaluate on this labeled TSV after every epoch (repeatable)")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training set (default {epochs})")
-    t.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"examples per optimizer step (default {batch_size}; dual_engram splits it into two halves)")
-    t.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
-    t.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="SEED",
-                   help="train every variant once per seed (default: 42)")
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")
-    o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out}/)")
-    o.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
-                        "the one in progress restarts after its last complete epoch")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="experiment.py",
-        description="Experiment 1 of the study: sentiment_only, dual_head and dual_engram small transformers "
-                    "trained from scratch on SST-2. Defaults are the study's settings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_common_args(p, epochs=DEFAULT_EPOCHS, batch_size=64, lr=3e-4, out="results")
+    p = base_parser("experiment.py", "Experiment 1 of the study: sentiment_only, dual_head and dual_engram small "
+                    "transformers trained from scratch on SST-2.", epochs=DEFAULT_EPOCHS, batch_size=64, lr=3e-4, out="results")
     m = p.add_argument_group("model")
     m.add_argument("--vocab-words", type=positive_int, default=7000, help="most frequent training words kept (plus 4 specials)")
     m.add_argument("--max-len", type=positive_int, default=64, help="tokens per sentence, <bos> and <eos> included")
@@ -132,14 +77,11 @@ def parse_args(argv):
 
 
 def validate(args) -> None:
-    if args.batch_size < 2:
-        raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
+    validate_common(args)
     if args.d_model % args.heads:
         raise UsageError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
     if args.max_len < 2:
         raise UsageError("--max-len must be at least 2 (<bos> and <eos>)")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UsageError(f"--seeds repeats a seed: {args.seeds}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -151,19 +93,14 @@ def small_report(m: dict) -> str:
     lines += rep.hypothesis_section(m)
     lines += rep.engram_section(m, {"ari": STUDY["engram"]["ari"], "cluster_accuracy": STUDY["engram"]["cluster_accuracy"]})
     lines += rep.probe_section(m)
+    lines += rep.summary_section(m)
     lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
     lines += rep.history_section(m)
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        return run(args, argv)
-    except (UsageError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    return cli_main(parse_args, run, argv)
 
 
 def run(args, argv) -> dict:

@@ -6,11 +6,9 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,10 +16,10 @@ from pathlib import Path
 import torch
 
 import reporting as rep
-from experiment import add_common_args, positive_int, unit_interval
 from models import EngramModel, HFBackbone, ModelSpec, count_parameters, mlp_sentiment_head
-from training import (Built, Encoded, NonFiniteLoss, Recipe, UsageError, check_writable, collate, load_arrays,
-                      load_sst2, parse_extra_eval, resolve_device, run_study)
+from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main, collate,
+                      load_arrays, load_sst2, parse_extra_eval, positive_int, resolve_device, run_study, unit_interval,
+                      validate_common)
 from engram import run_batch
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B"
@@ -53,13 +51,8 @@ TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="experiment_7b.py",
-        description="Experiment 2 of the study: sentiment_only, dual_head and dual_engram on Qwen2.5-7B with QLoRA. "
-                    "Defaults are the study's settings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_common_args(p, epochs=DEFAULT_EPOCHS, batch_size=8, lr=2e-4, out="results_7b")
+    p = base_parser("experiment_7b.py", "Experiment 2 of the study: sentiment_only, dual_head and dual_engram on "
+                    "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=8, lr=2e-4, out="results_7b")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local folder of a causal LM (never trust_remote_code)")
     m.add_argument("--max-length", type=positive_int, default=128, help="tokens per sentence; longer ones are truncated")
@@ -85,13 +78,6 @@ def parse_args(argv):
                         "memory (GiB) and seconds per step")
     d.add_argument("--dry-run-steps", type=positive_int, default=3, help="timed steps per variant (after one warm-up step)")
     return p.parse_args(argv)
-
-
-def validate(args) -> None:
-    if args.batch_size < 2:
-        raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UsageError(f"--seeds repeats a seed: {args.seeds}")
 
 
 # ----------------------------------------------------------------------------- precision and loading
@@ -137,11 +123,19 @@ def load_tokenizer(model: str):
     try:
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except Exception as e:
-        raise UsageError(f"could not load a tokenizer from {model} ({type(e).__name__}); check --model") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"could not load a tokenizer from {model} ({first}); pass --model with a local model folder, "
+                         "or check the hub id and the network") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def encode_split(tok, split, max_length: int) -> Encoded:
+    """Token ids with the tokenizer's own special tokens, truncated at max_length."""
+    ids = tok(split.sentences, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, split.labels, tok.pad_token_id)
 
 
 def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool):
@@ -309,6 +303,7 @@ def report_7b(m: dict, small: dict | None) -> str:
     lines += rep.hypothesis_section(m)
     lines += rep.engram_section(m, s["engram"])
     lines += rep.probe_section(m)
+    lines += rep.summary_section(m)
     lines += cross_scale_section(small, m)
     lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
     lines += rep.history_section(m)
@@ -347,17 +342,11 @@ def cross_scale_section(small: dict | None, big: dict) -> list[str]:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        return run(args, argv)
-    except (UsageError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    return cli_main(parse_args, run, argv)
 
 
 def run(args, argv):
-    validate(args)
+    validate_common(args)
     device = resolve_device(args.device)
     if args.load_in_4bit:
         check_bitsandbytes(device)
@@ -370,8 +359,7 @@ def run(args, argv):
     tok = load_tokenizer(args.model)
 
     def encode(split) -> Encoded:
-        ids = tok(split.sentences, truncation=True, max_length=args.max_length)["input_ids"]
-        return Encoded(ids, split.labels, tok.pad_token_id)
+        return encode_split(tok, split, args.max_length)
 
     train = encode(data["train"].head(args.max_train))
     evals = {"validation": encode(data["validation"].head(args.max_eval)), **{k: encode(v) for k, v in extra.items()}}

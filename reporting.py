@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 
+from engram import plot_engram_clusters
 from models import VARIANTS
+from training import save_figure, write_atomic, write_json
 
 LABELS = {"sentiment_only": "Model 1: Sentiment Only", "dual_head": "Model 2: Dual Head", "dual_engram": "Model 3: Dual + Engram"}
 HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
@@ -384,9 +386,6 @@ def write_outputs(out, results: dict, labels, complete: bool, header: dict, stud
     """metrics.json, predictions.json, learning_curves.png, engram_clusters.png and REPORT.md, each
     written atomically. `report_fn(metrics)` returns the report's text; `figure_arrays_fn(seed)`
     returns the engram arrays of that seed's dual_engram run."""
-    from engram import plot_engram_clusters
-    from training import save_figure, write_atomic, write_json
-
     m = build_metrics(header["scale"], results, labels, complete, {k: v for k, v in header.items() if k != "scale"}, study)
     write_json(out / "metrics.json", m)
     write_json(out / "predictions.json", predictions(results, labels))
@@ -401,3 +400,30 @@ def write_outputs(out, results: dict, labels, complete: bool, header: dict, stud
         save_figure(plot_engram_clusters(a["engrams"], a["labels"], a["clusters"], title, first), out / "engram_clusters.png")
     write_atomic(out / "REPORT.md", report_fn(m))
     return m
+
+
+def summary_section(m: dict) -> list[str]:
+    """The findings in words, each read off a table above it in the report."""
+    hyp, eng = m["hypotheses"], m["engram"]
+    if not hyp:
+        return []
+    n = len(m["seeds"])
+    runs = f"{n} seeds" if n > 1 else "one seed"
+    lines = ["## Findings", ""]
+    words = {"H1": "the LM head (dual_head − sentiment_only)", "H2": "the engram (dual_engram − dual_head)"}
+    for h, d in hyp.items():
+        ci = f", 95 % CI {_ci(d['delta_final'])}" if d["delta_final"]["ci"] else ""
+        lines.append(f"- **{h}, {d['verdict']}.** Effect of {words[h]} on final validation accuracy over {runs}: "
+                     f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, p = {_f(d['p'], 3)}); the study reported "
+                     f"{d['study_delta']:+.2f} from one run.")
+    if eng:
+        probes = [r["analysis"]["probe_engram"] for r in m["models"]["dual_engram"]["runs"]]
+        sel = mean_ci([100 * p["selectivity"] for p in probes])
+        lines.append(f"- **H3.** K-Means on the engrams recovers sentiment with ARI {eng['ari']['mean']:.3f} and cluster accuracy "
+                     f"{100 * eng['cluster_accuracy']['mean']:.1f} % (study: {m['study']['engram']['ari']}, "
+                     f"{m['study']['engram']['cluster_accuracy']} %); a linear probe on the engrams is "
+                     f"{sel['mean']:.1f} points above its shuffled-label control.")
+        changed = [r["analysis"]["ablation"]["changed_zero"] for r in m["models"]["dual_engram"]["runs"]]
+        lines.append(f"- **Is the engram read?** Replacing every engram with zero changes {min(changed)}–{max(changed)} of "
+                     f"{m['data']['validation']} validation predictions per seed (ablation table above).")
+    return lines + [""]

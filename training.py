@@ -2,11 +2,13 @@
 checkpoints and resume, evaluation, and safe file writing."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engram import _run, engram_metrics, probe, run_batch, sentiment_probabilities
+from engram import engram_metrics, probe, run_batch, run_single, sentiment_probabilities
 from models import VARIANTS, EngramModel, count_parameters
 
 
@@ -28,6 +30,80 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def base_parser(prog: str, description: str, *, epochs: int, batch_size: int, lr: float, out: str) -> argparse.ArgumentParser:
+    """A parser with the flags both experiments share, grouped as the help shows them, with the
+    given scale's defaults. Unknown flags are errors (argparse exits with status 2)."""
+    p = argparse.ArgumentParser(prog=prog, description=description + " Defaults are the study's settings.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "
+                        "default: download stanfordnlp/sst2 from the Hugging Face hub")
+    d.add_argument("--max-train", type=positive_int, default=None,
+                   help="use only the first N training rows (examples; marks the run as shortened)")
+    d.add_argument("--max-eval", type=positive_int, default=None,
+                   help="use only the first N validation rows (examples; marks the run as shortened)")
+    d.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
+                   help="also evaluate on this labeled TSV after every epoch (repeatable)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training set (default {epochs})")
+    t.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"examples per optimizer step (default {batch_size}; dual_engram splits it into two halves)")
+    t.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
+    t.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="SEED",
+                   help="train every variant once per seed (default: 42)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out}/)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
+                        "the one in progress restarts after its last complete epoch")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
+    return p
+
+
+def validate_common(args) -> None:
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds repeats a seed: {args.seeds}")
+
+
+def cli_main(parse_args, run, argv=None):
+    """Parse, run, and turn bad input into one line on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except (UsageError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -37,6 +113,7 @@ def write_atomic(path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make outputs private to the writer
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -45,13 +122,22 @@ def write_atomic(path, data) -> None:
         raise
 
 
+def _finite(obj):
+    """JSON has no NaN or infinity: such a value (a degenerate statistic) is written as null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
 
 
 def save_figure(fig, path) -> None:
-    import io
-
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -319,7 +405,6 @@ class Recipe:
     batch_size: int
     epochs: int
     device: torch.device
-    eval_batch_size: int | None = None
     progress: bool = True
 
 
@@ -335,7 +420,7 @@ def evaluate(model: EngramModel, enc: Encoded, recipe: Recipe, autocast_dtype=No
     probabilities, in the file's order, with batches of the training batch size."""
     was_training = model.training
     model.eval()
-    bs = recipe.eval_batch_size or recipe.batch_size
+    bs = recipe.batch_size
     g = torch.Generator().manual_seed(seed)
     probs, sent_sum, lm_sum, lm_count = [], 0.0, 0.0, 0
     for i in range(0, len(enc), bs):
@@ -364,12 +449,12 @@ def zero_prefix_states(model: EngramModel, enc: Encoded, recipe: Recipe, autocas
     zero-prefix pass, so both depend on that sentence alone."""
     was_training = model.training
     model.eval()
-    bs = recipe.eval_batch_size or recipe.batch_size
+    bs = recipe.batch_size
     pooled, engrams = [], []
     for i in range(0, len(enc), bs):
         ids, mask, _ = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
         with _autocast(recipe.device, autocast_dtype):
-            out = _run(model, ids, mask, None)
+            out = run_single(model, ids, mask, None)
         pooled.append(out.pooled.float().cpu())
         if out.engram is not None:
             engrams.append(out.engram.float().cpu())
@@ -388,7 +473,7 @@ def _eval_row(ev: dict) -> dict:
 def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict[str, Encoded], ckpt: Path, resume: bool):
     """Train one variant for recipe.epochs, evaluating after every epoch; checkpoint every epoch.
 
-    Returns (result dict, model). `evals` holds "validation" and any extra sets."""
+    Returns (result dict, the Built variant). `evals` holds "validation" and any extra sets."""
     batches_per_epoch = -(-len(train) // recipe.batch_size)
     seed_everything(seed)
     built = recipe.build(variant, seed, batches_per_epoch * recipe.epochs)

@@ -158,3 +158,12 @@ def test_cli_help_shows_the_studys_defaults(capsys):
     for needle in ("Qwen/Qwen2.5-7B", "(default: 16)", "(default: 32)", "(default: 0.05)", "(default: 0.0002)",
                    "(default: 8)", "(default: 3)", "(default: 128)", "(default: 0.03)", "--dry-run"):
         assert needle in text, needle
+
+
+def test_long_inputs_are_truncated_at_max_length(tiny_qwen):
+    from training import Split
+
+    tok = e7.load_tokenizer(str(tiny_qwen))
+    long = " ".join(["a fine film"] * 100)
+    enc = e7.encode_split(tok, Split([long, "dull"], [1, 0]), max_length=16)
+    assert enc.lengths.tolist() == [16, len(tok("dull")["input_ids"])]
