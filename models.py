@@ -12,7 +12,7 @@ Hugging Face causal LM):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -322,7 +322,6 @@ class ModelSpec:
     lm_weight: float = 0.5
     lm_chunk_rows: int = 1 << 30
     lm_all_positions: bool = False  # naive reference: LM logits at every position, then masked
-    extra: dict = field(default_factory=dict)
 
 
 class EngramModel(nn.Module):

@@ -407,11 +407,11 @@ def summary_section(m: dict) -> list[str]:
     hyp, eng = m["hypotheses"], m["engram"]
     if not hyp:
         return []
-    n = len(m["seeds"])
-    runs = f"{n} seeds" if n > 1 else "one seed"
     lines = ["## Findings", ""]
     words = {"H1": "the LM head (dual_head − sentiment_only)", "H2": "the engram (dual_engram − dual_head)"}
     for h, d in hyp.items():
+        n = len(d["per_seed"])  # seeds with all three variants finished
+        runs = f"{n} seeds" if n > 1 else "one seed"
         ci = f", 95 % CI {_ci(d['delta_final'])}" if d["delta_final"]["ci"] else ""
         lines.append(f"- **{h}, {d['verdict']}.** Effect of {words[h]} on final validation accuracy over {runs}: "
                      f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, p = {_f(d['p'], 3)}); the study reported "
@@ -424,6 +424,7 @@ def summary_section(m: dict) -> list[str]:
                      f"{m['study']['engram']['cluster_accuracy']} %); a linear probe on the engrams is "
                      f"{sel['mean']:.1f} points above its shuffled-label control.")
         changed = [r["analysis"]["ablation"]["changed_zero"] for r in m["models"]["dual_engram"]["runs"]]
-        lines.append(f"- **Is the engram read?** Replacing every engram with zero changes {min(changed)}–{max(changed)} of "
+        span = f"{min(changed)}" if min(changed) == max(changed) else f"{min(changed)}–{max(changed)}"
+        lines.append(f"- **Is the engram read?** Replacing every engram with zero changes {span} of "
                      f"{m['data']['validation']} validation predictions per seed (ablation table above).")
     return lines + [""]
