@@ -14,8 +14,8 @@ import torch
 
 import reporting as rep
 from models import SmallConfig, build_small_model
-from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main, load_arrays,
-                      load_sst2, parse_extra_eval, positive_int, resolve_device, run_study, unit_interval,
+from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main,
+                      load_sst2, parse_extra_eval, positive_int, resolve_device, unit_interval,
                       validate_common)
 
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -145,18 +145,9 @@ def run(args, argv) -> dict:
                  "extra": {k: len(v) for k, v in extra.items()}},
     }
     panels = [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])]
-    state = {}
-
-    def on_progress(results, complete):
-        state["metrics"] = rep.write_outputs(out, results, evals["validation"].labels, complete, header, STUDY, panels,
-                                             small_report, lambda seed: load_arrays(out, seed, "dual_engram"))
-
     print(f"small experiment: {len(train):,} train / {len(evals['validation']):,} validation rows, vocabulary "
           f"{len(vocab):,}, device {device}, seeds {args.seeds}")
-    run_study(recipe, args.seeds, train, evals, out, args.resume, header["config"], on_progress)
-    print(f"wrote {out}/metrics.json, REPORT.md, learning_curves.png, engram_clusters.png")
-    return state["metrics"]
-
+    return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, small_report)
 
 if __name__ == "__main__":
     main()

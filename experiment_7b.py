@@ -18,7 +18,7 @@ import torch
 import reporting as rep
 from models import EngramModel, HFBackbone, ModelSpec, count_parameters, mlp_sentiment_head
 from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main, collate,
-                      load_arrays, load_sst2, parse_extra_eval, positive_int, resolve_device, run_study, unit_interval,
+                      load_sst2, parse_extra_eval, positive_int, resolve_device, unit_interval,
                       validate_common)
 from engram import run_batch
 
@@ -372,6 +372,7 @@ def run(args, argv):
         "shortened": shortened,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "peak_gpu_gib": None,  # filled after every variant on a GPU
         "versions": rep.versions(),
         "device": _device_name(device),
         "seeds": args.seeds,
@@ -383,20 +384,9 @@ def run(args, argv):
     panels = [("validation accuracy (%)", [("val_acc", "val")]),
               ("sentiment loss", [("train_sent_loss", "train"), ("val_sent_loss", "val")]),
               ("LM loss", [("train_lm_loss", "train"), ("val_lm_loss", "val")])]
-    state = {}
-
-    def on_progress(results, complete):
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        header["peak_gpu_gib"] = peak
-        state["metrics"] = rep.write_outputs(out, results, evals["validation"].labels, complete, header, STUDY, panels,
-                                             lambda m: report_7b(m, small), lambda seed: load_arrays(out, seed, "dual_engram"))
-
     print(f"7B experiment: {args.model}, {len(train):,} train / {len(evals['validation']):,} validation rows, "
           f"device {_device_name(device)}, seeds {args.seeds}")
-    run_study(recipe, args.seeds, train, evals, out, args.resume, header["config"], on_progress)
-    print(f"wrote {out}/metrics.json, REPORT.md, learning_curves.png, engram_clusters.png")
-    return state["metrics"]
-
+    return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small))
 
 if __name__ == "__main__":
     main()

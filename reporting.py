@@ -9,7 +9,7 @@ import numpy as np
 
 from engram import plot_engram_clusters
 from models import VARIANTS
-from training import save_figure, write_atomic, write_json
+from training import load_arrays, run_study, save_figure, write_atomic, write_json
 
 LABELS = {"sentiment_only": "Model 1: Sentiment Only", "dual_head": "Model 2: Dual Head", "dual_engram": "Model 3: Dual + Engram"}
 HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
@@ -428,3 +428,21 @@ def summary_section(m: dict) -> list[str]:
         lines.append(f"- **Is the engram read?** Replacing every engram with zero changes {span} of "
                      f"{m['data']['validation']} validation predictions per seed (ablation table above).")
     return lines + [""]
+
+
+def run_and_report(recipe, args, train, evals, out, header: dict, study: dict, panels, report_fn) -> dict:
+    """Run every variant for every seed, rewriting all outputs after each finished variant."""
+    state = {}
+
+    def on_progress(results, complete):
+        if recipe.device.type == "cuda":
+            import torch
+
+            header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
+        state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
+                                         report_fn, lambda seed: load_arrays(out, seed, "dual_engram"))
+
+    run_study(recipe, args.seeds, train, evals, out, args.resume, header["config"], on_progress)
+    print(f"wrote {out}/metrics.json, REPORT.md, learning_curves.png, engram_clusters.png")
+    return state["metrics"]
+
