@@ -5,10 +5,8 @@
 """
 from __future__ import annotations
 
-import shlex
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -129,20 +127,15 @@ def run(args, argv) -> dict:
         return Built(model, opt, info={"config": asdict(cfg)})
 
     recipe = Recipe("small", build, args.batch_size, args.epochs, device, progress=not args.no_progress)
-    shortened = args.epochs < DEFAULT_EPOCHS or args.max_train is not None or args.max_eval is not None
     header = {
-        "scale": "small",
-        "command": "python experiment.py " + shlex.join(argv),
-        "shortened": shortened,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **rep.run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS),
         "model_config": asdict(cfg),
         "versions": rep.versions(),
-        "device": str(device) + ("" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"),
+        "device": rep.device_name(device),
         "threads": torch.get_num_threads(),
         "seeds": args.seeds,
         "data": {"train": len(train), "validation": len(evals["validation"]), "vocab_size": len(vocab),
-                 "source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
-                 "extra": {k: len(v) for k, v in extra.items()}},
+                 **rep.data_source(args, extra)},
     }
     panels = [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])]
     print(f"small experiment: {len(train):,} train / {len(evals['validation']):,} validation rows, vocabulary "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -218,7 +217,7 @@ def dry_run(args, device: torch.device) -> dict:
 
     shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
     compute_dtype, _ = precision(device)
-    report = {"shape": args.dry_run, "device": _device_name(device), "batch_size": args.batch_size,
+    report = {"shape": args.dry_run, "device": rep.device_name(device), "batch_size": args.batch_size,
               "max_length": args.max_length, "compute_dtype": str(compute_dtype).replace("torch.", ""), "variants": {}}
     with tempfile.TemporaryDirectory(prefix="qwen-dry-run-") as folder:
         t0 = time.perf_counter()
@@ -266,10 +265,6 @@ def dry_run(args, device: torch.device) -> dict:
                   f"peak GPU memory {'n/a (CPU)' if peak is None else f'{peak:.2f} GiB'}")
             del built, out
     return report
-
-
-def _device_name(device: torch.device) -> str:
-    return str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
 
 
 # ----------------------------------------------------------------------------- report
@@ -365,27 +360,21 @@ def run(args, argv):
     evals = {"validation": encode(data["validation"].head(args.max_eval)), **{k: encode(v) for k, v in extra.items()}}
     build, compute_dtype = make_builder(args, device, args.model)
     recipe = Recipe("7b", build, args.batch_size, args.epochs, device, progress=not args.no_progress)
-    shortened = args.epochs < DEFAULT_EPOCHS or args.max_train is not None or args.max_eval is not None
     header = {
-        "scale": "7b",
-        "command": "python experiment_7b.py " + shlex.join(argv),
-        "shortened": shortened,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **rep.run_header("7b", "experiment_7b.py", argv, args, DEFAULT_EPOCHS),
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "peak_gpu_gib": None,  # filled after every variant on a GPU
         "versions": rep.versions(),
-        "device": _device_name(device),
+        "device": rep.device_name(device),
         "seeds": args.seeds,
-        "data": {"train": len(train), "validation": len(evals["validation"]),
-                 "source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
-                 "extra": {k: len(v) for k, v in extra.items()}},
+        "data": {"train": len(train), "validation": len(evals["validation"]), **rep.data_source(args, extra)},
     }
     small = json.loads(args.small_results.read_text()) if args.small_results.is_file() else None
     panels = [("validation accuracy (%)", [("val_acc", "val")]),
               ("sentiment loss", [("train_sent_loss", "train"), ("val_sent_loss", "val")]),
               ("LM loss", [("train_lm_loss", "train"), ("val_lm_loss", "val")])]
     print(f"7B experiment: {args.model}, {len(train):,} train / {len(evals['validation']):,} validation rows, "
-          f"device {_device_name(device)}, seeds {args.seeds}")
+          f"device {rep.device_name(device)}, seeds {args.seeds}")
     return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small))
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import platform
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -65,6 +67,30 @@ def verdict(delta: float, p: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------- metrics.json
+
+
+def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int) -> dict:
+    """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
+    return {
+        "scale": scale,
+        "command": f"python {script} " + shlex.join(argv),
+        "shortened": args.epochs < default_epochs or args.max_train is not None or args.max_eval is not None,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def data_source(args, extra: dict) -> dict:
+    """Where the data came from, and the size of each --extra-eval set (the end of metrics.json's "data")."""
+    return {"source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
+            "extra": {k: len(v) for k, v in extra.items()}}
+
+
+def device_name(device) -> str:
+    if device.type != "cuda":
+        return str(device)
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def versions() -> dict:
