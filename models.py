@@ -47,7 +47,9 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     twice as fast on CPU, where bernoulli_ is slow."""
     if not training or p == 0.0:
         return x
-    return x * ((torch.rand_like(x) >= p) * (1.0 / (1.0 - p))).to(x.dtype)
+    # The mask is built in place in the fresh random tensor: the same values as
+    # (rand >= p) * 1/(1-p), without a bool and a float temporary per call.
+    return x * torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Module):
@@ -83,9 +85,11 @@ class Block(nn.Module):
         if self.training and self.dropout > 0:
             # SDPA would fall back to its math path with bernoulli_ dropout here; the same math
             # with the faster dropout above.
-            scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B,h,T,T]
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # [T,T] future
-            att = dropout(scores.masked_fill_(causal, float("-inf")).softmax(-1), self.dropout, True)
+            scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B,h,T,T]
+            # Adding -inf above the diagonal gives the same scores as masked_fill_, and its backward
+            # is the identity instead of another masked_fill over [B,h,T,T].
+            future = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # [T,T] -inf on future keys
+            att = dropout(scores.add_(future).softmax(-1), self.dropout, True)
             y = att @ v  # [B,h,T,dh]
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,h,T,dh]
@@ -99,7 +103,7 @@ class Block(nn.Module):
             a = self.attention(qkv)  # [B,T,d]
         else:
             B, T = shape
-            grid = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy(0, rows, qkv)  # [B*T,3d]
+            grid = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy_(0, rows, qkv)  # [B*T,3d]
             a = self.attention(grid.view(B, T, -1)).reshape(B * T, -1).index_select(0, rows)  # [N,d]
         x = x + self.drop(self.proj(a))
         return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
@@ -148,7 +152,7 @@ class SmallBackbone(nn.Module):
         for blk in self.blocks:
             h = blk(h, rows, (B, T))
         h = self.ln_f(h)  # [N,d]
-        return h.new_zeros(B * T, d).index_copy(0, rows, h).view(B, T, d)  # [B,T,d], pads are 0
+        return h.new_zeros(B * T, d).index_copy_(0, rows, h).view(B, T, d)  # [B,T,d], pads are 0
 
     def lm_head_module(self) -> nn.Linear:
         return self.lm_head
@@ -263,10 +267,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight, bias, targets, probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         c = ctx.chunk_rows
+        one_chunk = h.shape[0] <= c
+        gh = torch.empty_like(h) if need_h else None
+        # With one chunk the gradients are written, not accumulated into zeros: the same values
+        # without a fill and an add over [V,H].
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w and not one_chunk else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b and not one_chunk else None
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.shape[0], c):
                 hc, t = h[i : i + c], targets[i : i + c]
@@ -280,9 +287,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     gh[i : i + c] = (g.to(weight.dtype) @ weight).to(h.dtype)  # [c,H]
                 if need_w:
-                    gw += g.t() @ hc.float()  # [V,H]
+                    gw = g.t() @ hc.float() if one_chunk else gw.add_(g.t() @ hc.float())  # [V,H]
                 if need_b:
-                    gb += g.sum(0)
+                    gb = g.sum(0) if one_chunk else gb.add_(g.sum(0))  # [V]
         return gh, (gw.to(weight.dtype) if need_w else None), (gb.to(bias.dtype) if need_b else None), None, None
 
 
