@@ -93,12 +93,13 @@ def test_packed_and_padded_backbones_compute_the_same_function():
 
 
 @pytest.mark.parametrize("chunk", [1000, 7])
-def test_linear_cross_entropy_matches_torch(chunk):
+@pytest.mark.parametrize("rows", [23, 0])  # 0: a batch of one-token sentences has no LM targets
+def test_linear_cross_entropy_matches_torch(chunk, rows):
     torch.manual_seed(0)
-    h = torch.randn(23, 16, requires_grad=True)
+    h = torch.randn(rows, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
     b = torch.randn(50, requires_grad=True)
-    t = torch.randint(0, 50, (23,))
+    t = torch.randint(0, 50, (rows,))
     ours = LinearCrossEntropy.apply(h, w, b, t, chunk)
     ref = torch.nn.functional.cross_entropy(h @ w.T + b, t, reduction="sum")
     assert torch.allclose(ours, ref, rtol=1e-5)
