@@ -105,3 +105,30 @@ def test_linear_cross_entropy_matches_torch(chunk, rows):
     assert torch.allclose(ours, ref, rtol=1e-5)
     for x, y in zip(torch.autograd.grad(ours, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
         assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_training_attention_and_dropout_are_the_plain_formulas_bit_for_bit():
+    """The in-place fast path (scaled scores, additive -inf future, in-place dropout masks) gives
+    exactly the values of the textbook formulas with the same random stream, so the speed work
+    changed no committed number."""
+    from models import Block, dropout
+
+    cfg = SmallConfig()
+    blk = Block(cfg).train()
+    qkv = torch.randn(3, 11, 3 * cfg.d_model)  # [B,T,3d]
+    torch.manual_seed(5)
+    ours = blk.attention(qkv)  # [B,T,d]
+    torch.manual_seed(5)
+    q, k, v = qkv.view(3, 11, 3, cfg.n_heads, -1).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,dh]
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B,h,T,T]
+    future = torch.ones(11, 11, dtype=torch.bool).triu(1)  # [T,T]
+    att = scores.masked_fill(future, float("-inf")).softmax(-1)  # [B,h,T,T]
+    keep = (torch.rand_like(att) >= cfg.dropout) * (1.0 / (1.0 - cfg.dropout))  # [B,h,T,T]
+    ref = ((att * keep) @ v).transpose(1, 2).reshape(3, 11, cfg.d_model)  # [B,T,d]
+    assert torch.equal(ours, ref)
+    x = torch.randn(5, 7)
+    torch.manual_seed(1)
+    a = dropout(x, 0.3, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, x * ((torch.rand_like(x) >= 0.3) * (1.0 / 0.7)))
+    assert (a == 0).any() and (a != 0).any()
