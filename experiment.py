@@ -142,5 +142,6 @@ def run(args, argv) -> dict:
           f"{len(vocab):,}, device {device}, seeds {args.seeds}")
     return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, small_report)
 
+
 if __name__ == "__main__":
     main()

@@ -377,5 +377,6 @@ def run(args, argv):
           f"device {rep.device_name(device)}, seeds {args.seeds}")
     return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small))
 
+
 if __name__ == "__main__":
     main()

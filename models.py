@@ -268,7 +268,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         h, weight, bias, targets, probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         c = ctx.chunk_rows
-        one_chunk = 0 < h.shape[0] <= c  # no rows: the zero gradients below
+        one_chunk = probs is not None  # forward kept the softmax of its one chunk (never for 0 rows)
         gh = torch.empty_like(h) if need_h else None
         # With one chunk the gradients are written, not accumulated into zeros: the same values
         # without a fill and an add over [V,H].

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engram import plot_engram_clusters
 from models import VARIANTS
@@ -88,8 +89,6 @@ def data_source(args, extra: dict) -> dict:
 def device_name(device) -> str:
     if device.type != "cuda":
         return str(device)
-    import torch
-
     return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
@@ -462,8 +461,6 @@ def run_and_report(recipe, args, train, evals, out, header: dict, study: dict, p
 
     def on_progress(results, complete):
         if recipe.device.type == "cuda":
-            import torch
-
             header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
         state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
                                          report_fn, lambda seed: load_arrays(out, seed, "dual_engram"))
