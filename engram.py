@@ -1,6 +1,6 @@
 """The engram mechanism beyond the modules: how a batch is run (the sequential-pair step and its
-evaluation ablations), and the analysis of engrams (K-Means, ARI, cluster accuracy, cosine
-similarities, probes, the t-SNE figure)."""
+evaluation ablations), and the measures of engrams (K-Means, ARI, cluster accuracy, cosine
+similarities, probes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -148,35 +148,6 @@ def probe(features: np.ndarray, labels: np.ndarray, seed: int, folds: int = 5) -
     shuffled = np.random.default_rng(seed).permutation(labels)
     control = cross_val_score(clf, features, shuffled, cv=cv).mean()
     return {"accuracy": float(acc), "control_accuracy": float(control), "selectivity": float(acc - control)}
-
-
-def plot_engram_clusters(engrams: np.ndarray, labels: np.ndarray, clusters: np.ndarray, title: str, seed: int):
-    """Two t-SNE panels of the same 2-D embedding: coloured by true label, and by K-Means cluster."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
-
-    n = len(labels)
-    xy = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(
-        engrams
-    )  # [n,2]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, values, names, name in (
-        (axes[0], labels, ("negative", "positive"), "true label"),
-        (axes[1], clusters, ("cluster 0", "cluster 1"), "K-Means cluster (k=2)"),
-    ):
-        for k, (colour, legend) in enumerate(zip(("tab:red", "tab:blue"), names)):
-            sel = np.asarray(values) == k
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.7, c=colour, label=legend)
-        ax.set_title(f"coloured by {name}")
-        ax.set_xlabel("t-SNE 1")
-        ax.set_ylabel("t-SNE 2")
-        ax.legend(loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
 
 
 def sentiment_probabilities(logits: torch.Tensor) -> torch.Tensor:

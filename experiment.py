@@ -1,67 +1,43 @@
 """Experiment 1: three ~1.3 M-parameter transformers trained from scratch on SST-2.
 
-    python experiment.py --data-dir ../shared/data/sst2      # the study, offline
-    python experiment.py --help                              # every setting, with units
+    python experiment.py                          # the study as written; downloads SST-2 from the hub
+    python experiment.py --data-dir DIR           # offline, from GLUE-layout train.tsv / dev.tsv
+    python experiment.py --help                   # every setting, with units
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 import reporting as rep
+from analysis import PROBE_FOLDS
+from cli import (UsageError, base_parser, cli_main, non_negative_float, positive_int, resolve_device, unit_interval,
+                 validate_common)
+from data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
+from files import check_writable
+from metrics import data_source, device_name, machine, run_header, versions
 from models import SmallConfig, build_small_model
-from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main,
-                      load_sst2, parse_extra_eval, positive_int, resolve_device, unit_interval,
-                      validate_common)
+from protocols import SMALL, SMALL_STUDY, preset_help, resolve
+from study import run_and_report
+from training import Built, Recipe
 
-SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
-PAD, UNK, BOS, EOS = range(4)
-STUDY = {
-    "deltas": {"H1": 0.69, "H2": -1.61},  # as the study states them (from unrounded accuracies)
-    "best": {"sentiment_only": 80.28, "dual_head": 80.96, "dual_engram": 79.36},
-    "final": {"sentiment_only": 79.82, "dual_head": 80.96, "dual_engram": 79.36},
-    "engram": {"ari": 0.236, "cluster_accuracy": 74.3},
-    "minutes_gpu": 30,
-}
 DEFAULT_EPOCHS = 8
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-
-class Vocab:
-    """Word-level vocabulary of the training split: the specials, then the most frequent words
-    (ties broken alphabetically, so the vocabulary is a pure function of the data)."""
-
-    def __init__(self, words: list[str]):
-        self.itos = list(SPECIALS) + words
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-
-    @classmethod
-    def build(cls, sentences: list[str], max_words: int) -> "Vocab":
-        counts = Counter(w for s in sentences for w in s.split())
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls([w for w, _ in ranked[:max_words]])
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def encode(self, sentence: str, max_len: int) -> list[int]:
-        """<bos> w1 ... wn <eos>, truncated at max_len tokens."""
-        return ([BOS] + [self.stoi.get(w, UNK) for w in sentence.split()] + [EOS])[:max_len]
-
-
-# ----------------------------------------------------------------------------- CLI
+OUT = "results"
+# flag dest -> the preset field it overrides (None on the command line keeps the preset's value)
+PRESET_FLAGS = {"vocab_words": "vocab_words", "batch_size": "batch_size", "weight_decay": "weight_decay",
+                "clip_norm": "clip_norm", "lm_weight": "lm_weight", "sent_weight": "sent_weight"}
 
 
 def parse_args(argv):
     p = base_parser("experiment.py", "Experiment 1 of the study: sentiment_only, dual_head and dual_engram small "
-                    "transformers trained from scratch on SST-2.", epochs=DEFAULT_EPOCHS, batch_size=64, lr=3e-4, out="results")
+                    "transformers trained from scratch on SST-2.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(SMALL, "batch_size"), lr=3e-4, out=OUT,
+                    protocols=tuple(SMALL))
     m = p.add_argument_group("model")
-    m.add_argument("--vocab-words", type=positive_int, default=7000, help="most frequent training words kept (plus 4 specials)")
-    m.add_argument("--max-len", type=positive_int, default=64, help="tokens per sentence, <bos> and <eos> included")
+    m.add_argument("--vocab-words", type=positive_int, default=None,
+                   help="most frequent training words kept after the special tokens (words; preset: " + preset_help(SMALL, "vocab_words") + ")")
+    m.add_argument("--max-len", type=positive_int, default=64, help="tokens per sentence, specials included")
     m.add_argument("--d-model", type=positive_int, default=128, help="embedding and hidden width")
     m.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
     m.add_argument("--heads", type=positive_int, default=4, help="attention heads")
@@ -71,7 +47,15 @@ def parse_args(argv):
     m.add_argument("--impl", choices=("packed", "padded"), default="packed",
                    help="packed: per-token layers on real tokens only; padded: the naive reference (same function, slower)")
     m.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
-    return p.parse_args(argv)
+    o = p.add_argument_group("loss and optimiser (default: the protocol's preset)")
+    o.add_argument("--lm-weight", type=non_negative_float, default=None, help="weight of the LM loss in the dual variants (preset: " + preset_help(SMALL, "lm_weight") + ")")
+    o.add_argument("--sent-weight", type=non_negative_float, default=None,
+                   help="weight of the sentiment loss in the dual variants (preset: " + preset_help(SMALL, "sent_weight") + "); Model 1's loss is CE alone")
+    o.add_argument("--weight-decay", type=non_negative_float, default=None, help="decoupled (AdamW) weight decay; 0 is Adam (preset: " + preset_help(SMALL, "weight_decay") + ")")
+    o.add_argument("--clip-norm", type=non_negative_float, default=None, help="gradient-norm clipping, 0 = none (preset: " + preset_help(SMALL, "clip_norm") + ")")
+    args = p.parse_args(argv)
+    resolve(SMALL, args, PRESET_FLAGS)  # fills the flags left unset from the preset
+    return args
 
 
 def validate(args) -> None:
@@ -79,7 +63,7 @@ def validate(args) -> None:
     if args.d_model % args.heads:
         raise UsageError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
     if args.max_len < 2:
-        raise UsageError("--max-len must be at least 2 (<bos> and <eos>)")
+        raise UsageError("--max-len must be at least 2")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -89,7 +73,9 @@ def small_report(m: dict) -> str:
     lines = rep.report_header(m, "Experiment 1: small transformers from scratch on SST-2")
     lines += ["## Validation accuracy (%)", "", *rep.accuracy_table(m), *rep.per_seed_table(m)]
     lines += rep.hypothesis_section(m)
-    lines += rep.engram_section(m, {"ari": STUDY["engram"]["ari"], "cluster_accuracy": STUDY["engram"]["cluster_accuracy"]})
+    lines += rep.extra_section(m)
+    lines += rep.engram_section(m, SMALL_STUDY["engram"])
+    lines += rep.rank_section(m)
     lines += rep.probe_section(m)
     lines += rep.summary_section(m)
     lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
@@ -101,46 +87,59 @@ def main(argv=None) -> dict:
     return cli_main(parse_args, run, argv)
 
 
+def make_builder(args, preset, cfg: SmallConfig, device):
+    def build(variant: str, seed: int, total_steps: int) -> Built:
+        model = build_small_model(variant, cfg, preset.sent_weight, preset.lm_weight).to(device)
+        if preset.weight_decay:
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=preset.weight_decay)
+        else:  # Adam, as written (AdamW with no decay is the same update; fused is the fast CPU kernel)
+            opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+        sched = None
+        if preset.schedule == "cosine_per_epoch":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+        return Built(model, opt, sched, scheduler_per="epoch", info={"config": asdict(cfg)})
+
+    return build
+
+
 def run(args, argv) -> dict:
+    preset, overrides = resolve(SMALL, args, PRESET_FLAGS)
     validate(args)
-    out = check_writable(args.out)
-    device = resolve_device(args.device)
+    out = check_writable(args.out or (Path(OUT) if args.protocol == "written" else Path(OUT) / args.protocol))
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)
     train_split = data["train"].head(args.max_train)
     val_split = data["validation"].head(args.max_eval)
-    vocab = Vocab.build(train_split.sentences, args.vocab_words)
+    check_analysable(val_split, PROBE_FOLDS, f"the validation set ({val_split.source or 'dev.tsv'}, {len(val_split)} rows)")
+    vocab = Vocab.build(train_split.sentences, len(preset.specials) + preset.vocab_words, preset.specials, preset.bos_eos,
+                        preset.vocab_ties)
     cfg = SmallConfig(vocab_size=len(vocab), max_len=args.max_len, d_model=args.d_model, n_layers=args.layers,
                       n_heads=args.heads, d_ff=args.d_ff, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl)
 
     def encode(split) -> Encoded:
-        return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], split.labels, PAD)
+        return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], split.labels, vocab.pad)
 
     train = encode(train_split)
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
-
-    def build(variant: str, seed: int, total_steps: int) -> Built:
-        model = build_small_model(variant, cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-        return Built(model, opt, info={"config": asdict(cfg)})
-
-    recipe = Recipe("small", build, args.batch_size, args.epochs, device, progress=not args.no_progress)
+    recipe = Recipe("small", make_builder(args, preset, cfg, device), lambda v: preset.batch_size, args.epochs, device,
+                    clip_norm=preset.clip_norm or None, drop_last=preset.drop_last, progress=not args.no_progress)
     header = {
-        **rep.run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS),
+        **run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
         "model_config": asdict(cfg),
-        "versions": rep.versions(),
-        "device": rep.device_name(device),
-        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "device": device_name(device),
+        "machine": machine(device),
         "seeds": args.seeds,
         "data": {"train": len(train), "validation": len(evals["validation"]), "vocab_size": len(vocab),
-                 **rep.data_source(args, extra)},
+                 **data_source(args, extra)},
     }
     panels = [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])]
-    print(f"small experiment: {len(train):,} train / {len(evals['validation']):,} validation rows, vocabulary "
-          f"{len(vocab):,}, device {device}, seeds {args.seeds}")
-    return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, small_report)
+    print(f"small experiment, protocol {preset.name}: {len(train):,} train / {len(evals['validation']):,} validation rows, "
+          f"vocabulary {len(vocab):,}, device {device_name(device)}, seeds {args.seeds}")
+    return run_and_report(recipe, args, train, evals, out, header, SMALL_STUDY, panels, small_report)
 
 
 if __name__ == "__main__":

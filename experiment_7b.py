@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -15,32 +14,25 @@ from pathlib import Path
 import torch
 
 import reporting as rep
-from models import EngramModel, HFBackbone, ModelSpec, count_parameters, mlp_sentiment_head
-from training import (Built, Encoded, Recipe, UsageError, base_parser, check_writable, cli_main, collate,
-                      load_sst2, parse_extra_eval, positive_int, resolve_device, unit_interval,
-                      validate_common)
+from analysis import PROBE_FOLDS
+from cli import (base_parser, cli_main, non_negative_float, positive_int, resolve_device, unit_interval,
+                 validate_common)
+from data import Encoded, check_analysable, collate, load_sst2, parse_extra_eval
 from engram import run_batch
+from files import check_writable
+from metrics import data_source, device_name, machine, run_header, versions
+from models import count_parameters
+from protocols import BIG, BIG_STUDY, SMALL_STUDY, preset_help, resolve
+from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, check_model_source, encode_split,
+                   load_tokenizer, precision)
+from study import read_metrics, run_and_report
+from training import Built, Recipe
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-7B"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_EPOCHS = 3
-STUDY = {
-    "deltas": {"H1": 0.57, "H2": -0.12},  # as the study states them (from unrounded accuracies)
-    "best": {"sentiment_only": 96.22, "dual_head": 96.79, "dual_engram": 96.67},
-    "final": {"sentiment_only": 96.22, "dual_head": 96.56, "dual_engram": 96.67},
-    "epochs": {"sentiment_only": [94.38, 95.41, 96.22], "dual_head": [95.87, 96.79, 96.56], "dual_engram": [95.53, 96.67, 96.67]},
-    "minutes": {"sentiment_only": 380, "dual_head": 417, "dual_engram": 635},
-    "train_epoch3": {  # loss, sentiment loss, LM loss, accuracy
-        "sentiment_only": [0.058, 0.058, None, 98.45],
-        "dual_head": [0.458, 0.033, 0.883, 98.80],
-        "dual_engram": [0.793, 0.034, 1.551, 98.75],
-    },
-    "val_lm_loss": [3.88, 4.69],
-    "engram": {"ari": 0.833, "cluster_accuracy": 95.64, "within_class_cosine": 0.953, "between_class_cosine": 0.838},
-    "trainable_params": 41e6,
-    "total_params": 4.4e9,
-    "gpu": "RTX 4080 16 GB",
-}
+OUT = "results_7b"
+STUDY = BIG_STUDY
+PRESET_FLAGS = {"batch_size": "batch_size", "weight_decay": "weight_decay", "warmup_ratio": "warmup_ratio",
+                "clip_norm": "clip_norm"}
 # Qwen2.5-7B's shape, for the dry run without a download.
 QWEN25_7B_SHAPE = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
@@ -51,7 +43,8 @@ TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 
 def parse_args(argv):
     p = base_parser("experiment_7b.py", "Experiment 2 of the study: sentiment_only, dual_head and dual_engram on "
-                    "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=8, lr=2e-4, out="results_7b")
+                    "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(BIG, "batch_size") + "; Model 3: " + preset_help(BIG, "engram_batch_size"), lr=2e-4, out=OUT,
+                    protocols=tuple(BIG))
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local folder of a causal LM (never trust_remote_code)")
     m.add_argument("--max-length", type=positive_int, default=128, help="tokens per sentence; longer ones are truncated")
@@ -64,9 +57,11 @@ def parse_args(argv):
     m.add_argument("--head-width", type=positive_int, default=256, help="hidden width of the sentiment MLP head")
     m.add_argument("--lm-chunk-rows", type=positive_int, default=256,
                    help="LM-loss rows per chunk: bounds the fp32 logits alive at once to rows x vocabulary")
-    o = p.add_argument_group("optimiser")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--warmup-ratio", type=unit_interval, default=0.03, help="fraction of all steps with linear warm-up, then cosine decay")
+    o = p.add_argument_group("optimiser (default: the protocol's preset)")
+    o.add_argument("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay (preset: " + preset_help(BIG, "weight_decay") + ")")
+    o.add_argument("--warmup-ratio", type=unit_interval, default=None,
+                   help="fraction of all optimizer steps with linear warm-up, then cosine decay (preset: " + preset_help(BIG, "warmup_ratio") + ")")
+    o.add_argument("--clip-norm", type=non_negative_float, default=None, help="gradient-norm clipping, 0 = none (preset: " + preset_help(BIG, "clip_norm") + ")")
     r = p.add_argument_group("report")
     r.add_argument("--small-results", type=Path, default=Path("results/metrics.json"),
                    help="the small experiment's metrics.json, for the cross-scale tables (skipped if absent)")
@@ -76,136 +71,42 @@ def parse_args(argv):
                         "training steps of each variant at the real batch size and maximum length; prints peak GPU "
                         "memory (GiB) and seconds per step")
     d.add_argument("--dry-run-steps", type=positive_int, default=3, help="timed steps per variant (after one warm-up step)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    resolve(BIG, args, PRESET_FLAGS)  # fills the flags left unset from the preset
+    return args
 
 
-# ----------------------------------------------------------------------------- precision and loading
-
-
-def precision(device: torch.device) -> tuple[torch.dtype, bool]:
-    """(compute dtype, needs a loss scaler): bf16 on GPUs with native bf16 (compute capability
-    >= 8.0), fp16 with a scaler on older GPUs, fp32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32, False
-    if torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-def check_model_source(model: str) -> None:
-    """A local folder must exist and hold a causal LM's config; anything else is taken as a hub id."""
-    looks_local = Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if not looks_local:
-        return
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"model folder {folder} not found; pass --model with a local folder or a hub id such as {DEFAULT_MODEL}")
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
-    archs = json.loads(cfg.read_text()).get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        raise UsageError(f"{folder} holds {archs or 'an unknown architecture'}, not a causal LM (…ForCausalLM)")
-
-
-def check_bitsandbytes(device: torch.device) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:
-        raise UsageError(f"4-bit loading needs bitsandbytes, which cannot run here ({type(e).__name__}: {e}); "
-                         "install bitsandbytes for this device, or pass --no-4bit") from None
-
-
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"could not load a tokenizer from {model} ({first}); pass --model with a local model folder, "
-                         "or check the hub id and the network") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
-def encode_split(tok, split, max_length: int) -> Encoded:
-    """Token ids with the tokenizer's own special tokens, truncated at max_length."""
-    ids = tok(split.sentences, truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(ids, split.labels, tok.pad_token_id)
-
-
-def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool):
-    """A fresh base model: 4-bit NF4 with double quantisation, prepared for k-bit training with
-    gradient checkpointing (use_reentrant=False); or unquantised and frozen with --no-4bit."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs = dict(dtype=compute_dtype, trust_remote_code=False, device_map={"": str(device) if device.type == "cpu" else device.index or 0})
-    if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    except UsageError:
-        raise
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load a causal LM from {model}: {str(e).splitlines()[0]}") from None
-    gc_kwargs = {"use_reentrant": False}
-    if load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs)
-    else:
-        lm.requires_grad_(False)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    return lm
-
-
-def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str) -> EngramModel:
-    from peft import LoraConfig, get_peft_model
-
-    lm = load_base(model_path, device, compute_dtype, args.load_in_4bit)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM")
-    lm = get_peft_model(lm, lora)
-    if device.type == "cpu" and args.load_in_4bit:
-        import bitsandbytes as bnb
-
-        # bitsandbytes repacks 4-bit weights for CPU inference at the first eval-mode call and
-        # then cannot train through them (in-place bias add on a graph tensor); keep training layout.
-        for m in lm.modules():
-            if isinstance(m, bnb.nn.Linear4bit):
-                m.support_avx512bf16_for_cpu = False
-    backbone = HFBackbone(lm, compute_dtype)
-    spec = ModelSpec(variant=variant, pooling="last", engram_dim=args.engram_dim, lm_chunk_rows=args.lm_chunk_rows)
-    model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, args.head_width))
-    # Heads are created in fp32 and stay fp32; only they and the LoRA weights are trainable.
-    for module in (model.sentiment_head, model.compressor, model.projector):
-        if module is not None:
-            module.to(device=device, dtype=torch.float32)
-    return model
-
-
-def make_builder(args, device: torch.device, model_path: str):
+def make_builder(args, device: torch.device, model_path: str, preset=None):
     compute_dtype, needs_scaler = precision(device)
+    preset = preset or BIG[args.protocol]
 
     def build(variant: str, seed: int, total_steps: int) -> Built:
         from transformers import get_cosine_schedule_with_warmup
 
-        model = build_qlora_model(args, variant, device, compute_dtype, model_path)
+        model = build_qlora_model(args, variant, device, compute_dtype, model_path, preset)
         total, trainable = count_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup_ratio * total_steps), total_steps)
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=preset.weight_decay)
+        sched = get_cosine_schedule_with_warmup(opt, math.ceil(preset.warmup_ratio * total_steps), total_steps)
         scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
         autocast = compute_dtype if device.type == "cuda" else None
         info = {"compute_dtype": str(compute_dtype).replace("torch.", ""), "trainable_percent": 100 * trainable / total,
                 "load_in_4bit": args.load_in_4bit}
-        return Built(model, opt, sched, scaler, autocast, info)
+        return Built(model, opt, sched, scaler, autocast, "step", info)
 
     return build, compute_dtype
+
+
+def make_recipe(args, preset, build, device) -> Recipe:
+    """The protocol's batches: Model 3 may have its own batch size and accumulation."""
+    def batch_size(v):
+        return preset.engram_batch_size if v == "dual_engram" else preset.batch_size
+
+    def accum_steps(v):
+        return preset.engram_accum_steps if v == "dual_engram" else preset.accum_steps
+
+    return Recipe("7b", build, batch_size, args.epochs, device, accum_steps=accum_steps, clip_norm=preset.clip_norm or None,
+                  drop_last=preset.drop_last, progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -217,7 +118,7 @@ def dry_run(args, device: torch.device) -> dict:
 
     shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
     compute_dtype, _ = precision(device)
-    report = {"shape": args.dry_run, "device": rep.device_name(device), "batch_size": args.batch_size,
+    report = {"shape": args.dry_run, "device": device_name(device), "batch_size": args.batch_size,
               "max_length": args.max_length, "compute_dtype": str(compute_dtype).replace("torch.", ""), "variants": {}}
     with tempfile.TemporaryDirectory(prefix="qwen-dry-run-") as folder:
         t0 = time.perf_counter()
@@ -296,7 +197,9 @@ def report_7b(m: dict, small: dict | None) -> str:
         f"{v} " + " → ".join(rep._f(h["val_lm_loss"], 2) for h in mm["runs"][0]["history"])
         for v, mm in m["models"].items() if mm["runs"][0]["history"][0]["val_lm_loss"] is not None), ""]
     lines += rep.hypothesis_section(m)
+    lines += rep.extra_section(m)
     lines += rep.engram_section(m, s["engram"])
+    lines += rep.rank_section(m)
     lines += rep.probe_section(m)
     lines += rep.summary_section(m)
     lines += cross_scale_section(small, m)
@@ -308,10 +211,10 @@ def report_7b(m: dict, small: dict | None) -> str:
 def cross_scale_section(small: dict | None, big: dict) -> list[str]:
     if not small or not small.get("models") or not big.get("models"):
         return []
-    from experiment import STUDY as SMALL_STUDY
-
-    lines = ["## Cross-scale comparison", "", f"Small run: `{small['command']}`.", "",
-             "### Accuracy (best validation, %)", "", "| Model | Small (ours / study) | 7B (ours / study) | Improvement (ours / study) |", "|---|---|---|---|"]
+    sp, bp = small.get("protocol", "written"), big.get("protocol", "written")
+    lines = ["## Cross-scale comparison", "", f"Small run (protocol `{sp}`): `{small['command']}`. "
+             f"This run: protocol `{bp}`.", "",
+             "### Accuracy (best validation, %)", "", f"| Model | Small, {sp} (ours / study) | 7B, {bp} (ours / study) | Improvement (ours / study) |", "|---|---|---|---|"]
     for v in big["models"]:
         if v not in small["models"]:
             continue
@@ -319,11 +222,14 @@ def cross_scale_section(small: dict | None, big: dict) -> list[str]:
         sa, sb = SMALL_STUDY["best"][v], STUDY["best"][v]
         lines.append(f"| {rep.LABELS[v]} | {a:.2f} / {sa:.2f} | {b:.2f} / {sb:.2f} | {b - a:+.2f} / {sb - sa:+.2f} |")
     for h, title in (("H1", "Dual-objective effect (Model 2 − Model 1)"), ("H2", "Engram effect (Model 3 − Model 2)")):
-        lines += ["", f"### {title}", "", "| Scale | Best delta (ours) | Final delta (ours) | Verdict | Study |", "|---|---|---|---|---|"]
+        lines += ["", f"### {title}", "", "Each delta beside the study's delta of the same kind (best epoch, final epoch).", "",
+                  "| Scale (protocol) | Best delta (ours / study) | Final delta (ours / study) | Verdict (final) |", "|---|---|---|---|"]
         for name, m in (("Small", small), ("7B", big)):
             d = m["hypotheses"].get(h)
             if d:
-                lines.append(f"| {name} | {d['delta_best']['mean']:+.2f} | {d['delta_final']['mean']:+.2f} | {d['verdict']} | {d['study_delta']:+.2f} |")
+                sd = d["study_delta"] if isinstance(d["study_delta"], dict) else {"best": d["study_delta"], "final": None}
+                lines.append(f"| {name} ({m.get('protocol', 'written')}) | {d['delta_best']['mean']:+.2f} / {sd['best']:+.2f} | "
+                             f"{d['delta_final']['mean']:+.2f} / {rep._f(sd['final'])} | {d['verdict']} |")
     if small.get("engram") and big.get("engram"):
         lines += ["", "### Engram representation quality", "", "| Metric | Small (ours / study) | 7B (ours / study) |", "|---|---|---|",
                   f"| Adjusted Rand Index | {small['engram']['ari']['mean']:.3f} / {SMALL_STUDY['engram']['ari']} | "
@@ -341,41 +247,45 @@ def main(argv=None):
 
 
 def run(args, argv):
+    preset, overrides = resolve(BIG, args, PRESET_FLAGS)
     validate_common(args)
     device = resolve_device(args.device)
     if args.load_in_4bit:
         check_bitsandbytes(device)
     if args.dry_run:
         return dry_run(args, device)
-    out = check_writable(args.out)
+    out = check_writable(args.out or (Path(OUT) if args.protocol == "written" else Path(OUT) / args.protocol))
     check_model_source(args.model)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)
+    val_split = data["validation"].head(args.max_eval)
+    check_analysable(val_split, PROBE_FOLDS, f"the validation set ({val_split.source or 'dev.tsv'}, {len(val_split)} rows)")
     tok = load_tokenizer(args.model)
 
     def encode(split) -> Encoded:
         return encode_split(tok, split, args.max_length)
 
     train = encode(data["train"].head(args.max_train))
-    evals = {"validation": encode(data["validation"].head(args.max_eval)), **{k: encode(v) for k, v in extra.items()}}
-    build, compute_dtype = make_builder(args, device, args.model)
-    recipe = Recipe("7b", build, args.batch_size, args.epochs, device, progress=not args.no_progress)
+    evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
+    build, compute_dtype = make_builder(args, device, args.model, preset)
+    recipe = make_recipe(args, preset, build, device)
     header = {
-        **rep.run_header("7b", "experiment_7b.py", argv, args, DEFAULT_EPOCHS),
+        **run_header("7b", "experiment_7b.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "peak_gpu_gib": None,  # filled after every variant on a GPU
-        "versions": rep.versions(),
-        "device": rep.device_name(device),
+        "versions": versions(),
+        "device": device_name(device),
+        "machine": machine(device),
         "seeds": args.seeds,
-        "data": {"train": len(train), "validation": len(evals["validation"]), **rep.data_source(args, extra)},
+        "data": {"train": len(train), "validation": len(evals["validation"]), **data_source(args, extra)},
     }
-    small = json.loads(args.small_results.read_text()) if args.small_results.is_file() else None
+    small = read_metrics(args.small_results) if args.small_results.is_file() else None
     panels = [("validation accuracy (%)", [("val_acc", "val")]),
               ("sentiment loss", [("train_sent_loss", "train"), ("val_sent_loss", "val")]),
               ("LM loss", [("train_lm_loss", "train"), ("val_lm_loss", "val")])]
-    print(f"7B experiment: {args.model}, {len(train):,} train / {len(evals['validation']):,} validation rows, "
-          f"device {rep.device_name(device)}, seeds {args.seeds}")
-    return rep.run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small))
+    print(f"7B experiment, protocol {preset.name}: {args.model}, {len(train):,} train / {len(evals['validation']):,} "
+          f"validation rows, device {device_name(device)}, seeds {args.seeds}")
+    return run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small))
 
 
 if __name__ == "__main__":

@@ -259,16 +259,21 @@ class LinearCrossEntropy(torch.autograd.Function):
                 total += (lse - target_logit).sum()
                 if keep:
                     probs = z  # [n,V], reused in backward
-        ctx.save_for_backward(h, weight, bias, targets, probs)
+        ctx.save_for_backward(h, weight, bias, targets)
+        # The kept softmax is an attribute, not a saved tensor: backward turns it into the gradient
+        # in place, and a second backward (retain_graph) then recomputes it instead of failing
+        # autograd's in-place check on a saved tensor.
+        ctx.probs = probs
         ctx.chunk_rows = chunk_rows
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, bias, targets, probs = ctx.saved_tensors
+        h, weight, bias, targets = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None  # used up below; a later backward recomputes it
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         c = ctx.chunk_rows
-        one_chunk = probs is not None  # forward kept the softmax of its one chunk (never for 0 rows)
+        one_chunk = 0 < h.shape[0] <= c  # one chunk: gradients are written, not accumulated
         gh = torch.empty_like(h) if need_h else None
         # With one chunk the gradients are written, not accumulated into zeros: the same values
         # without a fill and an add over [V,H].
@@ -277,7 +282,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.shape[0], c):
                 hc, t = h[i : i + c], targets[i : i + c]
-                if probs is None:
+                if probs is None:  # several chunks, or a second backward
                     g = LinearCrossEntropy._logits(hc, weight, bias)  # [c,V]
                     LinearCrossEntropy._softmax_(g)
                 else:
@@ -326,6 +331,7 @@ class ModelSpec:
     variant: str
     pooling: str  # "mean" over real tokens, or "last" real token
     engram_dim: int = 32
+    sent_weight: float = 0.5  # loss of the dual variants: sent_weight * CE + lm_weight * LM
     lm_weight: float = 0.5
     lm_chunk_rows: int = 1 << 30
     lm_all_positions: bool = False  # naive reference: LM logits at every position, then masked
@@ -337,7 +343,9 @@ class EngramModel(nn.Module):
     forward(input_ids, mask, labels=None, engram=None):
       - dual_engram: the prefix is projector(engram) (projector(0) when engram is None), prepended to
         the token embeddings with a 1 in the mask; the model also returns this input's own engram.
-      - loss = CE(sentiment) for sentiment_only, lm_weight*LM + (1-lm_weight)*CE(sentiment) otherwise.
+      - loss = CE(sentiment) for sentiment_only, lm_weight*LM + sent_weight*CE(sentiment) otherwise.
+      - the pooled state, the sentiment head, the compressor and the projector compute in fp32 with
+        autocast off, whatever the backbone's dtype: their outputs are fp32 on every device.
     """
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, sentiment_head: nn.Module):
@@ -365,10 +373,15 @@ class EngramModel(nn.Module):
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden [B,T,H] over the sentence's own tokens only -> [B,H] fp32."""
         if self.spec.pooling == "mean":
+            hidden = hidden.float()  # [B,T,H] the mean is taken in fp32
             m = mask.unsqueeze(-1).to(hidden.dtype)  # [B,T,1]
-            return ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).float()  # [B,H]
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1)  # [B,H]
         last = mask.sum(1).long() - 1  # [B] index of the last real token (right padding)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [B,H]
+
+    def _fp32(self, device):
+        """Autocast off: the heads and engram modules run in fp32 even inside a bf16/fp16 forward."""
+        return torch.autocast(device.type, enabled=False)
 
     def forward(self, input_ids, mask, labels=None, engram=None) -> ModelOutput:
         B = input_ids.shape[0]
@@ -377,7 +390,9 @@ class EngramModel(nn.Module):
         if self.uses_engram:
             if engram is None:
                 engram = self.zero_engram(B, input_ids.device)
-            prefix = self.projector(engram).to(embeds.dtype).unsqueeze(1)  # [B,1,H]
+            with self._fp32(embeds.device):
+                prefix = self.projector(engram.float())  # [B,H] fp32
+            prefix = prefix.to(embeds.dtype).unsqueeze(1)  # [B,1,H] in the backbone's dtype
             embeds = torch.cat([prefix, embeds], 1)  # [B,1+T,H]
             mask_in = torch.cat([mask.new_ones(B, 1), mask], 1)  # [B,1+T]
         elif engram is not None:
@@ -385,9 +400,10 @@ class EngramModel(nn.Module):
         hidden = self.backbone(embeds, mask_in)  # [B,T',H]
         if self.uses_engram:
             hidden = hidden[:, 1:]  # [B,T,H]: the prefix position is never pooled nor a target
-        pooled = self.pool(hidden, mask)  # [B,H] fp32
-        sent_logits = self.sentiment_head(pooled)  # [B,2]
-        own_engram = self.compressor(pooled) if self.uses_engram else None  # [B,e]
+        with self._fp32(hidden.device):
+            pooled = self.pool(hidden, mask)  # [B,H] fp32
+            sent_logits = self.sentiment_head(pooled)  # [B,2] fp32
+            own_engram = self.compressor(pooled) if self.uses_engram else None  # [B,e] fp32
 
         sent_loss = F.cross_entropy(sent_logits, labels) if labels is not None else None
         lm_loss = lm_sum = None
@@ -405,8 +421,8 @@ class EngramModel(nn.Module):
             lm_loss = lm_sum / max(n_lm, 1)
         loss = None
         if sent_loss is not None:
-            w = self.spec.lm_weight
-            loss = w * lm_loss + (1 - w) * sent_loss if self.uses_lm else sent_loss
+            spec = self.spec
+            loss = spec.lm_weight * lm_loss + spec.sent_weight * sent_loss if self.uses_lm else sent_loss
         return ModelOutput(sent_logits, sent_loss, lm_loss, lm_sum, n_lm, loss, own_engram, pooled)
 
 
@@ -418,8 +434,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def build_small_model(variant: str, cfg: SmallConfig) -> EngramModel:
+def build_small_model(variant: str, cfg: SmallConfig, sent_weight: float = 0.5, lm_weight: float = 0.5) -> EngramModel:
     backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
-    spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim, lm_all_positions=cfg.impl == "padded")
+    spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim, sent_weight=sent_weight,
+                     lm_weight=lm_weight, lm_all_positions=cfg.impl == "padded")
     return EngramModel(backbone, spec, small_sentiment_head(cfg.d_model))
 

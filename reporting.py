@@ -1,245 +1,12 @@
-"""Statistics, metrics.json, learning-curve plots and REPORT.md, shared by both experiments."""
+"""REPORT.md: the study's tables filled with a run's numbers beside the study's, the controls, and
+the findings in words. Formatting only: every number comes from metrics.json."""
 from __future__ import annotations
 
-import math
-import platform
-import shlex
-import sys
-from pathlib import Path
-
-import numpy as np
-import torch
-
-from engram import plot_engram_clusters
-from models import VARIANTS
-from training import load_arrays, run_study, save_figure, write_atomic, write_json
+from stats import ALPHA, mean_ci
 
 LABELS = {"sentiment_only": "Model 1: Sentiment Only", "dual_head": "Model 2: Dual Head", "dual_engram": "Model 3: Dual + Engram"}
-HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
-ALPHA = 0.05
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def mcnemar_exact(correct_a, correct_b) -> dict:
-    """Exact (binomial) two-sided McNemar test on paired correctness vectors.
-    b = A right and B wrong, c = A wrong and B right."""
-    from scipy.stats import binomtest
-
-    a = np.asarray(correct_a, bool)
-    b_ = np.asarray(correct_b, bool)
-    b = int(np.sum(a & ~b_))
-    c = int(np.sum(~a & b_))
-    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
-    return {"a_only": b, "b_only": c, "p": p}
-
-
-def mean_ci(values, confidence: float = 0.95) -> dict:
-    """Mean, sample std and a t-based confidence interval (None with fewer than two values)."""
-    from scipy.stats import t
-
-    v = np.asarray(values, float)
-    out = {"n": int(len(v)), "mean": float(v.mean()), "std": None, "ci": None}
-    if len(v) >= 2:
-        sd = float(v.std(ddof=1))
-        half = float(t.ppf(0.5 + confidence / 2, len(v) - 1) * sd / math.sqrt(len(v)))
-        out.update(std=sd, ci=[out["mean"] - half, out["mean"] + half])
-    return out
-
-
-def paired_t_p(a, b) -> float | None:
-    """Two-sided paired t-test p-value of a - b; None with fewer than two pairs, 1.0 when every
-    difference is equal to zero."""
-    from scipy.stats import ttest_rel
-
-    d = np.asarray(a, float) - np.asarray(b, float)
-    if len(d) < 2:
-        return None
-    if np.allclose(d, d[0]):
-        return 1.0 if d[0] == 0 else 0.0
-    return float(ttest_rel(a, b).pvalue)
-
-
-def verdict(delta: float, p: float | None) -> str:
-    if p is None or p >= ALPHA:
-        return "inconclusive"
-    return "supported" if delta > 0 else "refuted"
-
-
-# ----------------------------------------------------------------------------- metrics.json
-
-
-def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int) -> dict:
-    """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
-    return {
-        "scale": scale,
-        "command": f"python {script} " + shlex.join(argv),
-        "shortened": args.epochs < default_epochs or args.max_train is not None or args.max_eval is not None,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
-
-
-def data_source(args, extra: dict) -> dict:
-    """Where the data came from, and the size of each --extra-eval set (the end of metrics.json's "data")."""
-    return {"source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
-            "extra": {k: len(v) for k, v in extra.items()}}
-
-
-def device_name(device) -> str:
-    if device.type != "cuda":
-        return str(device)
-    return f"{device} ({torch.cuda.get_device_name(device)})"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "scikit-learn", "numpy", "datasets"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _run_summary(seed: int, r: dict) -> dict:
-    hist = r["history"]
-    return {
-        "seed": seed,
-        "history": hist,
-        "best_val_acc": r["best"]["acc"] if r["best"] else None,
-        "best_epoch": r["best"]["epoch"] if r["best"] else None,
-        "final_val_acc": hist[-1]["val_acc"] if hist else None,
-        "minutes": r["seconds"] / 60,
-        "analysis": r.get("analysis"),
-    }
-
-
-def _correct(rec: dict, labels) -> np.ndarray:
-    return np.asarray(rec["pred"]) == np.asarray(labels)
-
-
-def hypotheses(results: dict, labels, study: dict) -> dict:
-    """H1 and H2 per seed (McNemar on final-epoch predictions) and across seeds (paired t-test
-    of the final accuracy differences); best-epoch deltas beside them, as the study reports."""
-    out = {}
-    seeds = [s for s in results if all(v in results[s] for v in VARIANTS)]
-    for h, (a, b) in HYPOTHESES.items():
-        per_seed, fa, fb, ba, bb = [], [], [], [], []
-        for s in seeds:
-            ra, rb = results[s][a], results[s][b]
-            per_seed.append({
-                "seed": s,
-                "delta_best": ra["best"]["acc"] - rb["best"]["acc"],
-                "delta_final": ra["history"][-1]["val_acc"] - rb["history"][-1]["val_acc"],
-                "mcnemar_final": mcnemar_exact(_correct(ra["final"], labels), _correct(rb["final"], labels)),
-            })
-            fa.append(ra["history"][-1]["val_acc"])
-            fb.append(rb["history"][-1]["val_acc"])
-            ba.append(ra["best"]["acc"])
-            bb.append(rb["best"]["acc"])
-        if not seeds:
-            continue
-        deltas = np.asarray(fa) - np.asarray(fb)
-        p = paired_t_p(fa, fb) if len(seeds) >= 2 else per_seed[0]["mcnemar_final"]["p"]
-        out[h] = {
-            "compare": f"{a} - {b}",
-            "per_seed": per_seed,
-            "delta_final": mean_ci(deltas),
-            "delta_best": mean_ci(np.asarray(ba) - np.asarray(bb)),
-            "test": "paired t-test across seeds" if len(seeds) >= 2 else "exact McNemar (one seed)",
-            "p": p,
-            "verdict": verdict(float(deltas.mean()), p),
-            "study_delta": study["deltas"][h],
-        }
-    return out
-
-
-def build_metrics(scale: str, results: dict, labels, complete: bool, header: dict, study: dict) -> dict:
-    models = {}
-    for v in VARIANTS:
-        runs = [(s, results[s][v]) for s in results if v in results[s]]
-        if not runs:
-            continue
-        summaries = [_run_summary(s, r) for s, r in runs]
-        models[v] = {
-            "total_params": runs[0][1]["total"],
-            "trainable_params": runs[0][1]["trainable"],
-            "info": runs[0][1].get("info", {}),
-            "runs": summaries,
-            "best_val_acc": mean_ci([x["best_val_acc"] for x in summaries]),
-            "final_val_acc": mean_ci([x["final_val_acc"] for x in summaries]),
-            "minutes": mean_ci([x["minutes"] for x in summaries]),
-        }
-    engram = {}
-    if "dual_engram" in models:
-        runs = [r["analysis"] for r in models["dual_engram"]["runs"]]
-        for key in ("ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine"):
-            engram[key] = mean_ci([a["engram"][key] for a in runs])
-        engram["per_seed"] = [{"seed": r["seed"], **r["analysis"]["engram"]} for r in models["dual_engram"]["runs"]]
-    return {
-        "scale": scale,
-        "complete": complete,
-        **header,
-        "models": models,
-        "engram": engram,
-        "hypotheses": hypotheses(results, labels, study),
-        "study": study,
-    }
-
-
-def predictions(results: dict, labels) -> dict:
-    return {
-        "labels": list(map(int, labels)),
-        "runs": {str(s): {v: {"best": r["best"], "final": r["final"]} for v, r in by_v.items()} for s, by_v in results.items()},
-    }
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _series(metrics: dict, variant: str, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean over seeds of a history column, per epoch."""
-    runs = metrics["models"][variant]["runs"]
-    rows = [[h[key] for h in r["history"]] for r in runs]
-    if not rows or any(x is None for row in rows for x in row):
-        return None
-    n = min(len(r) for r in rows)
-    y = np.asarray([r[:n] for r in rows], float).mean(0)
-    return np.arange(1, n + 1), y
-
-
-def learning_curves(metrics: dict, panels: list[tuple[str, list[tuple[str, str]]]]):
-    """One panel per (title, [(history key, line style label)]); three models per panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    n_seeds = max(len(m["runs"]) for m in metrics["models"].values())
-    for ax, (title, keys) in zip(axes[0], panels):
-        for v in metrics["models"]:
-            for (key, style), ls in zip(keys, ("-", "--")):
-                s = _series(metrics, v, key)
-                if s is not None:
-                    ax.plot(*s, ls, marker="o", ms=3, color=colours[v], label=f"{v} ({style})")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    suffix = f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""
-    fig.suptitle(f"{metrics['scale']} experiment: learning curves{suffix}")
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------- REPORT.md
+ENGRAM_ROWS = (("ARI", "ari", 3, 1), ("Cluster accuracy (%)", "cluster_accuracy", 1, 100),
+               ("Within-class cosine", "within_class_cosine", 3, 1), ("Between-class cosine", "between_class_cosine", 3, 1))
 
 
 def _f(x, digits=2, pct=False):
@@ -248,29 +15,40 @@ def _f(x, digits=2, pct=False):
     return f"{x:.{digits}f}" + ("%" if pct else "")
 
 
-def _msd(stat: dict, digits=2) -> str:
+def _msd(stat: dict | None, digits=2, scale=1.0) -> str:
     if stat is None:
         return "–"
     if stat.get("std") is None:
-        return _f(stat["mean"], digits)
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+        return _f(stat["mean"] * scale, digits)
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def _ci(stat: dict, digits=2) -> str:
-    return "–" if stat.get("ci") is None else f"[{stat['ci'][0]:.{digits}f}, {stat['ci'][1]:.{digits}f}]"
+def _ci(stat: dict, digits=2, scale=1.0) -> str:
+    return "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
+
+
+def _p(d: dict) -> str:
+    return _f(d["p"], 3) if d["p"] is not None else "undefined"
 
 
 def report_header(m: dict, title: str) -> list[str]:
-    lines = [f"# {title}", ""]
-    if not m["complete"]:
+    lines = [f"# {title} — protocol `{m['protocol']}`", ""]
+    if m.get("stopped"):
+        lines += [f"> **Incomplete: stopped by {m['stopped']}**. The tables hold the finished variants only; "
+                  "continue with the command below plus `--resume`.", ""]
+    elif not m["complete"]:
         lines += ["> **Incomplete**: this run is still going or stopped early; the tables hold the finished variants only.", ""]
     if m["shortened"]:
         lines += ["> **Shortened run** (fewer epochs or examples than the study): not comparable with the study's figures.", ""]
+    mach = m.get("machine", {})
     lines += [
         f"Command: `{m['command']}`",
         "",
-        f"Seeds: {', '.join(map(str, m['seeds']))} · device: {m['device']} · train rows: {m['data']['train']:,} · "
-        f"validation rows: {m['data']['validation']:,}" + (f" · vocabulary: {m['data']['vocab_size']:,}" if m["data"].get("vocab_size") else ""),
+        f"Protocol `{m['protocol']}`" + (f" with overrides {m['overrides']}" if m.get("overrides") else "") +
+        f" · seeds: {', '.join(map(str, m['seeds']))} · device: {m['device']}" +
+        (f" · threads: {mach['threads']}" if mach.get("threads") else "") +
+        f" · train rows: {m['data']['train']:,} · validation rows: {m['data']['validation']:,}" +
+        (f" · vocabulary: {m['data']['vocab_size']:,}" if m["data"].get("vocab_size") else ""),
         "",
     ]
     return lines
@@ -279,14 +57,14 @@ def report_header(m: dict, title: str) -> list[str]:
 def accuracy_table(m: dict) -> list[str]:
     s = m["study"]
     multi = len(m["seeds"]) > 1
-    head = "| Model | Best val (ours) | Final val (ours) |" + (" Best 95 % CI | Final 95 % CI |" if multi else "") + " Best (study) | Final (study) | Params (total / trainable) | Minutes |"
+    head = "| Model | Best val (ours) | Final val (ours) |" + (" Best 95 % CI | Final 95 % CI |" if multi else "") + \
+        " Best (study) | Final (study) | Params (total / trainable) | Minutes |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for v, mm in m["models"].items():
         row = f"| {LABELS[v]} | {_msd(mm['best_val_acc'])} | {_msd(mm['final_val_acc'])} |"
         if multi:
             row += f" {_ci(mm['best_val_acc'])} | {_ci(mm['final_val_acc'])} |"
-        sf = s.get("final", {}).get(v)
-        row += f" {_f(s['best'][v])} | {_f(sf)} | {mm['total_params']:,} / {mm['trainable_params']:,} | {_msd(mm['minutes'], 1)} |"
+        row += f" {_f(s['best'][v])} | {_f(s['final'][v])} | {mm['total_params']:,} / {mm['trainable_params']:,} | {_msd(mm['minutes'], 1)} |"
         lines.append(row)
     return lines + [""]
 
@@ -294,13 +72,36 @@ def accuracy_table(m: dict) -> list[str]:
 def per_seed_table(m: dict) -> list[str]:
     if len(m["seeds"]) < 2:
         return []
-    lines = ["Per seed (best / final validation accuracy, %):", "", "| Seed | " + " | ".join(LABELS[v] for v in m["models"]) + " |", "|---|" + "---|" * len(m["models"])]
-    for i, seed in enumerate(m["seeds"]):
+    lines = ["Per seed (best / final validation accuracy, %, and the best epoch):", "",
+             "| Seed | " + " | ".join(LABELS[v] for v in m["models"]) + " |", "|---|" + "---|" * len(m["models"])]
+    for seed in m["seeds"]:
         cells = []
-        for v, mm in m["models"].items():
-            r = mm["runs"][i] if i < len(mm["runs"]) else None
+        for mm in m["models"].values():
+            r = next((r for r in mm["runs"] if r["seed"] == seed), None)
             cells.append(f"{_f(r['best_val_acc'])} / {_f(r['final_val_acc'])} (ep {r['best_epoch']})" if r else "–")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def extra_section(m: dict) -> list[str]:
+    names = sorted({k for mm in m["models"].values() for k in mm["extra"]})
+    if not names:
+        return []
+    lines = ["## Held-out sets (`--extra-eval`)", "",
+             "Accuracy (%) at the epoch with the best validation accuracy (the honest held-out number: the epoch is chosen "
+             "on validation, not on this set) and at the final epoch; mean ± std [95 % CI] over seeds.", "",
+             "| Set | Model | At the selected epoch | Final epoch |", "|---|---|---|---|"]
+    for k in names:
+        for v, mm in m["models"].items():
+            e = mm["extra"][k]
+            lines.append(f"| {k} | {LABELS[v]} | {_msd(e['at_best'])} {_ci(e['at_best'])} | {_msd(e['final'])} {_ci(e['final'])} |")
+    lines += ["", "| Set | Hypothesis | Delta at the selected epoch [95 % CI] | p | Verdict | Final-epoch delta [95 % CI] | p | Verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for h, d in m["hypotheses"].items():
+        for k, e in d["extra"].items():
+            a, f = e["at_best"], e["final"]
+            lines.append(f"| {k} | {h} ({d['compare']}) | {a['delta']['mean']:+.2f} {_ci(a['delta'])} | {_p(a)} | {a['verdict']} | "
+                         f"{f['delta']['mean']:+.2f} {_ci(f['delta'])} | {_p(f)} | {f['verdict']} |")
     return lines + [""]
 
 
@@ -311,18 +112,22 @@ def hypothesis_section(m: dict) -> list[str]:
     lines = [
         "## Hypotheses H1 and H2",
         "",
-        "Delta = accuracy of the first model minus the second, in points. The verdict uses the final-epoch "
-        "accuracy (no selection on the validation set): across seeds a paired t-test of the per-seed deltas, "
-        f"with one seed an exact McNemar test on the paired predictions; α = {ALPHA}.",
+        "Delta = accuracy of the first model minus the second, in points, at the **final** epoch (no selection on the "
+        "validation set) and at each model's **best** epoch, each beside the study's delta of the same kind. The verdict "
+        "uses the final-epoch delta: across seeds a paired t-test of the per-seed deltas, with one seed an exact McNemar "
+        f"test on the paired predictions; α = {ALPHA}. A test that is undefined (zero variance) is inconclusive.",
         "",
-        "| Hypothesis | Compare | Final delta (mean ± std) | 95 % CI | Best delta | Study's delta (best) | Test | p | Verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Hypothesis | Compare | Final delta (mean ± std) | 95 % CI | Study final | Best delta | Study best | Test | p | Verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h, d in hyp.items():
         lines.append(
-            f"| {h} | {d['compare']} | {_msd(d['delta_final'])} | {_ci(d['delta_final'])} | {_msd(d['delta_best'])} | "
-            f"{d['study_delta']:+.2f} | {d['test']} | {_f(d['p'], 3)} | **{d['verdict']}** |"
+            f"| {h} | {d['compare']} | {_msd(d['delta_final'])} | {_ci(d['delta_final'])} | {d['study_delta']['final']:+.2f} | "
+            f"{_msd(d['delta_best'])} | {d['study_delta']['best']:+.2f} | {d['test']} | {_p(d)} | **{d['verdict']}** |"
         )
+    reasons = [f"{h}: {d['reason']}" for h, d in hyp.items() if d.get("reason")]
+    if reasons:
+        lines += ["", "Undefined tests: " + "; ".join(reasons) + "."]
     lines += ["", "McNemar per seed (final epoch): counts of examples only the first / only the second model gets right.", "",
               "| Hypothesis | Seed | first only | second only | p |", "|---|---|---|---|---|"]
     for h, d in hyp.items():
@@ -333,38 +138,87 @@ def hypothesis_section(m: dict) -> list[str]:
 
 
 def engram_section(m: dict, study_engram: dict) -> list[str]:
-    if not m["engram"]:
-        return []
     e = m["engram"]
-    rows = [("Adjusted Rand Index", "ari", 3), ("Cluster accuracy (%)", "cluster_accuracy", 2),
-            ("Within-class cosine", "within_class_cosine", 3), ("Between-class cosine", "between_class_cosine", 3)]
+    if not e:
+        return []
     lines = ["## Engram clustering (H3)", "",
-             "K-Means (k = 2) on each validation sentence's own engram (zero-prefix pass) of the final model.", "",
+             "K-Means (k = 2) on each validation sentence's own engram (zero-engram pass) of the final model; mean ± std over seeds.", "",
              "| Metric | Ours | Study |", "|---|---|---|"]
-    for name, key, digits in rows:
-        stat = dict(e[key])
-        scale = 100 if key == "cluster_accuracy" else 1
-        stat = {**stat, "mean": stat["mean"] * scale, "std": None if stat["std"] is None else stat["std"] * scale}
-        lines.append(f"| {name} | {_msd(stat, digits)} | {_f(study_engram.get(key), digits)} |")
+    for name, key, digits, scale in ENGRAM_ROWS:
+        lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {_f(study_engram.get(key), digits)} |")
     lines.append("")
-    runs = m["models"]["dual_engram"]["runs"]
-    lines += ["### Does the model read its engram? (evaluation ablation, Model 3, final epoch)", "",
-              "| Seed | trained pairing | zero engram | shuffled engram |", "|---|---|---|---|"]
-    verdicts = []
+    if "random_compressor" in e:
+        lines += control_section(m)
+    lines += ablation_section(m)
+    return lines
+
+
+def control_section(m: dict) -> list[str]:
+    e = m["engram"]
+    rc, pk = e["random_compressor"], e["pooled_kmeans"]
+    lines = ["### Control: is the organisation the engram's, or the pooled state's?", "",
+             f"The same measures on the same pooled validation states of Model 3: its trained compressor; {rc['draws']} "
+             "freshly initialised, never trained compressors of the same shape (mean ± std [min, max] over all draws of all "
+             "seeds); and K-Means on the pooled states themselves. Probe = 5-fold logistic regression.", "",
+             "| Features | " + " | ".join(r[0] for r in ENGRAM_ROWS) + " | Probe accuracy (%) |", "|---|" + "---|" * (len(ENGRAM_ROWS) + 1)]
+    lines.append("| Trained engram | " + " | ".join(_msd(e[k], d, s) for _, k, d, s in ENGRAM_ROWS) +
+                 f" | {_msd(e['trained_probe_accuracy'], 1, 100)} |")
+    lines.append("| Untrained compressor | " + " | ".join(
+        f"{_msd(rc[k], d, s)} [{rc[k]['min'] * s:.{d}f}, {rc[k]['max'] * s:.{d}f}]" for _, k, d, s in ENGRAM_ROWS) +
+        f" | {_msd(rc['probe_accuracy'], 1, 100)} |")
+    lines.append("| Pooled state (K-Means on it) | " + " | ".join(_msd(pk[k], d, s) for _, k, d, s in ENGRAM_ROWS) +
+                 f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |")
+    above = [a for a in e["above_random"] if a["above"]]
+    n = len(e["above_random"])
+    if len(above) == n:
+        words = f"in every seed ({n} of {n}) the trained engram's ARI lies above all of that seed's random draws"
+    elif not above:
+        words = f"in no seed (0 of {n}) does the trained engram's ARI rise above that seed's random draws"
+    else:
+        words = f"in {len(above)} of {n} seeds the trained engram's ARI lies above all of that seed's random draws"
+    better = len(above) == n
+    lines += ["", f"**Does the trained engram separate sentiment better than a random projection?** "
+                  f"{'Yes' if better else 'No'}: {words} (trained ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
+                  f"pooled state {_msd(pk['ari'], 3)}).", ""]
+    return lines
+
+
+def ablation_section(m: dict) -> list[str]:
+    runs = [r for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
+    base = runs[0]["analysis"]["ablation"]["base"]
+    others = [mode for mode in ("pair", "zero", "shuffled") if mode != base]
+    lines = [f"### Does the model read its engram? (evaluation ablation, Model 3, final epoch)", "",
+             f"Validation accuracy with the engrams it is evaluated with (`{base}`), and with the other conditions; "
+             "\"changed\" counts the predictions that differ from those, out of the predictions whose engram differs "
+             "(under `pair` the first half of every batch already has a zero engram, so against `zero` only the second halves can change).", "",
+             f"| Seed | {base} | " + " | ".join(others) + " |", "|---|---|" + "---|" * len(others)]
     for r in runs:
         ab = r["analysis"]["ablation"]
-        verdicts.append(ab["changed_zero"] == 0 and ab["changed_shuffled"] == 0)
-        lines.append(f"| {r['seed']} | {ab['pair']:.2f} | {ab['zero']:.2f} ({ab['changed_zero']} changed) | "
-                     f"{ab['shuffled']:.2f} ({ab['changed_shuffled']} changed) |")
-    n_val = m["data"]["validation"]
-    if all(verdicts):
-        lines += ["", "Every prediction is the same under the three conditions: **the model ignores its engram** when it classifies.", ""]
-    else:
-        worst = max(max(abs(r["analysis"]["ablation"]["pair"] - r["analysis"]["ablation"][k]) for k in ("zero", "shuffled")) for r in runs)
-        lines += ["", f"\"changed\" counts the {n_val} validation predictions that differ from the trained pairing. The prefix "
-                      f"changes some predictions; accuracy moves by at most {worst:.2f} points between conditions. A model that "
-                      "ignored its engram would change none.", ""]
-    return lines
+        cells = [f"{ab[mode]:.2f} ({ab[f'changed_{mode}']} of {ab[f'could_change_{mode}']} changed)" for mode in others]
+        lines.append(f"| {r['seed']} | {ab[base]:.2f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def rank_section(m: dict) -> list[str]:
+    rows = [(v, mm["rank"]) for v, mm in m["models"].items() if "rank" in mm]
+    if not rows:
+        return []
+    keys = [("effective_rank", "Effective rank", 1), ("participation_ratio", "Participation ratio", 2),
+            ("dims_90", "Dims for 90 % variance", 1), ("top1_share", "Top-1 variance share", 3)]
+    lines = ["## Rank of the pooled states (the study's anti-collapse explanation of H1)", "",
+             "Per model, over the pooled validation states of the final model (centred): effective rank (exp of the entropy "
+             "of the normalised singular values), participation ratio, principal axes holding 90 % of the variance, and the "
+             "first axis's share; mean ± std [95 % CI] over seeds.", "",
+             "| Model | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for v, rk in rows:
+        lines.append(f"| {LABELS[v]} | " + " | ".join(f"{_msd(rk.get(k), d)} {_ci(rk[k], d) if k in rk else ''}" for k, _, d in keys) + " |")
+    t = m.get("rank_test")
+    if t:
+        lines += ["", f"Paired over seeds ({t['compare']}):", "", "| Measure | Delta (mean [95 % CI]) | p | Verdict |", "|---|---|---|---|"]
+        for k, name, d in keys:
+            if k in t:
+                lines.append(f"| {name} | {t[k]['delta']['mean']:+.{d + 1}f} {_ci(t[k]['delta'], d + 1)} | {_p(t[k])} | **{t[k]['verdict']}** |")
+    return lines + [""]
 
 
 def probe_section(m: dict) -> list[str]:
@@ -373,9 +227,7 @@ def probe_section(m: dict) -> list[str]:
         for key, what in (("probe_pooled", "pooled hidden state"), ("probe_engram", "engram")):
             stats = [r["analysis"][key] for r in mm["runs"] if r["analysis"] and key in r["analysis"]]
             if stats:
-                acc = mean_ci([100 * s["accuracy"] for s in stats])
-                ctl = mean_ci([100 * s["control_accuracy"] for s in stats])
-                sel = mean_ci([100 * s["selectivity"] for s in stats])
+                acc, ctl, sel = (mean_ci([100 * s[k] for s in stats]) for k in ("accuracy", "control_accuracy", "selectivity"))
                 rows.append(f"| {LABELS[v]} | {what} | {_msd(acc)} | {_msd(ctl)} | {_msd(sel)} |")
     if not rows:
         return []
@@ -385,16 +237,19 @@ def probe_section(m: dict) -> list[str]:
             "| Model | Features | Probe accuracy | Control accuracy | Selectivity |", "|---|---|---|---|---|", *rows, ""]
 
 
-def history_section(m: dict, seed_index: int = 0) -> list[str]:
-    lines = ["## Per-epoch history" + (f" (seed {m['seeds'][seed_index]})" if len(m["seeds"]) > 1 else ""), ""]
+def history_section(m: dict) -> list[str]:
+    seed = m["seeds"][0]
+    lines = ["## Per-epoch history" + (f" (seed {seed})" if len(m["seeds"]) > 1 else ""), ""]
     extra_names = sorted({k for mm in m["models"].values() for r in mm["runs"] for h in r["history"] for k in h["extra"]})
     for v, mm in m["models"].items():
-        if seed_index >= len(mm["runs"]):
+        run = next((r for r in mm["runs"] if r["seed"] == seed), None)
+        if run is None:
             continue
         lines += [f"**{LABELS[v]}**", "",
-                  "| Epoch | Train loss | Train sent | Train LM | Train acc | Val acc | Val sent | Val LM |" + "".join(f" {n} acc |" for n in extra_names) + " Seconds |",
+                  "| Epoch | Train loss | Train sent | Train LM | Train acc | Val acc | Val sent | Val LM |" +
+                  "".join(f" {n} acc |" for n in extra_names) + " Seconds |",
                   "|---|---|---|---|---|---|---|---|" + "---|" * len(extra_names) + "---|"]
-        for h in mm["runs"][seed_index]["history"]:
+        for h in run["history"]:
             extra = "".join(f" {_f(h['extra'].get(n, {}).get('acc'))} |" for n in extra_names)
             lines.append(
                 f"| {h['epoch']} | {_f(h['train_loss'], 4)} | {_f(h['train_sent_loss'], 4)} | {_f(h['train_lm_loss'], 4)} | "
@@ -402,29 +257,6 @@ def history_section(m: dict, seed_index: int = 0) -> list[str]:
             )
         lines.append("")
     return lines
-
-
-# ----------------------------------------------------------------------------- writing a run's outputs
-
-
-def write_outputs(out, results: dict, labels, complete: bool, header: dict, study: dict, panels, report_fn, figure_arrays_fn):
-    """metrics.json, predictions.json, learning_curves.png, engram_clusters.png and REPORT.md, each
-    written atomically. `report_fn(metrics)` returns the report's text; `figure_arrays_fn(seed)`
-    returns the engram arrays of that seed's dual_engram run."""
-    m = build_metrics(header["scale"], results, labels, complete, {k: v for k, v in header.items() if k != "scale"}, study)
-    write_json(out / "metrics.json", m)
-    write_json(out / "predictions.json", predictions(results, labels))
-    if m["models"]:
-        save_figure(learning_curves(m, panels), out / "learning_curves.png")
-    first = m["seeds"][0]
-    if "dual_engram" in results.get(first, {}):
-        a = figure_arrays_fn(first)
-        e = results[first]["dual_engram"]["analysis"]["engram"]
-        title = (f"{header['scale']} engrams ({a['engrams'].shape[1]}-d, seed {first}): "
-                 f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
-        save_figure(plot_engram_clusters(a["engrams"], a["labels"], a["clusters"], title, first), out / "engram_clusters.png")
-    write_atomic(out / "REPORT.md", report_fn(m))
-    return m
 
 
 def summary_section(m: dict) -> list[str]:
@@ -435,37 +267,28 @@ def summary_section(m: dict) -> list[str]:
     lines = ["## Findings", ""]
     words = {"H1": "the LM head (dual_head − sentiment_only)", "H2": "the engram (dual_engram − dual_head)"}
     for h, d in hyp.items():
-        n = len(d["per_seed"])  # seeds with all three variants finished
+        n = len(d["per_seed"])
         runs = f"{n} seeds" if n > 1 else "one seed"
         ci = f", 95 % CI {_ci(d['delta_final'])}" if d["delta_final"]["ci"] else ""
-        lines.append(f"- **{h}, {d['verdict']}.** Effect of {words[h]} on final validation accuracy over {runs}: "
-                     f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, p = {_f(d['p'], 3)}); the study reported "
-                     f"{d['study_delta']:+.2f} from one run.")
+        why = f"; {d['reason']}" if d.get("reason") else ""
+        lines.append(f"- **{h}, {d['verdict']}.** Effect of {words[h]} on final-epoch validation accuracy over {runs}: "
+                     f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, p = {_p(d)}{why}); the study's final-epoch "
+                     f"delta from one run was {d['study_delta']['final']:+.2f} (best-epoch: ours {d['delta_best']['mean']:+.2f}, "
+                     f"study {d['study_delta']['best']:+.2f}).")
+    t = m.get("rank_test")
+    if t and "effective_rank" in t:
+        er = t["effective_rank"]
+        lines.append(f"- **Anti-collapse (rank), {er['verdict']}.** The LM head changes the effective rank of the pooled states by "
+                     f"{er['delta']['mean']:+.2f} (Model 2 − Model 1, p = {_p(er)}).")
     if eng:
-        probes = [r["analysis"]["probe_engram"] for r in m["models"]["dual_engram"]["runs"]]
-        sel = mean_ci([100 * p["selectivity"] for p in probes])
+        st = m["study"]["engram"]
         lines.append(f"- **H3.** K-Means on the engrams recovers sentiment with ARI {eng['ari']['mean']:.3f} and cluster accuracy "
-                     f"{100 * eng['cluster_accuracy']['mean']:.1f} % (study: {m['study']['engram']['ari']}, "
-                     f"{m['study']['engram']['cluster_accuracy']} %); a linear probe on the engrams is "
-                     f"{sel['mean']:.1f} points above its shuffled-label control.")
-        changed = [r["analysis"]["ablation"]["changed_zero"] for r in m["models"]["dual_engram"]["runs"]]
-        span = f"{min(changed)}" if min(changed) == max(changed) else f"{min(changed)}–{max(changed)}"
-        lines.append(f"- **Is the engram read?** Replacing every engram with zero changes {span} of "
-                     f"{m['data']['validation']} validation predictions per seed (ablation table above).")
+                     f"{100 * eng['cluster_accuracy']['mean']:.1f} % (study: {st['ari']}, {st['cluster_accuracy']} %)" +
+                     (f"; untrained compressors on the same pooled states give ARI {eng['random_compressor']['ari']['mean']:.3f} "
+                      f"and the pooled states themselves {eng['pooled_kmeans']['ari']['mean']:.3f}." if "random_compressor" in eng else "."))
+        runs = [r["analysis"]["ablation"] for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
+        key = "zero" if runs[0]["base"] != "zero" else "pair"
+        changed = [f"{a[f'changed_{key}']} of {a[f'could_change_{key}']}" for a in runs]
+        lines.append(f"- **Is the engram read?** Switching the engrams to `{key}` changes {', '.join(changed)} validation "
+                     "predictions that could change, per seed (ablation table above).")
     return lines + [""]
-
-
-def run_and_report(recipe, args, train, evals, out, header: dict, study: dict, panels, report_fn) -> dict:
-    """Run every variant for every seed, rewriting all outputs after each finished variant."""
-    state = {}
-
-    def on_progress(results, complete):
-        if recipe.device.type == "cuda":
-            header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
-        state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
-                                         report_fn, lambda seed: load_arrays(out, seed, "dual_engram"))
-
-    run_study(recipe, args.seeds, train, evals, out, args.resume, header["config"], on_progress)
-    print(f"wrote {out}/metrics.json, REPORT.md, learning_curves.png, engram_clusters.png")
-    return state["metrics"]
-

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engram import run_batch  # noqa: E402
-from experiment import Vocab  # noqa: E402
 from models import VARIANTS, SmallConfig, build_small_model  # noqa: E402
-from training import Encoded, collate, epoch_batches, load_sst2  # noqa: E402
+from data import Encoded, Vocab, collate, epoch_batches, load_sst2  # noqa: E402
+from protocols import SMALL  # noqa: E402
 
 
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_sst2(args.data_dir)
-    vocab = Vocab.build(data["train"].sentences, 7000)
+    w = SMALL["written"]
+    vocab = Vocab.build(data["train"].sentences, len(w.specials) + w.vocab_words, w.specials, w.bos_eos, w.vocab_ties)
     enc = Encoded([vocab.encode(s, 64) for s in data["train"].sentences], data["train"].labels)
     all_batches = epoch_batches(len(enc), 64, 42, 1)
     batches = all_batches[: args.warmup + args.steps]

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import experiment_7b as e7
+import qlora
 from engram import run_batch
-from experiment_7b import LORA_TARGETS, build_qlora_model, parse_args
-from training import collate, Encoded, UsageError
+from cli import UsageError
+from data import Encoded, collate
+from experiment_7b import parse_args
+from qlora import LORA_TARGETS, build_qlora_model
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +136,7 @@ def test_model_folder_errors(setup, message, tmp_path):
     folder = tmp_path / "model"
     setup(folder)
     with pytest.raises(UsageError, match=message):
-        e7.check_model_source(str(folder))
+        qlora.check_model_source(str(folder))
 
 
 def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
@@ -148,7 +151,7 @@ def test_4bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(UsageError, match="4-bit loading needs bitsandbytes.*--no-4bit"):
-        e7.check_bitsandbytes(torch.device("cpu"))
+        qlora.check_bitsandbytes(torch.device("cpu"))
 
 
 def test_cli_help_shows_the_studys_defaults(capsys):
@@ -156,12 +159,12 @@ def test_cli_help_shows_the_studys_defaults(capsys):
         parse_args(["--help"])
     text = capsys.readouterr().out
     for needle in ("Qwen/Qwen2.5-7B", "(default: 16)", "(default: 32)", "(default: 0.05)", "(default: 0.0002)",
-                   "(default: 8)", "(default: 3)", "(default: 128)", "(default: 0.03)", "--dry-run"):
+                   "preset: written 8", "(default: 3)", "(default: 128)", "preset: written 0.03", "--dry-run"):
         assert needle in text, needle
 
 
 def test_long_inputs_are_truncated_at_max_length(tiny_qwen):
-    from training import Split
+    from data import Split
 
     tok = e7.load_tokenizer(str(tiny_qwen))
     long = " ".join(["a fine film"] * 100)

@@ -1,7 +1,8 @@
 import pytest
 
 from tests.conftest import write_tsv
-from training import UsageError, load_sst2, parse_extra_eval, read_tsv
+from cli import UsageError
+from data import load_sst2, parse_extra_eval, read_tsv
 
 
 def test_reads_glue_layout(tmp_path):

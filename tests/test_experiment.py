@@ -4,7 +4,7 @@ import pytest
 
 import experiment
 import training
-from training import latest_checkpoint
+from checkpoints import latest_checkpoint
 
 TINY = ["--epochs", "2", "--no-progress"]
 HISTORY_KEYS = {"epoch", "train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "val_acc", "val_sent_loss",
@@ -62,9 +62,12 @@ def test_end_to_end_writes_every_output_with_the_full_schema(small_run, sst2_sma
     eng = m["models"]["dual_engram"]["runs"][0]["analysis"]
     assert set(eng["engram"]) == {"n", "dim", "ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine"}
     assert eng["engram"]["n"] == 96 and eng["engram"]["dim"] == 32
-    assert set(eng["ablation"]) == {"pair", "zero", "shuffled", "changed_zero", "changed_shuffled"}
+    assert set(eng["ablation"]) == {"base", "pair", "zero", "shuffled", "changed_zero", "changed_shuffled",
+                                    "could_change_zero", "could_change_shuffled"}
     assert eng["ablation"]["pair"] == m["models"]["dual_engram"]["runs"][0]["final_val_acc"]
-    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == 0.69
+    # 96 rows in batches of 64 and 32: only the second halves (32 + 16) can change without their engram
+    assert (eng["ablation"]["could_change_zero"], eng["ablation"]["could_change_shuffled"]) == (48, 96)
+    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == {"best": 0.69, "final": 1.14}
     p = json.loads((small_run / "predictions.json").read_text())
     assert len(p["labels"]) == 96 and len(p["runs"]["42"]["dual_head"]["final"]["prob"]) == 96
     report = (small_run / "REPORT.md").read_text()

@@ -1,6 +1,6 @@
 import pytest
 
-from reporting import mcnemar_exact, mean_ci, paired_t_p, verdict
+from stats import mcnemar_exact, mean_ci, paired_t, paired_t_p, verdict
 
 
 def test_mcnemar_exact_known_p_value():
@@ -21,8 +21,16 @@ def test_mean_ci_uses_the_t_distribution():
     assert mean_ci([5.0])["ci"] is None
 
 
+def test_equal_deltas_are_undefined_not_certain():
+    """Two seeds whose deltas are the same number give no variance to test against: never p = 0."""
+    r = paired_t([80.85, 81.20], [80.73, 81.08])
+    assert r["p"] is None and "zero variance" in r["reason"]
+    assert verdict(0.12, r["p"]) == "inconclusive"
+    assert paired_t([1, 2, 3], [1, 2, 3])["p"] is None  # all-zero deltas: likewise undefined
+    assert "one seed" in paired_t([1.0], [0.0])["reason"]
+
+
 def test_paired_t_and_verdicts():
-    assert paired_t_p([1, 2, 3], [1, 2, 3]) == 1.0
     assert paired_t_p([1.0], [0.0]) is None
     p = paired_t_p([81.0, 80.5, 81.2, 80.9, 81.1], [80.0, 79.8, 80.1, 80.2, 79.9])
     assert p < 0.001

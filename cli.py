@@ -1,0 +1,193 @@
+"""What both command lines share: argparse types, the common flags, one-line errors with their
+exit codes, and the stop request that SIGINT / SIGTERM turn into a clean stop at a step boundary."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input or settings: main() prints the message as one line and exits with status 2."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training loss became NaN or infinite: one line, exit status 2, last good checkpoint kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a step boundary: one line, exit 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------- stop requests
+
+
+class StopRequest:
+    """Set by the SIGINT / SIGTERM handler; the training loop polls it after every step, so a
+    checkpoint or an output file being written is never cut in half. A second signal while a stop
+    is pending raises KeyboardInterrupt at once (for a user who really wants out now)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def handler(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+STOP = StopRequest()
+
+
+def check_stop(where: str) -> None:
+    """Raise Interrupted if a stop was requested; `where` says what was being done."""
+    if STOP:
+        raise Interrupted(f"{STOP.name} during {where}", STOP.signum)
+
+
+# ----------------------------------------------------------------------------- argparse types
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """A seed NumPy and torch both accept: 0 <= seed < 2**32."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return v
+
+
+# ----------------------------------------------------------------------------- the shared flags
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: such a flag takes its value from the protocol's preset, which
+    its help text names."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr: float, out: str,
+                protocols: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A parser with the flags both experiments share, grouped as the help shows them, with the
+    given scale's defaults. Unknown flags are errors (argparse exits with status 2). Settings a
+    protocol fixes default to None here and are filled from the preset (see protocols.py)."""
+    p = argparse.ArgumentParser(prog=prog, description=description + " Defaults are the study's settings.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--protocol", choices=protocols, default=protocols[0],
+                   help="written: the system the study's write-up describes; published: the study's code as it was "
+                        "run (see README, 'As written vs as run'). Explicit flags override the preset")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "
+                        "default: download stanfordnlp/sst2 from the Hugging Face hub")
+    d.add_argument("--max-train", type=positive_int, default=None,
+                   help="use only the first N training rows (examples; marks the run as shortened)")
+    d.add_argument("--max-eval", type=positive_int, default=None,
+                   help="use only the first N validation rows (examples; marks the run as shortened)")
+    d.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
+                   help="also evaluate on this labeled TSV after every epoch (repeatable)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training set (default {epochs})")
+    t.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"examples per forward batch (preset: {batch_size}); dual_engram splits each into two halves")
+    t.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
+    t.add_argument("--seeds", type=seed_int, nargs="+", default=[42], metavar="SEED",
+                   help="train every variant once per seed, each in [0, 2**32) (default: 42)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=None, help=f"output folder (default {out}/, or {out}/published/ with --protocol published)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
+                        "the one in progress restarts after its last complete epoch")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
+    return p
+
+
+def validate_common(args) -> None:
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--seeds repeats a seed: {args.seeds}")
+
+
+def cli_main(parse_args, run, argv=None):
+    """Parse, run, and turn bad input into one line on stderr and exit status 2, and a stop
+    request into one line and exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    STOP.signum = None
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, STOP.handler)
+    except ValueError:  # not the main thread (e.g. a test runner's worker): no handlers
+        previous = {}
+    try:
+        return run(args, argv)
+    except (UsageError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        STOP.signum = None
+
+
+def resolve_device(name: str):
+    """The torch device for --device auto|cpu|cuda; cuda without a GPU is a one-line error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

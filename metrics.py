@@ -1,0 +1,239 @@
+"""What metrics.json and predictions.json hold: the run's header (command, protocol, settings,
+machine), per-model summaries over seeds, the hypothesis tests, and the controls' summaries."""
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import VARIANTS
+from stats import mcnemar_exact, mean_ci, paired_t, verdict
+
+HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
+RANK_KEYS = ("effective_rank", "participation_ratio", "dims_90", "top1_share")
+ENGRAM_KEYS = ("ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine")
+
+
+# ----------------------------------------------------------------------------- the header
+
+
+def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int, preset, overrides: dict) -> dict:
+    """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
+    import dataclasses
+
+    return {
+        "scale": scale,
+        "protocol": preset.name,
+        "command": f"python {script} " + shlex.join(argv),
+        "shortened": args.epochs < default_epochs or args.max_train is not None or args.max_eval is not None,
+        "preset": dataclasses.asdict(preset),
+        "overrides": overrides,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def data_source(args, extra: dict) -> dict:
+    """Where the data came from, and the size of each --extra-eval set (the end of metrics.json's "data")."""
+    return {"source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
+            "extra": {k: len(v) for k, v in extra.items()}}
+
+
+def processor_name() -> str:
+    """The CPU's brand string: same seed, same numbers holds only on the same processor type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device) -> dict:
+    out = {"device": str(device), "processor": processor_name(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def device_name(device) -> str:
+    if device.type != "cuda":
+        return f"{device} ({processor_name()}, {torch.get_num_threads()} threads)"
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "scikit-learn", "numpy", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ----------------------------------------------------------------------------- per model
+
+
+def _run_summary(seed: int, r: dict) -> dict:
+    hist = r["history"]
+    best_epoch = r["best"]["epoch"] if r["best"] else None
+    extra_names = sorted(hist[0]["extra"]) if hist else []
+    return {
+        "seed": seed,
+        "history": hist,
+        "best_val_acc": r["best"]["acc"] if r["best"] else None,
+        "best_epoch": best_epoch,
+        "final_val_acc": hist[-1]["val_acc"] if hist else None,
+        # held-out sets at the epoch validation selects, and at the final epoch
+        "extra": {k: {"at_best": hist[best_epoch - 1]["extra"][k]["acc"], "final": hist[-1]["extra"][k]["acc"]}
+                  for k in extra_names},
+        "minutes": r["seconds"] / 60,
+        "analysis": r.get("analysis"),
+    }
+
+
+def _model_summary(runs: list[tuple[int, dict]]) -> dict:
+    summaries = [_run_summary(s, r) for s, r in runs]
+    first = runs[0][1]
+    out = {
+        "total_params": first["total"],
+        "trainable_params": first["trainable"],
+        "info": first.get("info", {}),
+        "runs": summaries,
+        "best_val_acc": mean_ci([x["best_val_acc"] for x in summaries]),
+        "final_val_acc": mean_ci([x["final_val_acc"] for x in summaries]),
+        "minutes": mean_ci([x["minutes"] for x in summaries]),
+        "extra": {k: {kind: mean_ci([x["extra"][k][kind] for x in summaries]) for kind in ("at_best", "final")}
+                  for k in summaries[0]["extra"]},
+    }
+    analyses = [x["analysis"] for x in summaries if x["analysis"]]
+    if analyses and "rank" in analyses[0]:
+        out["rank"] = {k: mean_ci([a["rank"][k] for a in analyses]) for k in RANK_KEYS if analyses[0]["rank"][k] is not None}
+        out["pooled_kmeans"] = {k: mean_ci([a["pooled_kmeans"][k] for a in analyses]) for k in ENGRAM_KEYS}
+    return out
+
+
+# ----------------------------------------------------------------------------- tests across models
+
+
+def _test(a, b, words=("supported", "refuted")) -> dict:
+    """Delta a - b over seeds: mean and CI, paired t-test (with its reason when undefined), verdict."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    t = paired_t(a, b)
+    return {"delta": mean_ci(d), "p": t["p"], "reason": t["reason"], "verdict": verdict(float(d.mean()), t["p"], words)}
+
+
+def _correct(rec: dict, labels) -> np.ndarray:
+    return np.asarray(rec["pred"]) == np.asarray(labels)
+
+
+def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
+    """H1 and H2 per seed (McNemar on final-epoch predictions) and across seeds (paired t-test of
+    the final-epoch accuracy differences); best-epoch deltas beside them, and the held-out sets'
+    deltas at the selected and the final epoch."""
+    out = {}
+    seeds = [s for s in results if all(v in results[s] for v in VARIANTS)]
+    for h, (a, b) in HYPOTHESES.items():
+        if not seeds:
+            continue
+        runs = {v: {r["seed"]: r for r in models[v]["runs"]} for v in (a, b)}
+        per_seed = []
+        for s in seeds:
+            ra, rb = results[s][a], results[s][b]
+            per_seed.append({
+                "seed": s,
+                "delta_best": ra["best"]["acc"] - rb["best"]["acc"],
+                "delta_final": ra["history"][-1]["val_acc"] - rb["history"][-1]["val_acc"],
+                "mcnemar_final": mcnemar_exact(_correct(ra["final"], labels), _correct(rb["final"], labels)),
+            })
+        final = _test([runs[a][s]["final_val_acc"] for s in seeds], [runs[b][s]["final_val_acc"] for s in seeds])
+        best = _test([runs[a][s]["best_val_acc"] for s in seeds], [runs[b][s]["best_val_acc"] for s in seeds])
+        if len(seeds) == 1:  # one seed: the paired predictions are the only test there is
+            mc = per_seed[0]["mcnemar_final"]
+            final.update(p=mc["p"], reason=None, verdict=verdict(final["delta"]["mean"], mc["p"]))
+        extra = {}
+        for k in runs[a][seeds[0]]["extra"]:
+            extra[k] = {kind: _test([runs[a][s]["extra"][k][kind] for s in seeds], [runs[b][s]["extra"][k][kind] for s in seeds])
+                        for kind in ("at_best", "final")}
+        out[h] = {
+            "compare": f"{a} - {b}",
+            "per_seed": per_seed,
+            "delta_final": final["delta"],
+            "delta_best": best["delta"],
+            "test": "paired t-test across seeds" if len(seeds) >= 2 else "exact McNemar (one seed)",
+            "p": final["p"],
+            "reason": final["reason"],
+            "verdict": final["verdict"],
+            "study_delta": {"best": study["deltas"]["best"][h], "final": study["deltas"]["final"][h]},
+            "extra": extra,
+        }
+    return out
+
+
+def rank_test(models: dict) -> dict:
+    """Model 2 − Model 1 on each rank measure of the pooled states, paired over seeds: does the LM
+    head keep the representation higher-rank (the study's anti-collapse explanation of H1)?"""
+    a, b = "dual_head", "sentiment_only"
+    if not all(v in models and "rank" in models[v] for v in (a, b)):
+        return {}
+    ra = {r["seed"]: r["analysis"]["rank"] for r in models[a]["runs"]}
+    rb = {r["seed"]: r["analysis"]["rank"] for r in models[b]["runs"]}
+    seeds = [s for s in ra if s in rb]
+    return {"compare": f"{a} - {b}", "seeds": seeds,
+            **{k: _test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"))
+               for k in models[a]["rank"]}}
+
+
+def engram_summary(models: dict) -> dict:
+    """Trained engram, untrained (random) compressors and the pooled state, over the seeds of
+    dual_engram; and per seed whether the trained engram's ARI lies above every random draw's."""
+    if "dual_engram" not in models:
+        return {}
+    runs = [r for r in models["dual_engram"]["runs"] if r["analysis"]]
+    out = {k: mean_ci([r["analysis"]["engram"][k] for r in runs]) for k in ENGRAM_KEYS}
+    out["per_seed"] = [{"seed": r["seed"], **r["analysis"]["engram"]} for r in runs]
+    if runs and "random_compressor" in runs[0]["analysis"]:
+        draws = [d for r in runs for d in r["analysis"]["random_compressor"]["per_draw"]]
+        out["random_compressor"] = {k: {**mean_ci([d[k] for d in draws]), "min": min(d[k] for d in draws),
+                                        "max": max(d[k] for d in draws)} for k in (*ENGRAM_KEYS, "probe_accuracy")}
+        out["random_compressor"]["draws"] = len(draws)
+        out["trained_probe_accuracy"] = mean_ci([r["analysis"]["probe_engram"]["accuracy"] for r in runs])
+        out["pooled_kmeans"] = {k: mean_ci([r["analysis"]["pooled_kmeans"][k] for r in runs]) for k in ENGRAM_KEYS}
+        out["pooled_probe_accuracy"] = mean_ci([r["analysis"]["probe_pooled"]["accuracy"] for r in runs])
+        out["above_random"] = [{"seed": r["seed"], "ari": r["analysis"]["engram"]["ari"],
+                                "random_max": r["analysis"]["random_compressor"]["summary"]["ari"]["max"],
+                                "above": r["analysis"]["engram"]["ari"] > r["analysis"]["random_compressor"]["summary"]["ari"]["max"]}
+                               for r in runs]
+    return out
+
+
+def build_metrics(results: dict, labels, complete: bool, header: dict, study: dict, stopped: str | None = None) -> dict:
+    models = {}
+    for v in VARIANTS:
+        runs = [(s, results[s][v]) for s in results if v in results[s]]
+        if runs:
+            models[v] = _model_summary(runs)
+    return {
+        **header,
+        "complete": complete,
+        "stopped": stopped,
+        "models": models,
+        "engram": engram_summary(models),
+        "hypotheses": hypotheses(models, results, labels, study),
+        "rank_test": rank_test(models),
+        "study": study,
+    }
+
+
+def predictions(results: dict, labels) -> dict:
+    return {
+        "labels": list(map(int, labels)),
+        "runs": {str(s): {v: {"best": r["best"], "final": r["final"]} for v, r in by_v.items()} for s, by_v in results.items()},
+    }

@@ -1,0 +1,127 @@
+"""The study's published figures, and the named protocols: one frozen preset per scale and reading
+of the study. A protocol is data that the shared code reads; adding one is adding a preset here.
+
+- `written`: the system the study's write-up describes (SPEC.md, the default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------- the study's figures
+
+SMALL_STUDY = {
+    # deltas in points as the study states them (from unrounded accuracies): best epoch and final epoch
+    "deltas": {"best": {"H1": 0.69, "H2": -1.61}, "final": {"H1": 1.14, "H2": -1.60}},
+    "best": {"sentiment_only": 80.28, "dual_head": 80.96, "dual_engram": 79.36},
+    "final": {"sentiment_only": 79.82, "dual_head": 80.96, "dual_engram": 79.36},
+    "curves": {  # the published per-epoch validation accuracy (%)
+        "val_acc": {
+            "sentiment_only": [75.23, 76.72, 79.01, 79.01, 80.28, 79.70, 79.93, 79.82],
+            "dual_head": [73.97, 77.41, 78.78, 80.28, 79.70, 80.16, 80.62, 80.96],
+            "dual_engram": [68.81, 76.61, 77.18, 77.98, 78.56, 77.75, 79.01, 79.36],
+        },
+    },
+    "train_acc_first_last": {"sentiment_only": [67.3, 89.8], "dual_head": [64.3, 87.3], "dual_engram": [64.2, 86.6]},
+    "engram": {"ari": 0.236, "cluster_accuracy": 74.3},
+    "params": {"sentiment_only": 1_297_346, "dual_head": 2_329_346, "dual_engram": 2_354_082},
+    "minutes_gpu": 30,
+}
+
+BIG_STUDY = {
+    "deltas": {"best": {"H1": 0.57, "H2": -0.12}, "final": {"H1": 0.34, "H2": 0.11}},
+    "best": {"sentiment_only": 96.22, "dual_head": 96.79, "dual_engram": 96.67},
+    "final": {"sentiment_only": 96.22, "dual_head": 96.56, "dual_engram": 96.67},
+    "epochs": {"sentiment_only": [94.38, 95.41, 96.22], "dual_head": [95.87, 96.79, 96.56], "dual_engram": [95.53, 96.67, 96.67]},
+    "minutes": {"sentiment_only": 380, "dual_head": 417, "dual_engram": 635},
+    "train_epoch3": {  # loss, sentiment loss, LM loss, accuracy
+        "sentiment_only": [0.058, 0.058, None, 98.45],
+        "dual_head": [0.458, 0.033, 0.883, 98.80],
+        "dual_engram": [0.793, 0.034, 1.551, 98.75],
+    },
+    "val_lm_loss": [3.88, 4.69],
+    "engram": {"ari": 0.833, "cluster_accuracy": 95.64, "within_class_cosine": 0.953, "between_class_cosine": 0.838},
+    "trainable_params": 41e6,
+    "total_params": 4.4e9,
+    "gpu": "RTX 4080 16 GB",
+}
+BIG_STUDY["curves"] = {"val_acc": BIG_STUDY["epochs"]}
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class SmallProtocol:
+    """Every setting of the small experiment that the two readings of the study disagree on."""
+
+    name: str
+    # vocabulary and input
+    vocab_words: int  # most frequent training words kept, after the specials
+    specials: tuple[str, ...]  # pad and unk first; then bos and eos when bos_eos
+    bos_eos: bool  # wrap each sentence in <bos> ... <eos>
+    vocab_ties: str  # "alphabetical" or "first_seen": the order of equally frequent words
+    # optimiser and loop
+    batch_size: int
+    weight_decay: float  # 0 gives Adam's update (decoupled decay of AdamW otherwise)
+    clip_norm: float | None  # gradient-norm clipping
+    schedule: str  # "none" or "cosine_per_epoch" (CosineAnnealingLR over the epochs, stepped per epoch)
+    drop_last: bool
+    # loss: sent_weight * CE(sentiment) + lm_weight * LM for the dual variants
+    sent_weight: float
+    lm_weight: float
+
+
+@dataclass(frozen=True)
+class BigProtocol:
+    """Every setting of the 7B experiment that the two readings of the study disagree on."""
+
+    name: str
+    pooling: str  # "last" real token or "mean" over the sentence's tokens
+    batch_size: int  # Models 1 and 2: examples per forward batch
+    engram_batch_size: int  # Model 3: examples per forward batch (two halves)
+    accum_steps: int  # Models 1 and 2: forward batches per optimizer step
+    engram_accum_steps: int  # Model 3
+    weight_decay: float
+    warmup_ratio: float  # of all optimizer steps, linear warm-up then cosine decay
+    clip_norm: float | None
+    drop_last: bool
+    sent_weight: float
+    lm_weight: float
+
+
+SMALL = {
+    "written": SmallProtocol(
+        name="written", vocab_words=7000, specials=("<pad>", "<unk>", "<bos>", "<eos>"), bos_eos=True,
+        vocab_ties="alphabetical", batch_size=64, weight_decay=0.0, clip_norm=None, schedule="none", drop_last=False,
+        sent_weight=0.5, lm_weight=0.5,
+    ),
+}
+
+BIG = {
+    "written": BigProtocol(
+        name="written", pooling="last", batch_size=8, engram_batch_size=8, accum_steps=1, engram_accum_steps=1,
+        weight_decay=0.0, warmup_ratio=0.03, clip_norm=None, drop_last=False, sent_weight=0.5, lm_weight=0.5,
+    ),
+}
+
+
+def resolve(presets: dict, args, flag_fields: dict[str, str]):
+    """The preset `args.protocol` with every explicitly given flag applied over it.
+
+    flag_fields maps an argparse dest to the preset field it overrides; a flag left at None keeps
+    the preset's value, and the resolved value is written back to args. Returns (preset, overrides)."""
+    preset = presets[args.protocol]
+    overrides = {}
+    for dest, name in flag_fields.items():
+        value = getattr(args, dest)
+        if value is None:
+            setattr(args, dest, getattr(preset, name))
+        elif value != getattr(preset, name):
+            overrides[name] = value
+    return dataclasses.replace(preset, **overrides), overrides
+
+
+def preset_help(presets: dict, field: str, fmt=str) -> str:
+    """The value of `field` under each protocol, for help texts: 'written 8, published 16'."""
+    return ", ".join(f"{name} {fmt(getattr(p, field))}" for name, p in presets.items())
