@@ -26,7 +26,7 @@ from training import Built, Recipe
 DEFAULT_EPOCHS = 8
 OUT = "results"
 # flag dest -> the preset field it overrides (None on the command line keeps the preset's value)
-PRESET_FLAGS = {"vocab_words": "vocab_words", "batch_size": "batch_size", "weight_decay": "weight_decay",
+PRESET_FLAGS = {"vocab_words": "vocab_words", "d_ff": "d_ff", "batch_size": "batch_size", "weight_decay": "weight_decay",
                 "clip_norm": "clip_norm", "lm_weight": "lm_weight", "sent_weight": "sent_weight"}
 
 
@@ -41,7 +41,7 @@ def parse_args(argv):
     m.add_argument("--d-model", type=positive_int, default=128, help="embedding and hidden width")
     m.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
     m.add_argument("--heads", type=positive_int, default=4, help="attention heads")
-    m.add_argument("--d-ff", type=positive_int, default=512, help="feed-forward width")
+    m.add_argument("--d-ff", type=positive_int, default=None, help="feed-forward width (preset: " + preset_help(SMALL, "d_ff") + ")")
     m.add_argument("--dropout", type=unit_interval, default=0.1, help="dropout probability")
     m.add_argument("--engram-dim", type=positive_int, default=32, help="engram width")
     m.add_argument("--impl", choices=("packed", "padded"), default="packed",
@@ -117,7 +117,10 @@ def run(args, argv) -> dict:
     vocab = Vocab.build(train_split.sentences, len(preset.specials) + preset.vocab_words, preset.specials, preset.bos_eos,
                         preset.vocab_ties)
     cfg = SmallConfig(vocab_size=len(vocab), max_len=args.max_len, d_model=args.d_model, n_layers=args.layers,
-                      n_heads=args.heads, d_ff=args.d_ff, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl)
+                      n_heads=args.heads, d_ff=preset.d_ff, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl,
+                      causal=preset.causal, norm_first=preset.norm_first, final_norm=preset.final_norm,
+                      positions=preset.positions, ff_dropout=preset.ff_dropout, init=preset.init, head=preset.head,
+                      head_width=preset.head_width, engram_injection=preset.engram_injection)
 
     def encode(split) -> Encoded:
         return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], split.labels, vocab.pad)
@@ -125,7 +128,8 @@ def run(args, argv) -> dict:
     train = encode(train_split)
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
     recipe = Recipe("small", make_builder(args, preset, cfg, device), lambda v: preset.batch_size, args.epochs, device,
-                    clip_norm=preset.clip_norm or None, drop_last=preset.drop_last, progress=not args.no_progress)
+                    clip_norm=preset.clip_norm or None, drop_last=preset.drop_last, train_mode=preset.engram_mode,
+                    eval_mode=preset.engram_mode, progress=not args.no_progress)
     header = {
         **run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
         "model_config": asdict(cfg),

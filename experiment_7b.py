@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +86,8 @@ def make_builder(args, device: torch.device, model_path: str, preset=None):
         total, trainable = count_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=preset.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, math.ceil(preset.warmup_ratio * total_steps), total_steps)
+        # warm-up steps rounded down, as the study's code does: int(ratio * total)
+        sched = get_cosine_schedule_with_warmup(opt, int(preset.warmup_ratio * total_steps), total_steps)
         scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
         autocast = compute_dtype if device.type == "cuda" else None
         info = {"compute_dtype": str(compute_dtype).replace("torch.", ""), "trainable_percent": 100 * trainable / total,
@@ -106,7 +106,7 @@ def make_recipe(args, preset, build, device) -> Recipe:
         return preset.engram_accum_steps if v == "dual_engram" else preset.accum_steps
 
     return Recipe("7b", build, batch_size, args.epochs, device, accum_steps=accum_steps, clip_norm=preset.clip_norm or None,
-                  drop_last=preset.drop_last, progress=not args.no_progress)
+                  drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode, progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------- dry run

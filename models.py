@@ -12,11 +12,15 @@ Hugging Face causal LM):
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from losses import LinearCrossEntropy, lm_loss_sum, lm_targets  # noqa: F401  (re-exported)
 
 VARIANTS = ("sentiment_only", "dual_head", "dual_engram")
 USES_LM = {"sentiment_only": False, "dual_head": True, "dual_engram": True}
@@ -29,7 +33,7 @@ USES_ENGRAM = {"sentiment_only": False, "dual_head": False, "dual_engram": True}
 @dataclass
 class SmallConfig:
     vocab_size: int = 7004  # 4 specials + 7,000 words
-    max_len: int = 64  # tokens per sentence, <bos> and <eos> included
+    max_len: int = 64  # tokens per sentence, specials included
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -40,6 +44,16 @@ class SmallConfig:
     # "padded" is the naive reference: every batch padded to max_len + 1 positions, every layer
     # and the LM head run on every position. Both compute the same function of the real tokens.
     impl: str = "packed"
+    # The architecture options the two readings of the study differ on (protocols.py sets them):
+    causal: bool = True  # causal attention; False: bidirectional with a key-padding mask
+    norm_first: bool = True  # pre-LN blocks; False: post-LN (LayerNorm after each residual add)
+    final_norm: bool = True  # a LayerNorm after the last block
+    positions: str = "learned"  # "learned" embeddings or fixed "sinusoidal" ones
+    ff_dropout: bool = False  # dropout between the feed-forward layers too (PyTorch's encoder layer)
+    init: str = "normal"  # "normal": N(0, 0.02) weights, zero biases; "torch": PyTorch's default inits
+    head: str = "linear"  # sentiment head: "linear" Linear(d -> 2) or "mlp" Linear(d -> w) GELU Dropout Linear(w -> 2)
+    head_width: int = 64
+    engram_injection: str = "prefix"  # "prefix": one prepended embedding; "concat": [token, engram] -> Linear -> d
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -62,12 +76,14 @@ class Dropout(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN causal transformer block that runs on packed rows or on a padded batch."""
+    """A transformer block (pre-LN or post-LN, causal or bidirectional) that runs on packed rows or
+    on a padded batch."""
 
     def __init__(self, cfg: SmallConfig):
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.n_heads
+        self.causal, self.norm_first, self.ff_dropout = cfg.causal, cfg.norm_first, cfg.ff_dropout
         self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -77,40 +93,61 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
         self.drop = Dropout(cfg.dropout)
 
-    def attention(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attention(self, qkv: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """keep [B,1,1,T] bool marks the real keys (bidirectional attention); causal attention over
+        right padding needs no mask, since a real token never sees a later pad."""
         B, T, three_d = qkv.shape  # [B,T,3d]
         d = three_d // 3
         q, k, v = qkv.view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,dh]
-        # Right padding + causal mask: a real token never sees a pad, so no padding mask is needed.
         if self.training and self.dropout > 0:
             # SDPA would fall back to its math path with bernoulli_ dropout here; the same math
             # with the faster dropout above.
             scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B,h,T,T]
-            # Adding -inf above the diagonal gives the same scores as masked_fill_, and its backward
-            # is the identity instead of another masked_fill over [B,h,T,T].
-            future = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # [T,T] -inf on future keys
-            att = dropout(scores.add_(future).softmax(-1), self.dropout, True)
-            y = att @ v  # [B,h,T,dh]
+            if self.causal:
+                # Adding -inf above the diagonal gives the same scores as masked_fill_, and its
+                # backward is the identity instead of another masked_fill over [B,h,T,T].
+                scores.add_(torch.full((T, T), float("-inf"), device=q.device).triu_(1))  # -inf on future keys
+            if keep is not None:
+                scores.masked_fill_(~keep, float("-inf"))  # pad keys
+            y = dropout(scores.softmax(-1), self.dropout, True) @ v  # [B,h,T,dh]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,h,T,dh]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=self.causal)  # [B,h,T,dh]
         return y.transpose(1, 2).reshape(B, T, d)  # [B,T,d]
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, shape=None) -> torch.Tensor:
+    def _attend(self, x, rows, shape, keep):
+        qkv = self.qkv(x)  # [N,3d] or [B,T,3d]
+        if rows is None:
+            return self.attention(qkv, keep)  # [B,T,d]
+        B, T = shape
+        grid = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy_(0, rows, qkv)  # [B*T,3d]
+        return self.attention(grid.view(B, T, -1), keep).reshape(B * T, -1).index_select(0, rows)  # [N,d]
+
+    def _ff(self, x):
+        h = F.gelu(self.fc1(x))  # [N,ff]
+        return self.fc2(self.drop(h) if self.ff_dropout else h)  # [N,d]
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, shape=None, keep=None) -> torch.Tensor:
         """x: [N,d] packed real rows (rows = their flat indices in the [B*T] grid, shape = (B,T)),
         or [B,T,d] padded when rows is None."""
-        qkv = self.qkv(self.ln1(x))  # [N,3d] or [B,T,3d]
-        if rows is None:
-            a = self.attention(qkv)  # [B,T,d]
-        else:
-            B, T = shape
-            grid = qkv.new_zeros(B * T, qkv.shape[-1]).index_copy_(0, rows, qkv)  # [B*T,3d]
-            a = self.attention(grid.view(B, T, -1)).reshape(B * T, -1).index_select(0, rows)  # [N,d]
-        x = x + self.drop(self.proj(a))
-        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+        if self.norm_first:
+            x = x + self.drop(self.proj(self._attend(self.ln1(x), rows, shape, keep)))
+            return x + self.drop(self._ff(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.proj(self._attend(x, rows, shape, keep))))
+        return self.ln2(x + self.drop(self._ff(x)))
+
+
+def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
+    """pe[p, 2k] = sin(p / 10000^(2k/d)), pe[p, 2k+1] = cos(...): [n,d]."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # [n,1]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # [d/2]
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe
 
 
 class SmallBackbone(nn.Module):
-    """Token + learned position embeddings, pre-LN causal blocks, final LayerNorm.
+    """Token embeddings plus positions, transformer blocks, an optional final LayerNorm.
 
     The LM head is optional so that `sentiment_only` carries no LM parameters."""
 
@@ -118,13 +155,23 @@ class SmallBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hidden_size = cfg.d_model
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.max_len + 1, cfg.d_model)  # +1: the engram prefix slot
+        torch_init = cfg.init == "torch"
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=0 if torch_init else None)
+        if cfg.positions == "learned":
+            self.pos = nn.Embedding(cfg.max_len + 1, cfg.d_model)  # +1: the engram prefix slot
+        else:
+            self.register_buffer("pe", sinusoidal_positions(cfg.max_len + 1, cfg.d_model), persistent=False)
         self.drop = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        if torch_init:  # PyTorch's encoder copies one layer, so its layers start identical
+            first = Block(cfg)
+            _torch_attention_init(first)
+            self.blocks = nn.ModuleList(copy.deepcopy(first) for _ in range(cfg.n_layers))
+        else:
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model) if cfg.final_norm else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size) if with_lm_head else None
-        self.apply(self._init)
+        if not torch_init:
+            self.apply(self._init)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -133,29 +180,53 @@ class SmallBackbone(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    @property
+    def n_positions(self) -> int:
+        return self.cfg.max_len + 1
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos.weight[:T] if self.cfg.positions == "learned" else self.pe[:T]  # [T,d]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.tok(input_ids)  # [B,T,d]
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, inject=None) -> torch.Tensor:
+        """inject(h [N,d], batch_index [N]) -> [N,d], when given, runs on every position's input
+        after positions and dropout (the concatenated engram of the study's code)."""
         B, T, d = embeds.shape
-        if T > self.pos.num_embeddings:
-            raise ValueError(f"sequence of {T} positions exceeds the model's {self.pos.num_embeddings}")
-        x = embeds + self.pos.weight[:T]  # [B,T,d]
+        if T > self.n_positions:
+            raise ValueError(f"sequence of {T} positions exceeds the model's {self.n_positions}")
+        x = embeds + self.positions(T)  # [B,T,d]
         if self.cfg.impl == "padded":
-            x = F.pad(x, (0, 0, 0, self.pos.num_embeddings - T))  # [B,max_len+1,d]
-            x = self.drop(x)
+            P = self.n_positions
+            x = self.drop(F.pad(x, (0, 0, 0, P - T)))  # [B,P,d]
+            if inject is not None:
+                x = inject(x.reshape(B * P, d), torch.arange(B, device=x.device).repeat_interleave(P)).view(B, P, d)
+            keep = None if self.cfg.causal else F.pad(mask, (0, P - T)).bool()[:, None, None, :]  # [B,1,1,P]
             for blk in self.blocks:
-                x = blk(x)
-            return self.ln_f(x)[:, :T]  # [B,T,d]
+                x = blk(x, keep=keep)
+            x = x if self.ln_f is None else self.ln_f(x)
+            return x[:, :T]  # [B,T,d]
+        keep = None if self.cfg.causal else mask.bool()[:, None, None, :]  # [B,1,1,T]
         rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat indices of real positions
         h = self.drop(x.reshape(B * T, d).index_select(0, rows))  # [N,d]
+        if inject is not None:
+            h = inject(h, rows // T)  # [N,d]
         for blk in self.blocks:
-            h = blk(h, rows, (B, T))
-        h = self.ln_f(h)  # [N,d]
+            h = blk(h, rows, (B, T), keep)
+        if self.ln_f is not None:
+            h = self.ln_f(h)  # [N,d]
         return h.new_zeros(B * T, d).index_copy_(0, rows, h).view(B, T, d)  # [B,T,d], pads are 0
 
     def lm_head_module(self) -> nn.Linear:
         return self.lm_head
+
+
+def _torch_attention_init(block: Block) -> None:
+    """nn.MultiheadAttention's own init for the fused q,k,v projection and the output bias."""
+    nn.init.xavier_uniform_(block.qkv.weight)
+    nn.init.zeros_(block.qkv.bias)
+    nn.init.zeros_(block.proj.bias)
 
 
 # ----------------------------------------------------------------------------- Hugging Face backbone
@@ -178,7 +249,9 @@ class HFBackbone(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._decoder.get_input_embeddings()(input_ids)  # [B,T,H]
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, inject=None) -> torch.Tensor:
+        if inject is not None:
+            raise ValueError("a Hugging Face backbone takes its engram as a prefix, not by concatenation")
         out = self._decoder(inputs_embeds=embeds.to(self.compute_dtype), attention_mask=mask, use_cache=False)
         return out.last_hidden_state  # [B,T,H]
 
@@ -211,104 +284,23 @@ class EngramProjector(nn.Module):
         return self.linear(engram)  # [B,H]
 
 
+class ConcatInjector(nn.Module):
+    """Linear(H + e -> H) over [token input, engram] at every position: the study code's injection."""
+
+    def __init__(self, engram_dim: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden + engram_dim, hidden)
+
+    def forward(self, h: torch.Tensor, engram_rows: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([h, engram_rows.to(h.dtype)], -1))  # [N,H]
+
+
 def small_sentiment_head(hidden: int) -> nn.Module:
     return nn.Linear(hidden, 2)
 
 
 def mlp_sentiment_head(hidden: int, width: int = 256, dropout: float = 0.1) -> nn.Module:
     return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 2))
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T + b, t_i) without keeping more than `chunk_rows` rows of logits alive.
-
-    Logits are computed in W's dtype and reduced in fp32. With one chunk the softmax is kept for
-    backward (fast path of the small model); with several chunks, backward recomputes each chunk's
-    logits, so a 152k-word vocabulary never has fp32 logits for the whole batch at once."""
-
-    @staticmethod
-    def _logits(h, weight, bias):
-        h = h.to(weight.dtype)
-        z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [n,V]
-        return z.float()  # [n,V] fp32
-
-    @staticmethod
-    def _softmax_(z):
-        """In place: z [n,V] becomes softmax(z); returns logsumexp(z) [n]. One pass fewer than
-        logsumexp followed by exp, which matters when V is the vocabulary."""
-        m = z.amax(1, keepdim=True)  # [n,1]
-        s = z.sub_(m).exp_().sum(1, keepdim=True)  # [n,1]
-        z.div_(s)
-        return (m + s.log()).squeeze(1)  # [n]
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_rows):
-        n = h.shape[0]
-        keep = n <= chunk_rows
-        total = h.new_zeros((), dtype=torch.float32)
-        probs = None
-        with torch.autocast(h.device.type, enabled=False):
-            for i in range(0, n, chunk_rows):
-                z = LinearCrossEntropy._logits(h[i : i + chunk_rows], weight, bias)  # [c,V]
-                t = targets[i : i + chunk_rows]  # [c]
-                target_logit = z.gather(1, t[:, None]).squeeze(1)  # [c]
-                lse = LinearCrossEntropy._softmax_(z)  # z is now the softmax
-                total += (lse - target_logit).sum()
-                if keep:
-                    probs = z  # [n,V], reused in backward
-        ctx.save_for_backward(h, weight, bias, targets)
-        # The kept softmax is an attribute, not a saved tensor: backward turns it into the gradient
-        # in place, and a second backward (retain_graph) then recomputes it instead of failing
-        # autograd's in-place check on a saved tensor.
-        ctx.probs = probs
-        ctx.chunk_rows = chunk_rows
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, weight, bias, targets = ctx.saved_tensors
-        probs, ctx.probs = ctx.probs, None  # used up below; a later backward recomputes it
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        c = ctx.chunk_rows
-        one_chunk = 0 < h.shape[0] <= c  # one chunk: gradients are written, not accumulated
-        gh = torch.empty_like(h) if need_h else None
-        # With one chunk the gradients are written, not accumulated into zeros: the same values
-        # without a fill and an add over [V,H].
-        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w and not one_chunk else None
-        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b and not one_chunk else None
-        with torch.autocast(h.device.type, enabled=False):
-            for i in range(0, h.shape[0], c):
-                hc, t = h[i : i + c], targets[i : i + c]
-                if probs is None:  # several chunks, or a second backward
-                    g = LinearCrossEntropy._logits(hc, weight, bias)  # [c,V]
-                    LinearCrossEntropy._softmax_(g)
-                else:
-                    g = probs
-                g[torch.arange(len(t), device=g.device), t] -= 1.0  # d CE / d logits = softmax - onehot
-                g.mul_(grad_out)
-                if need_h:
-                    gh[i : i + c] = (g.to(weight.dtype) @ weight).to(h.dtype)  # [c,H]
-                if need_w:
-                    gw = g.t() @ hc.float() if one_chunk else gw.add_(g.t() @ hc.float())  # [V,H]
-                if need_b:
-                    gb = g.sum(0) if one_chunk else gb.add_(g.sum(0))  # [V]
-        return gh, (gw.to(weight.dtype) if need_w else None), (gb.to(bias.dtype) if need_b else None), None, None
-
-
-def lm_loss_sum(backbone: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """Summed next-token cross-entropy (fp32) of `hidden` rows [N,H] against `targets` [N]."""
-    head = backbone.lm_head_module()
-    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows)
-
-
-def lm_targets(input_ids: torch.Tensor, mask: torch.Tensor):
-    """Positions that predict a real next token, and those tokens. Masked by the attention mask,
-    not by token id, so a pad id that happens to be a real word is never a target."""
-    has_next = (mask[:, :-1] * mask[:, 1:]).bool()  # [B,T-1]: position t predicts real token t+1
-    return has_next, input_ids[:, 1:][has_next]  # [B,T-1], [N]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -335,6 +327,8 @@ class ModelSpec:
     lm_weight: float = 0.5
     lm_chunk_rows: int = 1 << 30
     lm_all_positions: bool = False  # naive reference: LM logits at every position, then masked
+    injection: str = "prefix"  # "prefix" embedding, or "concat" to every position (small backbone only)
+    prefix_predicts_first: bool = False  # the prefix position is an LM position predicting the first token
 
 
 class EngramModel(nn.Module):
@@ -342,7 +336,8 @@ class EngramModel(nn.Module):
 
     forward(input_ids, mask, labels=None, engram=None):
       - dual_engram: the prefix is projector(engram) (projector(0) when engram is None), prepended to
-        the token embeddings with a 1 in the mask; the model also returns this input's own engram.
+        the token embeddings with a 1 in the mask (or, with injection "concat", the engram is joined
+        to every position's input); the model also returns this input's own engram.
       - loss = CE(sentiment) for sentiment_only, lm_weight*LM + sent_weight*CE(sentiment) otherwise.
       - the pooled state, the sentiment head, the compressor and the projector compute in fp32 with
         autocast off, whatever the backbone's dtype: their outputs are fp32 on every device.
@@ -354,6 +349,8 @@ class EngramModel(nn.Module):
             raise ValueError(f"unknown variant {spec.variant!r}; choose from {VARIANTS}")
         if spec.pooling not in ("mean", "last"):
             raise ValueError(f"unknown pooling {spec.pooling!r}")
+        if spec.injection not in ("prefix", "concat"):
+            raise ValueError(f"unknown engram injection {spec.injection!r}")
         self.spec = spec
         self.backbone = backbone
         self.sentiment_head = sentiment_head
@@ -361,7 +358,9 @@ class EngramModel(nn.Module):
         self.uses_engram = USES_ENGRAM[spec.variant]
         H = backbone.hidden_size
         self.compressor = EngramCompressor(H, spec.engram_dim) if self.uses_engram else None
-        self.projector = EngramProjector(spec.engram_dim, H) if self.uses_engram else None
+        injector = EngramProjector if spec.injection == "prefix" else ConcatInjector
+        self.projector = injector(spec.engram_dim, H) if self.uses_engram else None
+        self.prefixed = self.uses_engram and spec.injection == "prefix"
 
     @property
     def variant(self) -> str:
@@ -386,10 +385,13 @@ class EngramModel(nn.Module):
     def forward(self, input_ids, mask, labels=None, engram=None) -> ModelOutput:
         B = input_ids.shape[0]
         embeds = self.backbone.embed(input_ids)  # [B,T,H]
-        mask_in = mask
-        if self.uses_engram:
-            if engram is None:
-                engram = self.zero_engram(B, input_ids.device)
+        mask_in, inject = mask, None
+        if self.uses_engram and engram is None:
+            engram = self.zero_engram(B, input_ids.device)
+        if self.uses_engram and not self.prefixed:
+            def inject(h, batch_index):  # the engram of each row's sentence, joined to its input
+                return self.projector(h, engram[batch_index])  # [N,H]
+        elif self.uses_engram:
             with self._fp32(embeds.device):
                 prefix = self.projector(engram.float())  # [B,H] fp32
             prefix = prefix.to(embeds.dtype).unsqueeze(1)  # [B,1,H] in the backbone's dtype
@@ -397,9 +399,8 @@ class EngramModel(nn.Module):
             mask_in = torch.cat([mask.new_ones(B, 1), mask], 1)  # [B,1+T]
         elif engram is not None:
             raise ValueError(f"{self.variant} takes no engram")
-        hidden = self.backbone(embeds, mask_in)  # [B,T',H]
-        if self.uses_engram:
-            hidden = hidden[:, 1:]  # [B,T,H]: the prefix position is never pooled nor a target
+        full = self.backbone(embeds, mask_in) if inject is None else self.backbone(embeds, mask_in, inject)  # [B,T',H]
+        hidden = full[:, 1:] if self.prefixed else full  # [B,T,H]: the prefix position is never pooled nor a target
         with self._fp32(hidden.device):
             pooled = self.pool(hidden, mask)  # [B,H] fp32
             sent_logits = self.sentiment_head(pooled)  # [B,2] fp32
@@ -409,14 +410,20 @@ class EngramModel(nn.Module):
         lm_loss = lm_sum = None
         n_lm = 0
         if self.uses_lm:
-            where, targets = lm_targets(input_ids, mask)  # [B,T-1], [N]
+            lm_ids, lm_mask, lm_hidden = input_ids, mask, hidden
+            if self.prefixed and self.spec.prefix_predicts_first:
+                # the prefix position predicts the sentence's first token (the study's 7B code); the
+                # placeholder id before it is never a target, since nothing precedes position 0
+                lm_ids = torch.cat([input_ids[:, :1], input_ids], 1)  # [B,1+T]
+                lm_mask, lm_hidden = mask_in, full
+            where, targets = lm_targets(lm_ids, lm_mask)  # [B,T'-1], [N]
             n_lm = int(targets.numel())
             if self.spec.lm_all_positions:
-                logits = self.backbone.lm_head_module()(hidden[:, :-1])  # [B,T-1,V]
-                ce = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B,T-1]
+                logits = self.backbone.lm_head_module()(lm_hidden[:, :-1])  # [B,T'-1,V]
+                ce = F.cross_entropy(logits.transpose(1, 2), lm_ids[:, 1:], reduction="none")  # [B,T'-1]
                 lm_sum = (ce * where).sum()
             else:
-                rows = hidden[:, :-1][where]  # [N,H] only positions with a real next token
+                rows = lm_hidden[:, :-1][where]  # [N,H] only positions with a real next token
                 lm_sum = lm_loss_sum(self.backbone, rows, targets, self.spec.lm_chunk_rows)
             lm_loss = lm_sum / max(n_lm, 1)
         loss = None
@@ -437,6 +444,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def build_small_model(variant: str, cfg: SmallConfig, sent_weight: float = 0.5, lm_weight: float = 0.5) -> EngramModel:
     backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
     spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim, sent_weight=sent_weight,
-                     lm_weight=lm_weight, lm_all_positions=cfg.impl == "padded")
-    return EngramModel(backbone, spec, small_sentiment_head(cfg.d_model))
+                     lm_weight=lm_weight, lm_all_positions=cfg.impl == "padded", injection=cfg.engram_injection)
+    head = small_sentiment_head(cfg.d_model) if cfg.head == "linear" else mlp_sentiment_head(cfg.d_model, cfg.head_width)
+    return EngramModel(backbone, spec, head)
 

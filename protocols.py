@@ -2,6 +2,9 @@
 of the study. A protocol is data that the shared code reads; adding one is adding a preset here.
 
 - `written`: the system the study's write-up describes (SPEC.md, the default).
+- `published`: the study's code as it was run (github.com/MikeyBeez/sentiment, commit 74b97c0), less
+  its waste: no padding to 64 or 128 tokens, no LM logits at pad positions (the same numbers,
+  computed only where they count), and each model seeded on its own instead of one global stream.
 """
 from __future__ import annotations
 
@@ -61,6 +64,19 @@ class SmallProtocol:
     specials: tuple[str, ...]  # pad and unk first; then bos and eos when bos_eos
     bos_eos: bool  # wrap each sentence in <bos> ... <eos>
     vocab_ties: str  # "alphabetical" or "first_seen": the order of equally frequent words
+    # backbone (models.SmallConfig fields of the same names)
+    d_ff: int
+    causal: bool  # causal attention, or bidirectional with a key-padding mask
+    norm_first: bool  # pre-LN blocks, or post-LN
+    final_norm: bool  # a LayerNorm after the last block
+    positions: str  # "learned" or "sinusoidal"
+    ff_dropout: bool  # dropout inside the feed-forward block too
+    init: str  # "normal" (N(0, 0.02)) or "torch" (PyTorch's default inits)
+    head: str  # sentiment head: "linear" or "mlp"
+    head_width: int  # hidden width of the mlp head
+    # engram
+    engram_injection: str  # "prefix" embedding, or "concat" to every position's input
+    engram_feedback: bool  # sequential pairs in training and evaluation; False: the engram passed in is always zero
     # optimiser and loop
     batch_size: int
     weight_decay: float  # 0 gives Adam's update (decoupled decay of AdamW otherwise)
@@ -70,6 +86,11 @@ class SmallProtocol:
     # loss: sent_weight * CE(sentiment) + lm_weight * LM for the dual variants
     sent_weight: float
     lm_weight: float
+
+    @property
+    def engram_mode(self) -> str:
+        """How dual_engram runs a batch (engram.run_batch): pairs, or a zero engram throughout."""
+        return "pair" if self.engram_feedback else "zero"
 
 
 @dataclass(frozen=True)
@@ -88,13 +109,23 @@ class BigProtocol:
     drop_last: bool
     sent_weight: float
     lm_weight: float
+    prefix_predicts_first: bool  # with the prefix, its position predicts the sentence's first token
+    eval_mode: str  # how dual_engram is evaluated: "pair", or "zero" (a zero engram for every example)
 
 
 SMALL = {
     "written": SmallProtocol(
         name="written", vocab_words=7000, specials=("<pad>", "<unk>", "<bos>", "<eos>"), bos_eos=True,
-        vocab_ties="alphabetical", batch_size=64, weight_decay=0.0, clip_norm=None, schedule="none", drop_last=False,
-        sent_weight=0.5, lm_weight=0.5,
+        vocab_ties="alphabetical", d_ff=512, causal=True, norm_first=True, final_norm=True, positions="learned",
+        ff_dropout=False, init="normal", head="linear", head_width=64, engram_injection="prefix", engram_feedback=True,
+        batch_size=64, weight_decay=0.0, clip_norm=None, schedule="none", drop_last=False, sent_weight=0.5, lm_weight=0.5,
+    ),
+    "published": SmallProtocol(
+        name="published", vocab_words=7998, specials=("<PAD>", "<UNK>"), bos_eos=False, vocab_ties="first_seen",
+        d_ff=256, causal=False, norm_first=False, final_norm=False, positions="sinusoidal", ff_dropout=True, init="torch",
+        head="mlp", head_width=64, engram_injection="concat", engram_feedback=False,
+        batch_size=64, weight_decay=0.01, clip_norm=1.0, schedule="cosine_per_epoch", drop_last=True, sent_weight=1.0,
+        lm_weight=0.3,
     ),
 }
 
@@ -102,6 +133,12 @@ BIG = {
     "written": BigProtocol(
         name="written", pooling="last", batch_size=8, engram_batch_size=8, accum_steps=1, engram_accum_steps=1,
         weight_decay=0.0, warmup_ratio=0.03, clip_norm=None, drop_last=False, sent_weight=0.5, lm_weight=0.5,
+        prefix_predicts_first=False, eval_mode="pair",
+    ),
+    "published": BigProtocol(
+        name="published", pooling="mean", batch_size=8, engram_batch_size=4, accum_steps=2, engram_accum_steps=4,
+        weight_decay=0.01, warmup_ratio=0.05, clip_norm=1.0, drop_last=True, sent_weight=0.5, lm_weight=0.5,
+        prefix_predicts_first=True, eval_mode="zero",
     ),
 }
 

@@ -119,7 +119,8 @@ def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: t
                 m.support_avx512bf16_for_cpu = False
     backbone = HFBackbone(lm, compute_dtype)
     spec = ModelSpec(variant=variant, pooling=preset.pooling, engram_dim=args.engram_dim, sent_weight=preset.sent_weight,
-                     lm_weight=preset.lm_weight, lm_chunk_rows=args.lm_chunk_rows)
+                     lm_weight=preset.lm_weight, lm_chunk_rows=args.lm_chunk_rows,
+                     prefix_predicts_first=preset.prefix_predicts_first)
     model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, args.head_width))
     # Heads are created in fp32 and stay fp32; only they and the LoRA weights are trainable.
     for module in (model.sentiment_head, model.compressor, model.projector):

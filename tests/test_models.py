@@ -117,7 +117,7 @@ def test_training_attention_and_dropout_are_the_plain_formulas_bit_for_bit():
     blk = Block(cfg).train()
     qkv = torch.randn(3, 11, 3 * cfg.d_model)  # [B,T,3d]
     torch.manual_seed(5)
-    ours = blk.attention(qkv)  # [B,T,d]
+    ours = blk.attention(qkv, None)  # [B,T,d]
     torch.manual_seed(5)
     q, k, v = qkv.view(3, 11, 3, cfg.n_heads, -1).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,dh]
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B,h,T,T]
