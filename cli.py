@@ -146,7 +146,23 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
                    help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
                         "the one in progress restarts after its last complete epoch")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
+    o.add_argument("--compare", type=Path, default=None, metavar="METRICS_JSON",
+                   help=f"metrics.json of this scale's run under the other protocol, for the report's 'As written vs as run' "
+                        f"tables (default: {out}/published/metrics.json for a written run, {out}/metrics.json for a published "
+                        "one; skipped if absent)")
     return p
+
+
+def default_out(out: str, protocol: str) -> Path:
+    """results/ for the written protocol, results/<protocol>/ for any other."""
+    return Path(out) if protocol == "written" else Path(out) / protocol
+
+
+def other_protocol_metrics(args, out: str) -> Path:
+    """Where the other protocol's metrics.json is looked for (--compare, else its default folder)."""
+    if args.compare is not None:
+        return args.compare
+    return default_out(out, "published" if args.protocol == "written" else "written") / "metrics.json"
 
 
 def validate_common(args) -> None:

@@ -7,20 +7,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
 import reporting as rep
 from analysis import PROBE_FOLDS
-from cli import (UsageError, base_parser, cli_main, non_negative_float, positive_int, resolve_device, unit_interval,
+from cli import (UsageError, base_parser, cli_main, default_out, other_protocol_metrics, non_negative_float, positive_int, resolve_device, unit_interval,
                  validate_common)
 from data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
 from models import SmallConfig, build_small_model
 from protocols import SMALL, SMALL_STUDY, preset_help, resolve
-from study import run_and_report
+from study import read_metrics, run_and_report
 from training import Built, Recipe
 
 DEFAULT_EPOCHS = 8
@@ -69,7 +68,7 @@ def validate(args) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def small_report(m: dict) -> str:
+def small_report(m: dict, other: dict | None = None) -> str:
     lines = rep.report_header(m, "Experiment 1: small transformers from scratch on SST-2")
     lines += ["## Validation accuracy (%)", "", *rep.accuracy_table(m), *rep.per_seed_table(m)]
     lines += rep.hypothesis_section(m)
@@ -78,6 +77,7 @@ def small_report(m: dict) -> str:
     lines += rep.rank_section(m)
     lines += rep.probe_section(m)
     lines += rep.summary_section(m)
+    lines += rep.protocols_section(m, other)
     lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
     lines += rep.history_section(m)
     return "\n".join(lines)
@@ -105,7 +105,7 @@ def make_builder(args, preset, cfg: SmallConfig, device):
 def run(args, argv) -> dict:
     preset, overrides = resolve(SMALL, args, PRESET_FLAGS)
     validate(args)
-    out = check_writable(args.out or (Path(OUT) if args.protocol == "written" else Path(OUT) / args.protocol))
+    out = check_writable(args.out or default_out(OUT, args.protocol))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -143,7 +143,8 @@ def run(args, argv) -> dict:
     panels = [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])]
     print(f"small experiment, protocol {preset.name}: {len(train):,} train / {len(evals['validation']):,} validation rows, "
           f"vocabulary {len(vocab):,}, device {device_name(device)}, seeds {args.seeds}")
-    return run_and_report(recipe, args, train, evals, out, header, SMALL_STUDY, panels, small_report)
+    other = read_metrics(other_protocol_metrics(args, OUT))
+    return run_and_report(recipe, args, train, evals, out, header, SMALL_STUDY, panels, lambda m: small_report(m, other))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 import reporting as rep
 from analysis import PROBE_FOLDS
-from cli import (base_parser, cli_main, non_negative_float, positive_int, resolve_device, unit_interval,
+from cli import (base_parser, cli_main, default_out, other_protocol_metrics, non_negative_float, positive_int, resolve_device, unit_interval,
                  validate_common)
 from data import Encoded, check_analysable, collate, load_sst2, parse_extra_eval
 from engram import run_batch
@@ -171,7 +171,7 @@ def dry_run(args, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def report_7b(m: dict, small: dict | None) -> str:
+def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
     s = m["study"]
     lines = rep.report_header(m, "Experiment 2: Qwen2.5-7B with QLoRA on SST-2")
     first = next(iter(m["models"].values()), None)
@@ -202,6 +202,7 @@ def report_7b(m: dict, small: dict | None) -> str:
     lines += rep.rank_section(m)
     lines += rep.probe_section(m)
     lines += rep.summary_section(m)
+    lines += rep.protocols_section(m, other)
     lines += cross_scale_section(small, m)
     lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
     lines += rep.history_section(m)
@@ -254,7 +255,7 @@ def run(args, argv):
         check_bitsandbytes(device)
     if args.dry_run:
         return dry_run(args, device)
-    out = check_writable(args.out or (Path(OUT) if args.protocol == "written" else Path(OUT) / args.protocol))
+    out = check_writable(args.out or default_out(OUT, args.protocol))
     check_model_source(args.model)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)
@@ -279,13 +280,14 @@ def run(args, argv):
         "seeds": args.seeds,
         "data": {"train": len(train), "validation": len(evals["validation"]), **data_source(args, extra)},
     }
-    small = read_metrics(args.small_results) if args.small_results.is_file() else None
+    small = read_metrics(args.small_results)
+    other = read_metrics(other_protocol_metrics(args, OUT))
     panels = [("validation accuracy (%)", [("val_acc", "val")]),
               ("sentiment loss", [("train_sent_loss", "train"), ("val_sent_loss", "val")]),
               ("LM loss", [("train_lm_loss", "train"), ("val_lm_loss", "val")])]
     print(f"7B experiment, protocol {preset.name}: {args.model}, {len(train):,} train / {len(evals['validation']):,} "
           f"validation rows, device {device_name(device)}, seeds {args.seeds}")
-    return run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small))
+    return run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small, other))
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def ablation_section(m: dict) -> list[str]:
     runs = [r for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
     base = runs[0]["analysis"]["ablation"]["base"]
     others = [mode for mode in ("pair", "zero", "shuffled") if mode != base]
-    lines = [f"### Does the model read its engram? (evaluation ablation, Model 3, final epoch)", "",
+    lines = ["### Does the model read its engram? (evaluation ablation, Model 3, final epoch)", "",
              f"Validation accuracy with the engrams it is evaluated with (`{base}`), and with the other conditions; "
              "\"changed\" counts the predictions that differ from those, out of the predictions whose engram differs "
              "(under `pair` the first half of every batch already has a zero engram, so against `zero` only the second halves can change).", "",
@@ -291,4 +291,47 @@ def summary_section(m: dict) -> list[str]:
         changed = [f"{a[f'changed_{key}']} of {a[f'could_change_{key}']}" for a in runs]
         lines.append(f"- **Is the engram read?** Switching the engrams to `{key}` changes {', '.join(changed)} validation "
                      "predictions that could change, per seed (ablation table above).")
+    return lines + [""]
+
+
+def protocols_section(m: dict, other: dict | None) -> list[str]:
+    """"As written vs as run": this run beside the other protocol's run of the same scale, each
+    number beside the study's figure."""
+    if not other or other.get("protocol") == m["protocol"] or not other.get("models") or not m["models"]:
+        return []
+    runs = {m["protocol"]: m, other["protocol"]: other}
+    w, p = runs.get("written"), runs.get("published")
+    if w is None or p is None:
+        return []
+    s = m["study"]
+    short = lambda r: " (shortened)" if r["shortened"] else ""  # noqa: E731
+    lines = ["## As written vs as run", "",
+             f"The same code run under both readings of the study: `written` (the write-up) by `{w['command']}`{short(w)}, "
+             f"`published` (the study's code as run) by `{p['command']}`{short(p)}. Mean [95 % CI] over seeds.", "",
+             "| Model | Best, written | Best, published | Best (study) | Final, written | Final, published | Final (study) |",
+             "|---|---|---|---|---|---|---|"]
+    for v in w["models"]:
+        if v in p["models"]:
+            a, b = w["models"][v], p["models"][v]
+            lines.append(f"| {LABELS[v]} | {_f(a['best_val_acc']['mean'])} {_ci(a['best_val_acc'])} | "
+                         f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'][v])} | "
+                         f"{_f(a['final_val_acc']['mean'])} {_ci(a['final_val_acc'])} | {_f(b['final_val_acc']['mean'])} "
+                         f"{_ci(b['final_val_acc'])} | {_f(s['final'][v])} |")
+    lines += ["", "| Hypothesis | Final delta, written (verdict) | Final delta, published (verdict) | Study final | "
+              "Best delta, written | Best delta, published | Study best |", "|---|---|---|---|---|---|---|"]
+    for h in ("H1", "H2"):
+        a, b = w["hypotheses"].get(h), p["hypotheses"].get(h)
+        if a and b:
+            lines.append(f"| {h} ({a['compare']}) | {a['delta_final']['mean']:+.2f} ({a['verdict']}) | "
+                         f"{b['delta_final']['mean']:+.2f} ({b['verdict']}) | {a['study_delta']['final']:+.2f} | "
+                         f"{a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | {a['study_delta']['best']:+.2f} |")
+    ew, ep = w["engram"], p["engram"]
+    if ew and ep:
+        lines += ["", "| Engram (Model 3) | Written | Published | Study |", "|---|---|---|---|"]
+        for name, key, digits, scale in ENGRAM_ROWS[:2]:
+            lines.append(f"| {name}, trained compressor | {_msd(ew[key], digits, scale)} | {_msd(ep[key], digits, scale)} | "
+                         f"{_f(s['engram'].get(key), digits)} |")
+            if "random_compressor" in ew and "random_compressor" in ep:
+                lines.append(f"| {name}, untrained compressors | {_msd(ew['random_compressor'][key], digits, scale)} | "
+                             f"{_msd(ep['random_compressor'][key], digits, scale)} | – |")
     return lines + [""]
