@@ -122,6 +122,8 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
     p.add_argument("--protocol", choices=protocols, default=protocols[0],
                    help="written: the system the study's write-up describes; published: the study's code as it was "
                         "run (see README, 'As written vs as run'). Explicit flags override the preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any field of the protocol's preset (protocols.py), e.g. --set causal=false; repeatable")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "

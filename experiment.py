@@ -53,7 +53,10 @@ def parse_args(argv):
     o.add_argument("--weight-decay", type=non_negative_float, default=None, help="decoupled (AdamW) weight decay; 0 is Adam (preset: " + preset_help(SMALL, "weight_decay") + ")")
     o.add_argument("--clip-norm", type=non_negative_float, default=None, help="gradient-norm clipping, 0 = none (preset: " + preset_help(SMALL, "clip_norm") + ")")
     args = p.parse_args(argv)
-    resolve(SMALL, args, PRESET_FLAGS)  # fills the flags left unset from the preset
+    try:
+        resolve(SMALL, args, PRESET_FLAGS)  # fills the flags left unset from the preset
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

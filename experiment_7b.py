@@ -71,7 +71,10 @@ def parse_args(argv):
                         "memory (GiB) and seconds per step")
     d.add_argument("--dry-run-steps", type=positive_int, default=3, help="timed steps per variant (after one warm-up step)")
     args = p.parse_args(argv)
-    resolve(BIG, args, PRESET_FLAGS)  # fills the flags left unset from the preset
+    try:
+        resolve(BIG, args, PRESET_FLAGS)  # fills the flags left unset from the preset
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

@@ -54,8 +54,20 @@ BIG_STUDY["curves"] = {"val_acc": BIG_STUDY["epochs"]}
 # ----------------------------------------------------------------------------- presets
 
 
+CHOICES = {"vocab_ties": ("alphabetical", "first_seen"), "positions": ("learned", "sinusoidal"), "init": ("normal", "torch"),
+           "head": ("linear", "mlp"), "engram_injection": ("prefix", "concat"), "schedule": ("none", "cosine_per_epoch"),
+           "pooling": ("last", "mean"), "eval_mode": ("pair", "zero")}
+
+
+class _Checked:
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if hasattr(self, name) and getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
 @dataclass(frozen=True)
-class SmallProtocol:
+class SmallProtocol(_Checked):
     """Every setting of the small experiment that the two readings of the study disagree on."""
 
     name: str
@@ -94,7 +106,7 @@ class SmallProtocol:
 
 
 @dataclass(frozen=True)
-class BigProtocol:
+class BigProtocol(_Checked):
     """Every setting of the 7B experiment that the two readings of the study disagree on."""
 
     name: str
@@ -143,13 +155,47 @@ BIG = {
 }
 
 
+def parse_setting(preset, item: str) -> tuple[str, object]:
+    """'FIELD=VALUE' for `--set`: VALUE is read as the field's type (true/false, a number, a word,
+    or none for an optional number). A wrong field or value raises ValueError with the reason."""
+    name, sep, text = item.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(preset) if f.name != "name"}
+    if not sep or name not in fields:
+        raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+    current = getattr(preset, name)
+    t = text.strip().lower()
+    try:
+        if isinstance(current, bool):
+            if t not in ("true", "false"):
+                raise ValueError("expected true or false")
+            return name, t == "true"
+        if isinstance(current, tuple):
+            raise ValueError("a list of words cannot be set from the command line")
+        if t == "none" and ("None" in str(fields[name].type)):
+            return name, None
+        if isinstance(current, int):
+            return name, int(text)
+        if isinstance(current, float) or current is None:
+            return name, float(text)
+        return name, text.strip()
+    except ValueError as e:
+        raise ValueError(f"--set {item!r}: {e}") from None
+
+
 def resolve(presets: dict, args, flag_fields: dict[str, str]):
-    """The preset `args.protocol` with every explicitly given flag applied over it.
+    """The preset `args.protocol` with every explicitly given flag applied over it, then every
+    `--set FIELD=VALUE` (any field of the preset; how one difference between the readings is tried
+    alone).
 
     flag_fields maps an argparse dest to the preset field it overrides; a flag left at None keeps
     the preset's value, and the resolved value is written back to args. Returns (preset, overrides)."""
     preset = presets[args.protocol]
     overrides = {}
+    for item in getattr(args, "set", None) or []:
+        name, value = parse_setting(preset, item)
+        if value != getattr(preset, name):
+            overrides[name] = value
+    preset = dataclasses.replace(preset, **overrides)  # raises ValueError for a value outside CHOICES
     for dest, name in flag_fields.items():
         value = getattr(args, dest)
         if value is None:

@@ -66,16 +66,19 @@ def run_study(recipe: Recipe, seeds: list[int], train, evals: dict, out: Path, r
 
 
 def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict, study: dict, panels,
-                  report_fn, stopped: str | None = None) -> dict:
+                  report_fn, stopped: str | None = None, drawn: dict | None = None) -> dict:
     """metrics.json, predictions.json, learning_curves.png, engram_clusters.png and REPORT.md, each
-    written atomically. `report_fn(metrics)` returns the report's text."""
+    written atomically. `report_fn(metrics)` returns the report's text. `drawn` remembers which
+    seed's engram figure is on disk, so its two t-SNEs are computed once per run, not per variant."""
     m = build_metrics(results, labels, complete, header, study, stopped)
     write_json(out / "metrics.json", m)
     write_json(out / "predictions.json", predictions(results, labels))
     if m["models"]:
         save_figure(learning_curves(m, panels, study.get("curves", {})), out / "learning_curves.png")
     first = next((s for s in m["seeds"] if "dual_engram" in results.get(s, {})), None)
-    if first is not None:
+    drawn = {} if drawn is None else drawn
+    if first is not None and (drawn.get("engram_seed") != first or not (out / "engram_clusters.png").is_file()):
+        drawn["engram_seed"] = first
         a = load_arrays(out, first, "dual_engram")
         e = results[first]["dual_engram"]["analysis"]["engram"]
         title = (f"{header['scale']} engrams, protocol {header['protocol']} (seed {first}): "
@@ -89,13 +92,13 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
 def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, study: dict, panels, report_fn) -> dict:
     """Hold the output folder's lock, run every variant for every seed, and rewrite all outputs
     after each finished variant."""
-    state = {}
+    state, drawn = {}, {}
 
     def on_progress(results, complete, stopped):
         if recipe.device.type == "cuda":
             header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
         state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
-                                         report_fn, stopped)
+                                         report_fn, stopped, drawn)
 
     with FolderLock(out, "run", header["command"]):
         try:
