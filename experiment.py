@@ -90,6 +90,17 @@ def main(argv=None) -> dict:
     return cli_main(parse_args, run, argv)
 
 
+def small_config(preset, **sizes) -> SmallConfig:
+    """The model config a protocol's preset gives, with the sizes (vocab_size, d_model ...) given."""
+    arch = {f: getattr(preset, f) for f in ("d_ff", "causal", "norm_first", "final_norm", "positions", "ff_dropout", "init",
+                                             "head", "head_width", "engram_injection")}
+    return SmallConfig(**arch, **sizes)
+
+
+def small_vocab(preset, sentences) -> Vocab:
+    return Vocab.build(sentences, len(preset.specials) + preset.vocab_words, preset.specials, preset.bos_eos, preset.vocab_ties)
+
+
 def make_builder(args, preset, cfg: SmallConfig, device):
     def build(variant: str, seed: int, total_steps: int) -> Built:
         model = build_small_model(variant, cfg, preset.sent_weight, preset.lm_weight).to(device)
@@ -117,13 +128,9 @@ def run(args, argv) -> dict:
     train_split = data["train"].head(args.max_train)
     val_split = data["validation"].head(args.max_eval)
     check_analysable(val_split, PROBE_FOLDS, f"the validation set ({val_split.source or 'dev.tsv'}, {len(val_split)} rows)")
-    vocab = Vocab.build(train_split.sentences, len(preset.specials) + preset.vocab_words, preset.specials, preset.bos_eos,
-                        preset.vocab_ties)
-    cfg = SmallConfig(vocab_size=len(vocab), max_len=args.max_len, d_model=args.d_model, n_layers=args.layers,
-                      n_heads=args.heads, d_ff=preset.d_ff, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl,
-                      causal=preset.causal, norm_first=preset.norm_first, final_norm=preset.final_norm,
-                      positions=preset.positions, ff_dropout=preset.ff_dropout, init=preset.init, head=preset.head,
-                      head_width=preset.head_width, engram_injection=preset.engram_injection)
+    vocab = small_vocab(preset, train_split.sentences)
+    cfg = small_config(preset, vocab_size=len(vocab), max_len=args.max_len, d_model=args.d_model, n_layers=args.layers,
+                       n_heads=args.heads, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl)
 
     def encode(split) -> Encoded:
         return Encoded([vocab.encode(s, cfg.max_len) for s in split.sentences], split.labels, vocab.pad)

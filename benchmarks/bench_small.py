@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engram import run_batch  # noqa: E402
 from models import VARIANTS, SmallConfig, build_small_model  # noqa: E402
-from data import Encoded, Vocab, collate, epoch_batches, load_sst2  # noqa: E402
+from data import Encoded, collate, epoch_batches, load_sst2  # noqa: E402
+from experiment import small_config, small_vocab  # noqa: E402
 from protocols import SMALL  # noqa: E402
 
 
@@ -52,19 +53,24 @@ def step_flops(cfg: SmallConfig, variant: str, mask: torch.Tensor) -> float:
     return 3.0 * (tokens * per_token + attention + lm)
 
 
-def time_variant(variant: str, impl: str, vocab_size: int, enc: Encoded, batches, warmup: int, seed: int):
-    cfg = SmallConfig(vocab_size=vocab_size, impl=impl)
+def time_variant(variant: str, impl: str, vocab_size: int, enc: Encoded, batches, warmup: int, seed: int, preset):
+    cfg = small_config(preset, vocab_size=vocab_size, impl=impl)
     torch.manual_seed(seed)
-    model = build_small_model(variant, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
+    model = build_small_model(variant, cfg, preset.sent_weight, preset.lm_weight)
+    if preset.weight_decay:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=preset.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
     flops = tokens = 0.0
     for i, idx in enumerate(batches):
         if i == warmup:
             t0 = time.perf_counter()
         ids, mask, labels = collate(enc, idx, "cpu")
-        out = run_batch(model, ids, mask, labels)
+        out = run_batch(model, ids, mask, labels, mode=preset.engram_mode)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        if preset.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip_norm)
         opt.step()
         if i >= warmup:
             flops += step_flops(cfg, variant, mask)
@@ -81,20 +87,22 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--protocol", choices=tuple(SMALL), default="written", help="the protocol preset to time")
+    p.add_argument("--no-naive", action="store_true", help="time the fast implementation only")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_sst2(args.data_dir)
-    w = SMALL["written"]
-    vocab = Vocab.build(data["train"].sentences, len(w.specials) + w.vocab_words, w.specials, w.bos_eos, w.vocab_ties)
-    enc = Encoded([vocab.encode(s, 64) for s in data["train"].sentences], data["train"].labels)
-    all_batches = epoch_batches(len(enc), 64, 42, 1)
+    preset = SMALL[args.protocol]
+    vocab = small_vocab(preset, data["train"].sentences)
+    enc = Encoded([vocab.encode(s, 64) for s in data["train"].sentences], data["train"].labels, vocab.pad)
+    all_batches = epoch_batches(len(enc), preset.batch_size, 42, 1, preset.drop_last)
     batches = all_batches[: args.warmup + args.steps]
     peak = matmul_peak()
     rows = {}
     for variant in VARIANTS:
-        fast = time_variant(variant, "packed", len(vocab), enc, batches, args.warmup, 42)
-        naive = time_variant(variant, "padded", len(vocab), enc, batches, args.warmup, 42)
+        fast = time_variant(variant, "packed", len(vocab), enc, batches, args.warmup, 42, preset)
+        naive = fast if args.no_naive else time_variant(variant, "padded", len(vocab), enc, batches, args.warmup, 42, preset)
         rows[variant] = {"fast": fast, "naive": naive, "epoch_seconds": fast["seconds_per_step"] * len(all_batches),
                          "naive_epoch_seconds": naive["seconds_per_step"] * len(all_batches),
                          "fraction_of_peak": fast["flop_rate"] / peak, "speedup": naive["seconds_per_step"] / fast["seconds_per_step"]}

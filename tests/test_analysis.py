@@ -91,10 +91,10 @@ def test_random_compressor_on_label_dominated_states_recovers_the_labels():
     u = rng.standard_normal(64)
     u /= np.linalg.norm(u)
     x = 5.0 * (2 * labels - 1)[:, None] * u + 0.1 * rng.standard_normal((200, 64))  # [200,64]
-    r = random_compressor_control(x, labels, 32, seed=3, draws=3)
-    assert r["draws"] == 3 and len(r["per_draw"]) == 3
+    r = random_compressor_control(x, labels, 32, seed=3, draws=2)
+    assert r["draws"] == 2 and len(r["per_draw"]) == 2
     s = r["summary"]
-    assert s["ari"]["mean"] > 0.9 and s["ari"]["n"] == 3
+    assert s["ari"]["mean"] > 0.9 and s["ari"]["n"] == 2
     assert s["cluster_accuracy"]["mean"] > 0.95
     assert s["probe_accuracy"]["mean"] > 0.95
     assert s["ari"]["min"] <= s["ari"]["mean"] <= s["ari"]["max"]
@@ -105,7 +105,7 @@ def test_random_compressor_on_noise_finds_nothing():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 200)
     x = rng.standard_normal((200, 64))
-    r = random_compressor_control(x, labels, 32, seed=3, draws=3)
+    r = random_compressor_control(x, labels, 32, seed=3, draws=2)
     assert abs(r["summary"]["ari"]["mean"]) < 0.05
     assert r["summary"]["probe_accuracy"]["mean"] < 0.7
 
@@ -121,8 +121,8 @@ def test_random_compressor_is_seeded_and_leaves_the_global_rng_alone():
     b = random_compressor_control(x, labels, 8, seed=5, draws=2)
     assert a["per_draw"] == b["per_draw"]
     assert a["per_draw"][0] != a["per_draw"][1]  # each draw is a different compressor
-    c = random_compressor_control(x, labels, 8, seed=6, draws=2)
-    assert [d["within_class_cosine"] for d in c["per_draw"]] != [d["within_class_cosine"] for d in a["per_draw"]]
+    c = random_compressor_control(x, labels, 8, seed=6, draws=1)
+    assert c["per_draw"][0]["within_class_cosine"] != a["per_draw"][0]["within_class_cosine"]  # another seed, other draws
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -420,12 +420,23 @@ E2E = ["--max-train", "64", "--epochs", "2", "--no-progress"]  # one batch of 64
 
 @pytest.fixture(scope="module")
 def e2e(sst2_small, tmp_path_factory):
-    """One short run with an extra evaluation set (the dev file again), written in full."""
+    """One short run with an extra evaluation set (the dev file again), written in full. t-SNE (for
+    engram_clusters.png only; nothing here reads its layout) runs its minimum of 250 iterations
+    instead of 1,000 to keep the run short; everything else is the real run."""
+    import sklearn.manifold
+
     import experiment
 
+    real_tsne = sklearn.manifold.TSNE
+
+    def short_tsne(**kw):
+        return real_tsne(**{**kw, "max_iter": 250})
+
     out = tmp_path_factory.mktemp("analysis_e2e")
-    m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), *E2E,
-                         "--extra-eval", f"again={sst2_small / 'dev.tsv'}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sklearn.manifold, "TSNE", short_tsne)
+        m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), *E2E,
+                             "--extra-eval", f"again={sst2_small / 'dev.tsv'}"])
     return out, m
 
 
