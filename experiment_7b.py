@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,8 @@ from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
 from models import count_parameters
 from protocols import BIG, BIG_STUDY, SMALL_STUDY, preset_help, resolve
-from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, check_model_source, encode_split,
-                   load_tokenizer, precision)
+from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
+                   quiet_libraries, resolve_model_source)
 from study import read_metrics, run_and_report
 from training import Built, Recipe
 
@@ -42,11 +43,16 @@ TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 
 def parse_args(argv):
     p = base_parser("experiment_7b.py", "Experiment 2 of the study: sentiment_only, dual_head and dual_engram on "
-                    "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(BIG, "batch_size") + "; Model 3: " + preset_help(BIG, "engram_batch_size"), lr=2e-4, out=OUT,
+                    "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(BIG, "batch_size") + "; Model 3: " + preset_help(BIG, "engram_batch_size", lambda b: "the same" if b is None else b), lr=2e-4, out=OUT,
                     protocols=tuple(BIG))
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local folder of a causal LM (never trust_remote_code)")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face hub id, local folder or .gguf file of a causal LM (never trust_remote_code)")
     m.add_argument("--max-length", type=positive_int, default=128, help="tokens per sentence; longer ones are truncated")
+    m.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer's activations in backward: less memory, more time")
+    m.add_argument("--cache-dir", type=Path, default=None,
+                   help="where a --model .gguf file is dequantised to, once (default: $ENGRAM_CACHE/gguf or ~/.cache/engram-study/gguf)")
     m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false",
                    help="load the base model unquantised (needs ~4x the memory); default: 4-bit NF4 with double quantisation")
     m.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank")
@@ -65,7 +71,7 @@ def parse_args(argv):
     r.add_argument("--small-results", type=Path, default=Path("results/metrics.json"),
                    help="the small experiment's metrics.json, for the cross-scale tables (skipped if absent)")
     d = p.add_argument_group("dry run")
-    d.add_argument("--dry-run", nargs="?", const="7b", choices=("7b", "tiny"), default=None,
+    d.add_argument("--dry-run", nargs="?", const="7b", choices=("7b", "tiny", "model"), default=None,
                    help="no data, no download: random weights of Qwen2.5-7B's exact shape (or a tiny one), a few "
                         "training steps of each variant at the real batch size and maximum length; prints peak GPU "
                         "memory (GiB) and seconds per step")
@@ -102,72 +108,81 @@ def make_builder(args, device: torch.device, model_path: str, preset=None):
 
 def make_recipe(args, preset, build, device) -> Recipe:
     """The protocol's batches: Model 3 may have its own batch size and accumulation."""
-    def batch_size(v):
-        return preset.engram_batch_size if v == "dual_engram" else preset.batch_size
-
-    def accum_steps(v):
-        return preset.engram_accum_steps if v == "dual_engram" else preset.accum_steps
-
-    return Recipe("7b", build, batch_size, args.epochs, device, accum_steps=accum_steps, clip_norm=preset.clip_norm or None,
+    return Recipe("7b", build, preset.batch_for, args.epochs, device, accum_steps=preset.accum_for, clip_norm=preset.clip_norm or None,
                   drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode, progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------- dry run
 
 
-def dry_run(args, device: torch.device) -> dict:
-    """Random weights of the real shape, the real loader, a few steps per variant."""
+def _time_steps(built: Built, enc: Encoded, device: torch.device, steps: int) -> tuple[float, float]:
+    """Seconds per optimizer step (after one warm-up step) and the last loss, on one fixed batch."""
+    times = []
+    for step in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        ids, mask, labels = collate(enc, range(len(enc)), device)
+        with torch.autocast(device.type, dtype=built.autocast_dtype, enabled=built.autocast_dtype is not None):
+            out = run_batch(built.model, ids, mask, labels)
+        built.optimizer.zero_grad(set_to_none=True)
+        (built.scaler.scale(out.loss) if built.scaler else out.loss).backward()
+        if built.scaler:
+            built.scaler.step(built.optimizer)
+            built.scaler.update()
+        else:
+            built.optimizer.step()
+        built.scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step:  # the first step warms up kernels and the allocator
+            times.append(time.perf_counter() - t)
+    return sum(times) / len(times), out.loss.item()
+
+
+def dry_run(args, device: torch.device, preset) -> dict:
+    """The real loader and a few steps of each variant at the real batch size and maximum length,
+    with gradient checkpointing on and off: random weights of Qwen2.5-7B's shape (no download), a
+    tiny random shape, or the model given with --model (`--dry-run model`)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
     compute_dtype, _ = precision(device)
-    report = {"shape": args.dry_run, "device": device_name(device), "batch_size": args.batch_size,
-              "max_length": args.max_length, "compute_dtype": str(compute_dtype).replace("torch.", ""), "variants": {}}
+    report = {"shape": args.dry_run, "device": device_name(device), "max_length": args.max_length,
+              "compute_dtype": str(compute_dtype).replace("torch.", ""), "runs": []}
     with tempfile.TemporaryDirectory(prefix="qwen-dry-run-") as folder:
-        t0 = time.perf_counter()
-        config = Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"])
-        with torch.device(device):
-            lm = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        lm.save_pretrained(folder)
-        del lm
-        print(f"random {args.dry_run} model written in {time.perf_counter() - t0:.0f} s")
-        build, _ = make_builder(args, device, folder)
+        if args.dry_run == "model":
+            folder = resolve_model_source(args.model, args.cache_dir)
+            vocab = len(load_tokenizer(folder))
+        else:
+            shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
+            vocab = shape["vocab_size"]
+            t0 = time.perf_counter()
+            with torch.device(device):
+                lm = Qwen2ForCausalLM._from_config(Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"]),
+                                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            lm.save_pretrained(folder)
+            del lm
+            print(f"random {args.dry_run} model written in {time.perf_counter() - t0:.0f} s")
         g = torch.Generator().manual_seed(0)
-        for variant in ("sentiment_only", "dual_head", "dual_engram"):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            built = build(variant, 0, args.dry_run_steps + 1)
-            ids = torch.randint(0, shape["vocab_size"], (args.batch_size, args.max_length), generator=g)
-            enc = Encoded(ids.tolist(), [i % 2 for i in range(args.batch_size)])
-            times = []
-            for step in range(args.dry_run_steps + 1):
+        for checkpointing in (True, False):
+            args.gradient_checkpointing = checkpointing
+            build, _ = make_builder(args, device, folder, preset)
+            for variant in ("sentiment_only", "dual_head", "dual_engram"):
                 if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                b_ids, mask, labels = collate(enc, range(args.batch_size), device)
-                with torch.autocast(device.type, dtype=built.autocast_dtype, enabled=built.autocast_dtype is not None):
-                    out = run_batch(built.model, b_ids, mask, labels)
-                built.optimizer.zero_grad(set_to_none=True)
-                (built.scaler.scale(out.loss) if built.scaler else out.loss).backward()
-                if built.scaler:
-                    built.scaler.step(built.optimizer)
-                    built.scaler.update()
-                else:
-                    built.optimizer.step()
-                built.scheduler.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if step:  # the first step warms up kernels and allocator
-                    times.append(time.perf_counter() - t)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            sec = sum(times) / len(times)
-            total, trainable = count_parameters(built.model)
-            report["variants"][variant] = {"seconds_per_step": sec, "peak_gib": peak, "loss": out.loss.item(),
-                                           "trainable_params": trainable, "total_params": total}
-            print(f"[dry run {variant}] {sec:.3f} s/step at batch {args.batch_size} x {args.max_length} tokens; "
-                  f"peak GPU memory {'n/a (CPU)' if peak is None else f'{peak:.2f} GiB'}")
-            del built, out
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                built = build(variant, 0, args.dry_run_steps + 1)
+                bs = preset.batch_for(variant)
+                ids = torch.randint(0, vocab, (bs, args.max_length), generator=g)
+                sec, loss = _time_steps(built, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps)
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                total, trainable = count_parameters(built.model)
+                report["runs"].append({"variant": variant, "gradient_checkpointing": checkpointing, "batch_size": bs,
+                                       "seconds_per_step": sec, "peak_gib": peak, "loss": loss,
+                                       "trainable_params": trainable, "total_params": total})
+                print(f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}] {sec:.3f} s/step at batch "
+                      f"{bs} x {args.max_length} tokens; peak GPU memory {'n/a (CPU)' if peak is None else f'{peak:.2f} GiB'}")
+                del built
     return report
 
 
@@ -256,22 +271,24 @@ def run(args, argv):
     device = resolve_device(args.device)
     if args.load_in_4bit:
         check_bitsandbytes(device)
+    if args.no_progress:
+        quiet_libraries()
     if args.dry_run:
-        return dry_run(args, device)
+        return dry_run(args, device, preset)
     out = check_writable(args.out or default_out(OUT, args.protocol))
-    check_model_source(args.model)
+    model_path = resolve_model_source(args.model, args.cache_dir)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)
     val_split = data["validation"].head(args.max_eval)
     check_analysable(val_split, PROBE_FOLDS, f"the validation set ({val_split.source or 'dev.tsv'}, {len(val_split)} rows)")
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(model_path)
 
     def encode(split) -> Encoded:
         return encode_split(tok, split, args.max_length)
 
     train = encode(data["train"].head(args.max_train))
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
-    build, compute_dtype = make_builder(args, device, args.model, preset)
+    build, compute_dtype = make_builder(args, device, model_path, preset)
     recipe = make_recipe(args, preset, build, device)
     header = {
         **run_header("7b", "experiment_7b.py", argv, args, DEFAULT_EPOCHS, preset, overrides),

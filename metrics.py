@@ -197,6 +197,8 @@ def engram_summary(models: dict) -> dict:
     if "dual_engram" not in models:
         return {}
     runs = [r for r in models["dual_engram"]["runs"] if r["analysis"]]
+    if not runs:
+        return {}
     out = {k: mean_ci([r["analysis"]["engram"][k] for r in runs]) for k in ENGRAM_KEYS}
     out["per_seed"] = [{"seed": r["seed"], **r["analysis"]["engram"]} for r in runs]
     if runs and "random_compressor" in runs[0]["analysis"]:

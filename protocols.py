@@ -112,7 +112,7 @@ class BigProtocol(_Checked):
     name: str
     pooling: str  # "last" real token or "mean" over the sentence's tokens
     batch_size: int  # Models 1 and 2: examples per forward batch
-    engram_batch_size: int  # Model 3: examples per forward batch (two halves)
+    engram_batch_size: int | None  # Model 3: examples per forward batch (two halves); None: batch_size
     accum_steps: int  # Models 1 and 2: forward batches per optimizer step
     engram_accum_steps: int  # Model 3
     weight_decay: float
@@ -123,6 +123,14 @@ class BigProtocol(_Checked):
     lm_weight: float
     prefix_predicts_first: bool  # with the prefix, its position predicts the sentence's first token
     eval_mode: str  # how dual_engram is evaluated: "pair", or "zero" (a zero engram for every example)
+
+    def batch_for(self, variant: str) -> int:
+        if variant == "dual_engram" and self.engram_batch_size is not None:
+            return self.engram_batch_size
+        return self.batch_size
+
+    def accum_for(self, variant: str) -> int:
+        return self.engram_accum_steps if variant == "dual_engram" else self.accum_steps
 
 
 SMALL = {
@@ -143,7 +151,7 @@ SMALL = {
 
 BIG = {
     "written": BigProtocol(
-        name="written", pooling="last", batch_size=8, engram_batch_size=8, accum_steps=1, engram_accum_steps=1,
+        name="written", pooling="last", batch_size=8, engram_batch_size=None, accum_steps=1, engram_accum_steps=1,
         weight_decay=0.0, warmup_ratio=0.03, clip_norm=None, drop_last=False, sent_weight=0.5, lm_weight=0.5,
         prefix_predicts_first=False, eval_mode="pair",
     ),

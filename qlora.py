@@ -1,8 +1,13 @@
-"""Loading a causal LM for QLoRA: the precision a device gets, the checks on a model source, the
-tokenizer, the 4-bit (or unquantised) base model, and the LoRA-wrapped EngramModel on top of it."""
+"""Loading a causal LM for QLoRA: the precision a device gets, the checks on a model source (a hub
+id, a model folder, or a GGUF file dequantised once into a cached folder), the tokenizer, the
+4-bit (or unquantised) base model, and the LoRA-wrapped EngramModel on top of it."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +28,63 @@ def precision(device: torch.device) -> tuple[torch.dtype, bool]:
     if torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16, False
     return torch.float16, True
+
+
+def quiet_libraries() -> None:
+    """--no-progress: the libraries' own progress bars (weights loading, downloads) off too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def gguf_cache_root() -> Path:
+    return Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engram-study")) / "gguf"
+
+
+def model_from_gguf(path: Path, cache: Path | None = None) -> str:
+    """Dequantise a GGUF file through transformers' GGUF reader into a cached model folder (once;
+    keyed by file name, size and mtime) and return that folder. An architecture transformers
+    cannot read is one UsageError line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"GGUF file {path} not found; pass --model with a .gguf file, a model folder or a hub id")
+    st = path.stat()
+    folder = (cache or gguf_cache_root()) / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (folder / "COMPLETE").is_file():
+        return str(folder)
+    print(f"dequantising {path.name} into {folder} (once; later runs reuse it)", file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except ImportError as e:
+        raise UsageError(f"reading {path.name} needs the gguf package ({e}); pip install gguf") from None
+    except Exception as e:  # transformers raises ValueError/KeyError/RuntimeError for unknown architectures
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"transformers cannot read {path} as a causal LM ({first})") from None
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "COMPLETE").write_text(f"{path}\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return str(folder)
+
+
+def resolve_model_source(model: str, cache: Path | None = None) -> str:
+    """A .gguf file becomes its cached model folder; a folder is checked; a hub id is kept."""
+    if model.lower().endswith(".gguf"):
+        return model_from_gguf(Path(model), cache)
+    check_model_source(model)
+    return model
 
 
 def check_model_source(model: str) -> None:
@@ -70,9 +132,20 @@ def encode_split(tok, split, max_length: int) -> Encoded:
     return Encoded(ids, split.labels, tok.pad_token_id)
 
 
-def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool):
-    """A fresh base model: 4-bit NF4 with double quantisation, prepared for k-bit training with
-    gradient checkpointing (use_reentrant=False); or unquantised and frozen with --no-4bit."""
+def enable_checkpointing(lm) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant; the current name of
+    the call where this transformers has it, the older one otherwise."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool, checkpointing: bool = True):
+    """A fresh base model: 4-bit NF4 with double quantisation, prepared for k-bit training; or
+    unquantised and frozen with --no-4bit. Gradient checkpointing (use_reentrant=False) unless
+    `checkpointing` is False. Tied input/output embeddings stay tied and unquantised."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = dict(dtype=compute_dtype, trust_remote_code=False, device_map={"": str(device) if device.type == "cpu" else device.index or 0})
@@ -85,14 +158,15 @@ def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load
         raise
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a causal LM from {model}: {str(e).splitlines()[0]}") from None
-    gc_kwargs = {"use_reentrant": False}
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs)
+        # checkpointing is turned on below with the current call; peft's own path uses a deprecated one
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     else:
         lm.requires_grad_(False)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if checkpointing:
+        enable_checkpointing(lm)
     return lm
 
 
@@ -105,10 +179,14 @@ def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: t
         preset = BIG["written"]
     from peft import LoraConfig, get_peft_model
 
-    lm = load_base(model_path, device, compute_dtype, args.load_in_4bit)
+    lm = load_base(model_path, device, compute_dtype, args.load_in_4bit, getattr(args, "gradient_checkpointing", True))
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM")
-    lm = get_peft_model(lm, lora)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model; the
+        # call is peft's, not ours, so only that one message is silenced, here only
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        lm = get_peft_model(lm, lora)
     if device.type == "cpu" and args.load_in_4bit:
         import bitsandbytes as bnb
 

@@ -123,8 +123,9 @@ def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
 
 def test_dry_run_tiny_shape_runs_every_variant(tmp_path):
     r = e7.main(["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--dry-run-steps", "1"])
-    assert set(r["variants"]) == {"sentiment_only", "dual_head", "dual_engram"}
-    assert all(v["seconds_per_step"] > 0 and v["trainable_params"] > 0 for v in r["variants"].values())
+    assert [(x["variant"], x["gradient_checkpointing"]) for x in r["runs"]] == [
+        (v, gc) for gc in (True, False) for v in ("sentiment_only", "dual_head", "dual_engram")]
+    assert all(x["seconds_per_step"] > 0 and x["trainable_params"] > 0 and x["batch_size"] == 4 for x in r["runs"])
 
 
 @pytest.mark.parametrize("setup, message", [
