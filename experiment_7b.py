@@ -97,8 +97,8 @@ def make_builder(args, device: torch.device, model_path: str, preset=None):
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=preset.weight_decay)
         # warm-up steps rounded down, as the study's code does: int(ratio * total)
         sched = get_cosine_schedule_with_warmup(opt, int(preset.warmup_ratio * total_steps), total_steps)
-        scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
-        autocast = compute_dtype if device.type == "cuda" else None
+        scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+        autocast = None if compute_dtype == torch.float32 else compute_dtype  # the backbone's dtype, heads stay fp32
         info = {"compute_dtype": str(compute_dtype).replace("torch.", ""), "trainable_percent": 100 * trainable / total,
                 "load_in_4bit": args.load_in_4bit}
         return Built(model, opt, sched, scaler, autocast, "step", info)

