@@ -297,8 +297,8 @@ def summary_section(m: dict) -> list[str]:
 def protocols_section(m: dict, other: dict | None) -> list[str]:
     """"As written vs as run": this run beside the other protocol's run of the same scale, each
     number beside the study's figure."""
-    if not other or other.get("protocol") == m["protocol"] or not other.get("models") or not m["models"]:
-        return []
+    if not other or "preset" not in other or other["protocol"] == m["protocol"] or not other.get("models") or not m["models"]:
+        return []  # absent, of the same protocol, or written by an older version of this code
     runs = {m["protocol"]: m, other["protocol"]: other}
     w, p = runs.get("written"), runs.get("published")
     if w is None or p is None:

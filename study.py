@@ -3,6 +3,7 @@ so that a crash, a full disk or Ctrl-C never loses a finished variant."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,16 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
     def on_progress(results, complete, stopped):
         if recipe.device.type == "cuda":
             header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
-        state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
-                                         report_fn, stopped, drawn)
+        try:
+            state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
+                                             report_fn, stopped, drawn)
+        except Exception as e:
+            if complete:
+                raise
+            # a report that fails mid-run must not stop the training: the finished variants are kept
+            # in their checkpoint folders, and the next write (at the latest the final one) tries again
+            print(f"warning: could not write the outputs after this variant ({type(e).__name__}: {e}); "
+                  "training goes on", file=sys.stderr)
 
     with FolderLock(out, "run", header["command"]):
         try:
