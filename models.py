@@ -244,6 +244,6 @@ def build_small_model(variant: str, cfg: SmallConfig, sent_weight: float = 0.5, 
     backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
     spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim, sent_weight=sent_weight,
                      lm_weight=lm_weight, lm_all_positions=cfg.impl == "padded", injection=cfg.engram_injection)
-    head = small_sentiment_head(cfg.d_model) if cfg.head == "linear" else mlp_sentiment_head(cfg.d_model, cfg.head_width)
+    head = small_sentiment_head(cfg.d_model) if cfg.head == "linear" else mlp_sentiment_head(cfg.d_model, cfg.head_width, cfg.dropout)
     return EngramModel(backbone, spec, head)
 
