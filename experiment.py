@@ -18,7 +18,7 @@ from data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
 from models import SmallConfig, build_small_model
-from protocols import SMALL, SMALL_STUDY, preset_help, resolve
+from protocols import SMALL, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from study import read_metrics, run_and_report
 from training import Built, Recipe
 
@@ -52,12 +52,7 @@ def parse_args(argv):
                    help="weight of the sentiment loss in the dual variants (preset: " + preset_help(SMALL, "sent_weight") + "); Model 1's loss is CE alone")
     o.add_argument("--weight-decay", type=non_negative_float, default=None, help="decoupled (AdamW) weight decay; 0 is Adam (preset: " + preset_help(SMALL, "weight_decay") + ")")
     o.add_argument("--clip-norm", type=non_negative_float, default=None, help="gradient-norm clipping, 0 = none (preset: " + preset_help(SMALL, "clip_norm") + ")")
-    args = p.parse_args(argv)
-    try:
-        resolve(SMALL, args, PRESET_FLAGS)  # fills the flags left unset from the preset
-    except ValueError as e:
-        p.error(str(e))
-    return args
+    return parse_with_preset(p, argv, SMALL, PRESET_FLAGS)
 
 
 def validate(args) -> None:

@@ -22,7 +22,7 @@ from engram import run_batch
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
 from models import count_parameters
-from protocols import BIG, BIG_STUDY, SMALL_STUDY, preset_help, resolve
+from protocols import BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    quiet_libraries, resolve_model_source)
 from study import read_metrics, run_and_report
@@ -76,12 +76,7 @@ def parse_args(argv):
                         "training steps of each variant at the real batch size and maximum length; prints peak GPU "
                         "memory (GiB) and seconds per step")
     d.add_argument("--dry-run-steps", type=positive_int, default=3, help="timed steps per variant (after one warm-up step)")
-    args = p.parse_args(argv)
-    try:
-        resolve(BIG, args, PRESET_FLAGS)  # fills the flags left unset from the preset
-    except ValueError as e:
-        p.error(str(e))
-    return args
+    return parse_with_preset(p, argv, BIG, PRESET_FLAGS)
 
 
 def make_builder(args, device: torch.device, model_path: str, preset=None):

@@ -213,6 +213,17 @@ def resolve(presets: dict, args, flag_fields: dict[str, str]):
     return dataclasses.replace(preset, **overrides), overrides
 
 
+def parse_with_preset(parser, argv, presets: dict, flag_fields: dict[str, str]):
+    """parser.parse_args, then the flags left unset filled from the chosen preset; a bad --set is
+    the parser's own one-line error (exit status 2)."""
+    args = parser.parse_args(argv)
+    try:
+        resolve(presets, args, flag_fields)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
 def preset_help(presets: dict, field: str, fmt=str) -> str:
     """The value of `field` under each protocol, for help texts: 'written 8, published 16'."""
     return ", ".join(f"{name} {fmt(getattr(p, field))}" for name, p in presets.items())
