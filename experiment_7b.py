@@ -21,7 +21,7 @@ from data import Encoded, check_analysable, collate, load_sst2, parse_extra_eval
 from engram import run_batch
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
-from models import count_parameters
+from models import VARIANTS, count_parameters
 from protocols import BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    quiet_libraries, resolve_model_source)
@@ -186,7 +186,8 @@ def dry_run(args, device: torch.device, preset) -> dict:
 
 def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
     s = m["study"]
-    lines = rep.report_header(m, "Experiment 2: Qwen2.5-7B with QLoRA on SST-2")
+    model = Path(str(m["config"].get("model", DEFAULT_MODEL))).name
+    lines = rep.report_header(m, f"Experiment 2: {model} with {'QLoRA' if m['config'].get('load_in_4bit', True) else 'LoRA'} on SST-2")
     first = next(iter(m["models"].values()), None)
     if first:
         lines += [f"Trainable parameters: {first['trainable_params']:,} of {first['total_params']:,} "
@@ -223,33 +224,45 @@ def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
 
 
 def cross_scale_section(small: dict | None, big: dict) -> list[str]:
-    if not small or not small.get("models") or not big.get("models"):
+    """1.3 M from scratch (ours and the study's) · this run's model (ours) · 7B (the study's), each
+    delta beside the study's of the same kind."""
+    if not small or "preset" not in small or not small.get("models") or not big.get("models"):
         return []
-    sp, bp = small.get("protocol", "written"), big.get("protocol", "written")
-    lines = ["## Cross-scale comparison", "", f"Small run (protocol `{sp}`): `{small['command']}`. "
-             f"This run: protocol `{bp}`.", "",
-             "### Accuracy (best validation, %)", "", f"| Model | Small, {sp} (ours / study) | 7B, {bp} (ours / study) | Improvement (ours / study) |", "|---|---|---|---|"]
-    for v in big["models"]:
-        if v not in small["models"]:
-            continue
-        a, b = small["models"][v]["best_val_acc"]["mean"], big["models"][v]["best_val_acc"]["mean"]
-        sa, sb = SMALL_STUDY["best"][v], STUDY["best"][v]
-        lines.append(f"| {rep.LABELS[v]} | {a:.2f} / {sa:.2f} | {b:.2f} / {sb:.2f} | {b - a:+.2f} / {sb - sa:+.2f} |")
-    for h, title in (("H1", "Dual-objective effect (Model 2 − Model 1)"), ("H2", "Engram effect (Model 3 − Model 2)")):
-        lines += ["", f"### {title}", "", "Each delta beside the study's delta of the same kind (best epoch, final epoch).", "",
-                  "| Scale (protocol) | Best delta (ours / study) | Final delta (ours / study) | Verdict (final) |", "|---|---|---|---|"]
-        for name, m in (("Small", small), ("7B", big)):
-            d = m["hypotheses"].get(h)
-            if d:
-                sd = d["study_delta"] if isinstance(d["study_delta"], dict) else {"best": d["study_delta"], "final": None}
-                lines.append(f"| {name} ({m.get('protocol', 'written')}) | {d['delta_best']['mean']:+.2f} / {sd['best']:+.2f} | "
-                             f"{d['delta_final']['mean']:+.2f} / {rep._f(sd['final'])} | {d['verdict']} |")
-    if small.get("engram") and big.get("engram"):
-        lines += ["", "### Engram representation quality", "", "| Metric | Small (ours / study) | 7B (ours / study) |", "|---|---|---|",
-                  f"| Adjusted Rand Index | {small['engram']['ari']['mean']:.3f} / {SMALL_STUDY['engram']['ari']} | "
-                  f"{big['engram']['ari']['mean']:.3f} / {STUDY['engram']['ari']} |",
-                  f"| Cluster accuracy (%) | {100 * small['engram']['cluster_accuracy']['mean']:.1f} / {SMALL_STUDY['engram']['cluster_accuracy']} | "
-                  f"{100 * big['engram']['cluster_accuracy']['mean']:.1f} / {STUDY['engram']['cluster_accuracy']} |"]
+    name = Path(str(big["config"].get("model", ""))).name or "this model"
+    cols = [(f"Small, 1.3 M from scratch (`{small['protocol']}`; ours / study)", small, SMALL_STUDY),
+            (f"{name}, pretrained (`{big['protocol']}`; ours)", big, None), ("Qwen2.5-7B (study)", None, BIG_STUDY)]
+    lines = ["## Cross-scale comparison", "", f"Small run: `{small['command']}`.", "",
+             "| Measure | " + " | ".join(c[0] for c in cols) + " |", "|---|---|---|---|"]
+
+    def row(label, ours, theirs):
+        cells = []
+        for _, m, st in cols:
+            mine = None if m is None else ours(m)
+            study_value = None if st is None else theirs(st)
+            cells.append(" / ".join(x for x in (mine, study_value) if x is not None) or "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for v in VARIANTS:
+        row(f"Best validation accuracy, {rep.LABELS[v]} (%)",
+            lambda m, v=v: rep._f(m["models"][v]["best_val_acc"]["mean"]) if v in m["models"] else "–",
+            lambda st, v=v: rep._f(st["best"][v]))
+    for h in ("H1", "H2"):
+        for kind in ("best", "final"):
+            row(f"{h} delta, {kind} epoch (points)",
+                lambda m, h=h, k=kind: f"{m['hypotheses'][h][f'delta_{k}']['mean']:+.2f}" if h in m["hypotheses"] else "–",
+                lambda st, h=h, k=kind: f"{st['deltas'][k][h]:+.2f}")
+        row(f"{h} verdict (final epoch, across seeds)", lambda m, h=h: m["hypotheses"][h]["verdict"] if h in m["hypotheses"] else "–",
+            lambda st: None)
+    row("Engram ARI", lambda m: rep._msd(m["engram"].get("ari"), 3) if m["engram"] else "–", lambda st: f"{st['engram']['ari']}")
+    row("Engram cluster accuracy (%)", lambda m: rep._msd(m["engram"].get("cluster_accuracy"), 1, 100) if m["engram"] else "–",
+        lambda st: f"{st['engram']['cluster_accuracy']}")
+    row("ARI of untrained compressors (control)",
+        lambda m: rep._msd(m["engram"]["random_compressor"]["ari"], 3) if "random_compressor" in m.get("engram", {}) else "–",
+        lambda st: None)
+    for v in ("sentiment_only", "dual_head"):
+        row(f"Effective rank of pooled states, {rep.LABELS[v]}",
+            lambda m, v=v: rep._msd(m["models"][v].get("rank", {}).get("effective_rank"), 1) if v in m["models"] else "–",
+            lambda st: None)
     return lines + [""]
 
 
@@ -300,7 +313,7 @@ def run(args, argv):
     panels = [("validation accuracy (%)", [("val_acc", "val")]),
               ("sentiment loss", [("train_sent_loss", "train"), ("val_sent_loss", "val")]),
               ("LM loss", [("train_lm_loss", "train"), ("val_lm_loss", "val")])]
-    print(f"7B experiment, protocol {preset.name}: {args.model}, {len(train):,} train / {len(evals['validation']):,} "
+    print(f"QLoRA experiment, protocol {preset.name}: {args.model}, {len(train):,} train / {len(evals['validation']):,} "
           f"validation rows, device {device_name(device)}, seeds {args.seeds}")
     return run_and_report(recipe, args, train, evals, out, header, STUDY, panels, lambda m: report_7b(m, small, other))
 

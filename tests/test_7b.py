@@ -118,7 +118,12 @@ def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
     # with the small experiment's metrics present, the report adds the cross-scale tables
     small.write_text(json.dumps(json.loads((out / "metrics.json").read_text()) | {"command": "python experiment.py"}))
     text = e7.report_7b(saved, json.loads(small.read_text()))
-    assert "## Cross-scale comparison" in text and "Engram representation quality" in text
+    assert "## Cross-scale comparison" in text
+    table = text.split("## Cross-scale comparison")[1]
+    # three columns: the small run beside the study's small figures, this run, the study's 7B figures
+    assert "| H1 delta, final epoch (points) |" in table and "/ +1.14 |" in table and "| +0.34 |" in table
+    assert "| Engram ARI |" in table and "/ 0.236 |" in table and "| 0.833 |" in table
+    assert "ARI of untrained compressors (control)" in table and "Effective rank of pooled states" in table
 
 
 def test_dry_run_tiny_shape_runs_every_variant(tmp_path):

@@ -1,0 +1,536 @@
+"""Runs that survive, round 2: cut checkpoints, the checkpoints kept, SIGINT / SIGTERM, the
+output-folder lock, unreadable data, and seeds out of range.
+
+The end-to-end runs use a deliberately tiny model and a few dozen rows, one thread for torch
+and the BLAS libraries (so that an in-process run and a subprocess compute the same numbers),
+and share one uninterrupted baseline run."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import checkpoints
+import cli
+import experiment
+import training
+from checkpoints import CheckpointError, complete_checkpoints, resume_from, save_checkpoint
+from cli import STOP, Interrupted, UsageError, check_stop
+from data import Split, read_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiny and fast, yet several steps per epoch (64 rows in batches of 16) and both labels well
+# represented among the 40 validation rows; 3 epochs so that a checkpoint can be cut and another
+# fallen back to, and so that a signal after epoch 1 arrives while training still goes on
+FLAGS = ["--epochs", "3", "--no-progress", "--max-train", "64", "--max-eval", "40", "--batch-size", "16",
+         "--d-model", "32", "--layers", "1", "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def argv(data, out, *extra):
+    return ["--data-dir", str(data), "--out", str(out), *FLAGS, *extra]
+
+
+def run_small(data, out, *extra):
+    return experiment.main(argv(data, out, *extra))
+
+
+def comparable(out):
+    """metrics.json and predictions.json without wall times, commands and paths (as in test_experiment)."""
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    for v in m["models"].values():
+        v.pop("minutes")
+        for r in v["runs"]:
+            r.pop("minutes")
+            for h in r["history"]:
+                h.pop("seconds"), h.pop("train_seconds")
+    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((Path(out) / "predictions.json").read_text())
+
+
+def one_line(err: str) -> str:
+    err = err.strip()
+    assert err and err.count("\n") == 0, f"expected one line on stderr, got:\n{err}"
+    return err
+
+
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One BLAS thread (sklearn's probes) and restore torch's thread count afterwards (--threads 1 sets it)."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_stop_left():
+    """A stop request never leaks from one test into the next."""
+    STOP.signum = None
+    yield
+    STOP.signum = None
+
+
+@pytest.fixture(scope="module")
+def baseline(sst2_small, tmp_path_factory) -> Path:
+    """One uninterrupted run with FLAGS: what every crashed, cut or stopped run must end up equal to."""
+    out = tmp_path_factory.mktemp("baseline")
+    m = run_small(sst2_small, out)
+    assert m["complete"] and m["stopped"] is None
+    return out
+
+
+class Crash(Exception):
+    """Stands in for a crash (a killed process, a lost machine)."""
+
+
+@pytest.fixture(scope="module")
+def crashed(sst2_small, tmp_path_factory) -> Path:
+    """A run that crashed right after dual_head's epoch 2 was saved: sentiment_only finished,
+    dual_head has epoch_001 and epoch_002."""
+    out = tmp_path_factory.mktemp("crashed")
+    real_save = training.save_checkpoint
+
+    def crash_after_dual_head_epoch_2(folder, epoch, *a, **k):
+        path = real_save(folder, epoch, *a, **k)
+        if folder.name == "dual_head" and epoch == 2:
+            raise Crash("simulated crash")
+        return path
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "save_checkpoint", crash_after_dual_head_epoch_2)
+        with pytest.raises(Crash):
+            run_small(sst2_small, out)
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    assert [p.name for p in complete_checkpoints(folder)] == ["epoch_002", "epoch_001"]
+    assert not (out / ".lock-run.json").exists()  # the lock is released even by a crash
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. cut checkpoints
+
+
+def test_cut_newest_checkpoint_falls_back_one_epoch_and_ends_equal(crashed, baseline, sst2_small, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(crashed, out)
+    cut = out / "checkpoints" / "seed42" / "dual_head" / "epoch_002"
+    os.truncate(cut / "trainable.safetensors", 100)
+    capfd.readouterr()
+    m = run_small(sst2_small, out, "--resume")  # returns normally: no exception, no SystemExit
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    (warning,) = warnings_in(err)
+    assert warning.startswith(f"warning: checkpoint {cut} cannot be read (")
+    assert warning.endswith("; falling back to epoch_001")
+    assert m["complete"] and m["stopped"] is None
+    assert comparable(out) == comparable(baseline)
+
+
+def test_every_checkpoint_cut_starts_the_variant_over_and_ends_equal(crashed, baseline, sst2_small, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(crashed, out)
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    for epoch in ("epoch_001", "epoch_002"):
+        os.truncate(folder / epoch / "trainable.safetensors", 100)
+    capfd.readouterr()
+    m = run_small(sst2_small, out, "--resume")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    first, last = warnings_in(err)  # one line per unreadable checkpoint, newest first
+    assert first.startswith(f"warning: checkpoint {folder / 'epoch_002'} cannot be read (")
+    assert first.endswith("; falling back to epoch_001")
+    assert last.startswith(f"warning: checkpoint {folder / 'epoch_001'} cannot be read (")
+    assert last.endswith("; starting dual_head seed 42 over")
+    assert m["complete"]
+    assert comparable(out) == comparable(baseline)
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage_state", "no_rng"])
+def test_resume_from_reports_each_unreadable_checkpoint_in_one_line(tmp_path, capsys, damage):
+    model, opt = tiny_model()
+    for epoch in (1, 2):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        save_checkpoint(tmp_path, epoch, model, opt, None, None, {"history": [epoch]})
+    newest = tmp_path / "epoch_002"
+    if damage == "cut":
+        os.truncate(newest / "trainable.safetensors", 100)
+    elif damage == "garbage_state":
+        (newest / "state.json").write_text("{not json")
+    else:
+        (newest / "rng.safetensors").unlink()
+    capsys.readouterr()
+    fresh, opt2 = tiny_model()
+    state = resume_from(tmp_path, "m seed 1", fresh, opt2, None, None)
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith(f"warning: checkpoint {newest} cannot be read (") and err.endswith("; falling back to epoch_001")
+    assert state["epoch"] == 1 and state["history"] == [1]
+    assert torch.equal(fresh.weight, torch.ones_like(fresh.weight))  # epoch 1's weights were loaded
+    for f in ("trainable.safetensors", "state.json"):
+        (tmp_path / "epoch_001" / f).write_bytes(b"\x00" * 10)
+    assert resume_from(tmp_path, "m seed 1", *tiny_model(), None, None) is None
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("; starting m seed 1 over")
+
+
+def test_unreadable_result_json_finishes_the_variant_again_from_its_checkpoints(baseline, sst2_small, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    result = out / "checkpoints" / "seed42" / "dual_engram" / "result.json"
+    result.write_text(result.read_text()[:50])
+    capfd.readouterr()
+    m = run_small(sst2_small, out, "--resume")
+    err = capfd.readouterr().err
+    (warning,) = warnings_in(err)
+    assert warning == (f"warning: {result} cannot be read (JSONDecodeError); "
+                       "finishing dual_engram seed 42 again from its checkpoints")
+    assert m["complete"] and json.loads(result.read_text())["history"]
+    assert comparable(out) == comparable(baseline)
+
+
+# ----------------------------------------------------------------------------- 2. the checkpoints kept
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
+def test_save_checkpoint_keeps_the_two_newest_complete_epochs(tmp_path):
+    model, opt = tiny_model()
+    for epoch in range(1, 5):
+        path = save_checkpoint(tmp_path, epoch, model, opt, None, None, {"history": []})
+        assert path == tmp_path / f"epoch_{epoch:03d}"
+        kept = [p.name for p in complete_checkpoints(tmp_path)]
+        assert kept == [f"epoch_{e:03d}" for e in range(epoch, max(0, epoch - 2), -1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_003", "epoch_004"]  # no temporary folder left
+    assert checkpoints.read_checkpoint(tmp_path / "epoch_004")["state"]["epoch"] == 4
+
+
+def test_failed_read_back_never_deletes_older_epochs(tmp_path, monkeypatch):
+    model, opt = tiny_model()
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, epoch, model, opt, None, None, {"history": []})
+    real_read = checkpoints.read_checkpoint
+
+    def unreadable_epoch_3(path):
+        if path.name == "epoch_003":
+            raise CheckpointError("simulated bad read-back")
+        return real_read(path)
+
+    monkeypatch.setattr(checkpoints, "read_checkpoint", unreadable_epoch_3)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path, 3, model, opt, None, None, {"history": []})
+    for epoch in ("epoch_001", "epoch_002"):  # both older epochs stay: one of them is what a resume falls back to
+        assert (tmp_path / epoch / checkpoints.MARKER).is_file()
+        real_read(tmp_path / epoch)
+    # a marker-less folder (a crash mid-write) is neither counted nor pruned against
+    (tmp_path / "epoch_009").mkdir()
+    monkeypatch.setattr(checkpoints, "read_checkpoint", real_read)
+    save_checkpoint(tmp_path, 4, model, opt, None, None, {"history": []})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["epoch_004", "epoch_003"]
+
+
+# ----------------------------------------------------------------------------- 3. SIGINT / SIGTERM
+
+
+def test_check_stop_and_cli_main_turn_a_stop_request_into_one_line_and_128_plus_signal(capsys):
+    check_stop("nothing pending")  # no stop requested: returns
+    before = signal.getsignal(signal.SIGTERM)
+
+    def run(args, argv):
+        assert signal.getsignal(signal.SIGTERM) == STOP.handler  # installed while running
+        STOP.signum = signal.SIGTERM
+        check_stop("somewhere, step 3")
+
+    with pytest.raises(SystemExit) as e:
+        cli.cli_main(lambda argv: None, run, [])
+    assert e.value.code == 143
+    assert one_line(capsys.readouterr().err) == "stopped: SIGTERM during somewhere, step 3"
+    assert not STOP and signal.getsignal(signal.SIGTERM) == before  # reset and restored
+    with pytest.raises(Interrupted) as i:
+        STOP.signum = signal.SIGINT
+        check_stop("x")
+    assert i.value.signum == signal.SIGINT and str(i.value) == "SIGINT during x"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_small, tmp_path, capfd):
+    out = tmp_path / "run"
+    err_path = tmp_path / "stderr.txt"
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
+    first = out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_001"
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen([sys.executable, "experiment.py", *argv(sst2_small, out)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err_file)
+        try:
+            deadline = time.monotonic() + 120
+            while not first.is_dir():
+                assert proc.poll() is None, f"the run ended before its first checkpoint:\n{err_path.read_text()}"
+                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = err_path.read_text()
+    name = signal.Signals(sig).name
+    assert rc == code, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped: {name}") and "--resume" in last, err
+    assert sum(line.startswith("stopped:") for line in err.splitlines()) == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["complete"] is False and m["stopped"] == name
+    assert not (out / ".lock-run.json").exists()  # released on the way out
+    # the line's command continues the run, to exactly the uninterrupted result
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert command[:2] == ["python", "experiment.py"] and command.count("--resume") == 1
+    capfd.readouterr()
+    m = experiment.main(command[2:])
+    assert m["complete"] and m["stopped"] is None
+    assert "Traceback" not in capfd.readouterr().err
+    assert comparable(out) == comparable(baseline)
+
+
+# ----------------------------------------------------------------------------- 4. the lock
+
+
+def write_lock(out: Path, pid: int, host: str | None = None):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".lock-run.json").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                                    "started": "2024-01-01 00:00:00", "command": "python experiment.py"}))
+
+
+def test_a_live_lock_is_refused_in_one_line(sst2_small, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(out, holder.pid)
+        with pytest.raises(SystemExit) as e:
+            run_small(sst2_small, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert e.value.code == 2
+    err = one_line(capsys.readouterr().err)
+    assert "in use by a run still going" in err and f"pid {holder.pid}" in err
+    assert json.loads((out / ".lock-run.json").read_text())["pid"] == holder.pid  # the holder's lock is left alone
+    assert not (out / "checkpoints").exists()  # nothing was touched
+
+
+def test_a_lock_from_another_host_is_refused_in_one_line(sst2_small, tmp_path, capsys):
+    out = tmp_path / "run"
+    write_lock(out, 12345, "some-other-machine")
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out)
+    err = one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "pid 12345 on some-other-machine" in err and str(out / ".lock-run.json") in err
+
+
+@pytest.mark.parametrize("kind", ["dead_pid", "unreadable"])
+def test_a_stale_lock_is_taken_over_with_a_note(kind, baseline, sst2_small, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)  # a finished run: --resume only rewrites the outputs, quickly
+    if kind == "dead_pid":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        write_lock(out, gone.pid)
+        what = f"pid {gone.pid}, no longer running"
+    else:
+        (out / ".lock-run.json").write_text('{"pid": 12')  # a write cut short
+        what = "unreadable"
+    for name in ("metrics.json", "REPORT.md"):
+        (out / name).unlink()
+    capfd.readouterr()
+    m = run_small(sst2_small, out, "--resume")
+    err = capfd.readouterr().err
+    notes = [line for line in err.splitlines() if "taking over the lock" in line]
+    assert notes == [f"note: taking over the lock {out / '.lock-run.json'} left by an earlier run ({what})"]
+    assert m["complete"] and (out / "metrics.json").is_file() and (out / "REPORT.md").is_file()
+    assert not (out / ".lock-run.json").exists()
+
+
+def test_the_lock_holds_pid_host_and_command_while_running(sst2_small, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    seen = {}
+
+    def look(*a, **k):
+        seen.update(json.loads((out / ".lock-run.json").read_text()))
+        raise Crash("stop here")
+
+    monkeypatch.setattr("study.run_study", look)
+    with pytest.raises(Crash):
+        run_small(sst2_small, out)
+    assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
+    assert seen["command"].startswith("python experiment.py --data-dir")
+    assert not (out / ".lock-run.json").exists()
+
+
+# ----------------------------------------------------------------------------- 5. data
+
+
+def test_non_utf8_training_file_is_one_line_naming_file_line_and_flag(sst2_small, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sst2_small / "dev.tsv", data / "dev.tsv")
+    (data / "train.tsv").write_bytes(b"sentence\tlabel\na fine film\t1\nna\xefve \xff\xfe film\t0\ndull\t0\n")
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data-dir", str(data), "--out", str(tmp_path / "out"), *FLAGS])
+    err = one_line(capsys.readouterr().err)
+    assert e.value.code == 2
+    assert f"{data / 'train.tsv'}:3" in err and "not UTF-8" in err and "--data-dir" in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_missing_extra_eval_file_names_extra_eval_only(sst2_small, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, tmp_path / "out", "--extra-eval", "x=/nonexistent.tsv")
+    err = one_line(capsys.readouterr().err)
+    assert e.value.code == 2
+    assert "/nonexistent.tsv" in err and "--extra-eval" in err and "--data-dir" not in err
+
+
+def test_bad_extra_eval_file_names_extra_eval_only(sst2_small, tmp_path, capsys):
+    bad = tmp_path / "extra.tsv"
+    bad.write_bytes(b"sentence\tlabel\ngood\t1\nbad\t7\n")
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, tmp_path / "out", "--extra-eval", f"x={bad}")
+    err = one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and f"{bad}:3" in err and "--extra-eval" in err and "--data-dir" not in err
+
+
+@pytest.mark.parametrize("rows", [[("a fine film", 1)], [(f"film {i}", 1) for i in range(20)]])
+def test_too_small_validation_set_is_refused_before_any_training(rows, sst2_small, tmp_path, capsys):
+    from tests.conftest import write_tsv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sst2_small / "train.tsv", data / "train.tsv")
+    write_tsv(data / "dev.tsv", rows)  # one example; or twenty, all positive
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data-dir", str(data), "--out", str(tmp_path / "out"), *FLAGS])
+    err = one_line(capsys.readouterr().err)
+    assert e.value.code == 2
+    assert err.startswith("error: the validation set") and "need at least 5 of each label" in err
+    assert "0 negative" in err
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- 6. read_tsv on any bytes
+
+
+@pytest.fixture(scope="module")
+def tsv_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tsv") / "any.tsv"
+
+
+def check_read(path: Path, raw: bytes) -> Split | UsageError:
+    """read_tsv's contract on any bytes: a consistent Split, or one UsageError in one line naming the file."""
+    path.write_bytes(raw)
+    try:
+        s = read_tsv(path)
+    except UsageError as e:
+        msg = str(e)
+        assert str(path) in msg, msg
+        assert "\n" not in msg and len(msg.splitlines()) == 1, repr(msg)
+        return e
+    assert isinstance(s, Split) and s.source == str(path)
+    assert len(s.sentences) == len(s.labels) == len(s) > 0
+    assert set(s.labels) <= {0, 1} and all(type(label) is int for label in s.labels)
+    for sentence in s.sentences:
+        assert sentence == sentence.strip() and sentence.split() and "\t" not in sentence and "\n" not in sentence
+    return s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300))
+def test_read_tsv_on_arbitrary_bytes_returns_a_split_or_one_usage_error(tsv_file, raw):
+    check_read(tsv_file, raw)
+
+
+TEXT = st.text(alphabet=st.sampled_from(list("ab é\t\r\u00a0\ufeff\u2028\x0b\x85好😀")), max_size=8)
+LABELS = st.sampled_from(["0", "1", " 1", "0 ", "1\r", "2", "", "-1", "1.0", "０", "01"])
+
+
+@st.composite
+def near_valid_tsv(draw):
+    """A header and rows that are mostly right: random text, labels, tabs, \\r, BOM and invalid UTF-8.
+    Returns (bytes, {line number: (sentence, label)} for valid rows, set of bad line numbers)."""
+    header = draw(st.sampled_from(["sentence\tlabel", "\ufeffsentence\tlabel", "sentence\tlabel\r", "sentence\tlabel\r\r",
+                                   "sentence label", "label\tsentence", "sentence\tlabel\t", " sentence\tlabel"]))
+    lines = [header.encode()]
+    bad = set() if header.removeprefix("\ufeff").rstrip("\r").split("\t") == ["sentence", "label"] else {1}
+    good = {}
+    for n in range(2, 2 + draw(st.integers(0, 6))):
+        sentence, label = draw(TEXT), draw(LABELS)
+        sep = draw(st.sampled_from(["\t", "\t", "\t", " ", "\t\t"]))
+        end = draw(st.sampled_from(["", "", "\r"]))
+        line = f"{sentence}{sep}{label}{end}".encode()
+        if draw(st.integers(0, 9)) == 0:  # bytes that are not UTF-8
+            cut = draw(st.integers(0, len(line)))
+            line = line[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80abc", b"\xe4\xbd"])) + line[cut:]
+        try:
+            cols = line.decode("utf-8").rstrip("\r").split("\t")
+        except UnicodeDecodeError:
+            bad.add(n)
+        else:
+            if len(cols) == 2 and cols[0].split() and cols[1].strip() in ("0", "1"):
+                good[n] = (cols[0].strip(), int(cols[1].strip()))
+            else:
+                bad.add(n)
+        lines.append(line)
+    raw = b"\n".join(lines)
+    if draw(st.booleans()):
+        raw += draw(st.sampled_from([b"\n", b"\r\n"]))
+    return raw, good, bad
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=near_valid_tsv())
+def test_read_tsv_on_near_valid_files_matches_a_reference(tsv_file, case):
+    raw, good, bad = case
+    got = check_read(tsv_file, raw)
+    if not bad and good:
+        assert isinstance(got, Split), got
+        assert list(zip(got.sentences, got.labels)) == [good[n] for n in sorted(good)]
+    elif not bad:
+        assert isinstance(got, UsageError) and "has a header but no examples" in str(got)
+    else:
+        assert isinstance(got, UsageError), f"bad lines {sorted(bad)} were accepted"
+        assert any(f"{tsv_file}:{n}:" in str(got) for n in bad), (str(got), sorted(bad))
+
+
+# ----------------------------------------------------------------------------- 7. seeds
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "1e3", "x"])
+def test_seed_outside_the_range_numpy_and_torch_accept_is_an_argparse_error(seed, sst2_small, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, tmp_path / "out", "--seeds", seed)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse prints its usage above
+    assert last.endswith(f"argument --seeds: must be an integer in [0, 2**32), got {seed}"), last
+    assert not (tmp_path / "out").exists()
+
+
+def test_seed_range_edges_are_accepted():
+    assert experiment.parse_args(["--seeds", "0", "4294967295"]).seeds == [0, 2**32 - 1]
