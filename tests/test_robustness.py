@@ -71,6 +71,10 @@ def warnings_in(err: str) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One BLAS thread (sklearn's probes) and restore torch's thread count afterwards (--threads 1 sets it)."""
+    import scipy.optimize  # noqa: F401  (load every BLAS first: threadpoolctl limits the loaded ones)
+    import sklearn.cluster  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.manifold  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
