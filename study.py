@@ -3,6 +3,7 @@ so that a crash, a full disk or Ctrl-C never loses a finished variant."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def run_study(recipe: Recipe, seeds: list[int], train, evals: dict, out: Path, r
                 on_progress(results, False, None)
     except Interrupted as e:
         seed, variant = current
-        on_progress(results, False, e.args[0].split(" during ")[0])
+        on_progress(results, False, signal.Signals(e.signum).name)
         last = latest_checkpoint(ckpt_root / f"seed{seed}" / variant)
         done = sum(len(v) for v in results.values())
         kept = f"{done} finished variant(s) and " + (f"checkpoint {last}" if last else f"no checkpoint of {variant} seed {seed} yet")
