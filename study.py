@@ -12,7 +12,7 @@ import torch
 
 from analysis import analyse
 from checkpoints import latest_checkpoint, prepare_checkpoints, read_result
-from cli import Interrupted, check_stop
+from cli import Interrupted, UsageError, check_stop
 from figures import engram_clusters, learning_curves
 from files import FolderLock, save_figure, write_atomic, write_json, write_npz
 from metrics import build_metrics, predictions
@@ -94,6 +94,10 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
 def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, study: dict, panels, report_fn) -> dict:
     """Hold the output folder's lock, run every variant for every seed, and rewrite all outputs
     after each finished variant."""
+    for variant in VARIANTS:  # refuse at the start what would fail after hours
+        if recipe.steps_per_epoch(variant, len(train)) == 0:
+            raise UsageError(f"{len(train)} training rows make no full batch of {recipe.batch_size(variant)} for {variant} "
+                             "(the protocol drops an epoch's short last batch); use more rows or a smaller --batch-size")
     state, drawn = {}, {}
 
     def on_progress(results, complete, stopped):
