@@ -107,7 +107,11 @@ def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scale
     (tmp / MARKER).write_text("ok\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    read_checkpoint(final)  # verify: raises before any older epoch is removed
+    try:
+        read_checkpoint(final)  # verify before any older epoch is removed
+    except CheckpointError as e:
+        raise UsageError(f"checkpoint {final} did not read back ({e}); the older epochs are kept in {folder}; "
+                         "check the disk, then continue with --resume") from None
     for old in complete_checkpoints(folder)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -115,7 +119,11 @@ def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scale
 
 def complete_checkpoints(folder: Path) -> list[Path]:
     """Epoch folders with the COMPLETE marker, newest first."""
-    return sorted((p for p in folder.glob("epoch_*") if (p / MARKER).is_file()), reverse=True)
+    def epoch(p: Path) -> int:  # by number, not by name: epoch_1000 is newer than epoch_999
+        return int(p.name.split("_", 1)[1])
+
+    found = [p for p in folder.glob("epoch_*") if p.name.split("_", 1)[1].isdigit() and (p / MARKER).is_file()]
+    return sorted(found, key=epoch, reverse=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

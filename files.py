@@ -105,13 +105,18 @@ class FolderLock:
                            "command": self.command}).encode()
 
     def _try_create(self) -> bool:
+        """The record is written to a temporary file first and hard-linked into place, so the lock
+        file never exists half-written (another run would take a half-written one for stale)."""
+        fd, tmp = tempfile.mkstemp(prefix=".lock-tmp.", dir=self.path.parent)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+            os.link(tmp, self.path)  # atomic, and fails if the lock exists
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._record())
-        return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def acquire(self) -> "FolderLock":
         for _ in range(3):  # a stale lock is removed and the exclusive create tried again
@@ -128,7 +133,8 @@ class FolderLock:
                                  f"(`{holder.get('command')}`); if that run is gone, delete {self.path}")
             if pid is not None and _alive(pid) and pid != os.getpid():
                 raise UsageError(f"{self.path.parent} is in use by a run still going (pid {pid}, since "
-                                 f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out")
+                                 f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out "
+                                 f"(if that pid now belongs to another program, delete {self.path})")
             what = f"pid {pid}, no longer running" if pid is not None else "unreadable"
             print(f"note: taking over the lock {self.path} left by an earlier run ({what})", file=sys.stderr)
             self.path.unlink(missing_ok=True)

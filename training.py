@@ -122,13 +122,17 @@ def _optimizer_step(built: Built, recipe: Recipe) -> None:
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], recipe.clip_norm)
+    stepped = True
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
+        stepped = scaler.get_scale() >= scale  # a step skipped for inf/nan gradients lowers the scale
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    if built.scheduler is not None and built.scheduler_per == "step":
+    # a skipped step leaves the schedule where it was (as transformers' Trainer does)
+    if stepped and built.scheduler is not None and built.scheduler_per == "step":
         built.scheduler.step()
 
 

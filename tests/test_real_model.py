@@ -71,7 +71,8 @@ def test_tied_lm_head_is_the_input_embedding_unquantised_and_frozen(smol_folder,
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_end_to_end_on_smollm2_from_the_gguf_file(tmp_path, sst2_small, smol_folder, four_bit):
     out = tmp_path / "out"
-    m = e7.main(["--model", str(GGUF), "--cache-dir", str(Path(smol_folder).parent),  # the dequantised copy is reused "--data-dir", str(sst2_small),
+    # --cache-dir: the copy the fixture dequantised is reused, not made again
+    m = e7.main(["--model", str(GGUF), "--cache-dir", str(Path(smol_folder).parent), "--data-dir", str(sst2_small),
                  "--out", str(out), "--max-train", "16", "--max-eval", "16", "--epochs", "1", "--batch-size", "4",
                  "--max-length", "24", "--no-progress", "--small-results", str(tmp_path / "none.json"),
                  *([] if four_bit else ["--no-4bit"])])

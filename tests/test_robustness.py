@@ -19,13 +19,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import checkpoints
 import cli
 import experiment
 import training
-from checkpoints import CheckpointError, complete_checkpoints, resume_from, save_checkpoint
+from checkpoints import (
+    CheckpointError,
+    complete_checkpoints,
+    resume_from,
+    save_checkpoint,
+)
 from cli import STOP, Interrupted, UsageError, check_stop
 from data import Split, read_tsv
 
@@ -72,8 +78,8 @@ def warnings_in(err: str) -> list[str]:
 def one_thread():
     """One BLAS thread (sklearn's probes) and restore torch's thread count afterwards (--threads 1 sets it)."""
     import scipy.optimize  # noqa: F401  (load every BLAS first: threadpoolctl limits the loaded ones)
-    import sklearn.cluster  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
+    import sklearn.cluster
+    import sklearn.linear_model
     import sklearn.manifold  # noqa: F401
     from threadpoolctl import threadpool_limits
 
@@ -239,7 +245,7 @@ def test_failed_read_back_never_deletes_older_epochs(tmp_path, monkeypatch):
         return real_read(path)
 
     monkeypatch.setattr(checkpoints, "read_checkpoint", unreadable_epoch_3)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(UsageError, match=r"epoch_003 did not read back \(simulated bad read-back\); the older epochs are kept"):
         save_checkpoint(tmp_path, 3, model, opt, None, None, {"history": []})
     for epoch in ("epoch_001", "epoch_002"):  # both older epochs stay: one of them is what a resume falls back to
         assert (tmp_path / epoch / checkpoints.MARKER).is_file()
@@ -249,6 +255,13 @@ def test_failed_read_back_never_deletes_older_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "read_checkpoint", real_read)
     save_checkpoint(tmp_path, 4, model, opt, None, None, {"history": []})
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["epoch_004", "epoch_003"]
+
+
+def test_epochs_past_999_are_ordered_by_number(tmp_path):
+    model, opt = tiny_model()
+    for epoch in (999, 1000, 1001):
+        save_checkpoint(tmp_path, epoch, model, opt, None, None, {"history": []})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["epoch_1001", "epoch_1000"]
 
 
 # ----------------------------------------------------------------------------- 3. SIGINT / SIGTERM
@@ -272,6 +285,53 @@ def test_check_stop_and_cli_main_turn_a_stop_request_into_one_line_and_128_plus_
         STOP.signum = signal.SIGINT
         check_stop("x")
     assert i.value.signum == signal.SIGINT and str(i.value) == "SIGINT during x"
+
+
+def test_a_second_signal_while_a_stop_is_pending_stops_at_once(capsys):
+    STOP.handler(signal.SIGINT, None)
+    assert STOP and STOP.name == "SIGINT"
+    assert "SIGINT received: stopping after the current step" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        STOP.handler(signal.SIGINT, None)
+
+
+def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baseline, sst2_small, tmp_path, monkeypatch, capfd):
+    """A real SIGTERM, sent to this process during dual_head's epoch 2, step 2 (4 steps an epoch):
+    the run stops before step 3, keeps sentiment_only, and continues to exactly the baseline."""
+    out = tmp_path / "run"
+    real = training.run_batch
+    steps = {"n": 0}
+
+    def signal_at_epoch_2_step_2(model, *a, **k):
+        result = real(model, *a, **k)
+        if model.training and model.variant == "dual_head":
+            steps["n"] += 1
+            if steps["n"] == 4 + 2:
+                assert signal.getsignal(signal.SIGTERM) == STOP.handler  # else the signal would end pytest
+                os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(training, "run_batch", signal_at_epoch_2_step_2)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out)
+    assert e.value.code == 143
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    assert last == (f"stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 1 finished variant(s) and "
+                    f"checkpoint {folder / 'epoch_001'}; continue with: "
+                    f"python experiment.py {shlex.join(argv(sst2_small, out))} --resume")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["complete"] is False and m["stopped"] == "SIGTERM" and list(m["models"]) == ["sentiment_only"]
+    assert [p.name for p in complete_checkpoints(folder)] == ["epoch_001"]  # the cut epoch was not saved
+    assert not (out / ".lock-run.json").exists()
+    monkeypatch.setattr(training, "run_batch", real)
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    m = experiment.main(command[2:])
+    assert m["complete"] and m["stopped"] is None
+    assert comparable(out) == comparable(baseline)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -472,7 +532,7 @@ def test_read_tsv_on_arbitrary_bytes_returns_a_split_or_one_usage_error(tsv_file
 
 
 TEXT = st.text(alphabet=st.sampled_from(list("ab é\t\r\u00a0\ufeff\u2028\x0b\x85好😀")), max_size=8)
-LABELS = st.sampled_from(["0", "1", " 1", "0 ", "1\r", "2", "", "-1", "1.0", "０", "01"])
+LABELS = st.sampled_from(["0", "1", " 1", "0 ", "1\r", "\x0b1\u2028", "2", "", "-1", "1.0", "０", "01", "1\r0", "0\x0b1", "1\u20280"])
 
 
 @st.composite
