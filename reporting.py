@@ -294,6 +294,14 @@ def summary_section(m: dict) -> list[str]:
     return lines + [""]
 
 
+def _run_extent(r: dict) -> str:
+    """How much of a run the numbers stand on: its finished seeds, and whether it is cut short."""
+    done = min((len(v["runs"]) for v in r["models"].values()), default=0)
+    n = len(r["seeds"])
+    extent = f"{done} of {n} seeds finished" if done < n else f"{n} seed{'s' * (n != 1)}"
+    return extent + (", shortened" if r["shortened"] else "") + ("" if r["complete"] else ", incomplete")
+
+
 def protocols_section(m: dict, other: dict | None) -> list[str]:
     """"As written vs as run": this run beside the other protocol's run of the same scale, each
     number beside the study's figure."""
@@ -304,10 +312,9 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
     if w is None or p is None:
         return []
     s = m["study"]
-    short = lambda r: " (shortened)" if r["shortened"] else ""  # noqa: E731
     lines = ["## As written vs as run", "",
-             f"The same code run under both readings of the study: `written` (the write-up) by `{w['command']}`{short(w)}, "
-             f"`published` (the study's code as run) by `{p['command']}`{short(p)}. Mean [95 % CI] over seeds.", "",
+             f"The same code run under both readings of the study: `written` (the write-up; {_run_extent(w)}) by `{w['command']}`, "
+             f"`published` (the study's code as run; {_run_extent(p)}) by `{p['command']}`. Mean [95 % CI] over seeds.", "",
              "| Model | Best, written | Best, published | Best (study) | Final, written | Final, published | Final (study) |",
              "|---|---|---|---|---|---|---|"]
     for v in w["models"]:

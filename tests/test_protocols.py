@@ -557,3 +557,27 @@ def test_published_run_from_the_repo_root_reports_beside_the_committed_written_r
     assert "warning" not in capsys.readouterr().err
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "protocol `published`" in report.splitlines()[0] and "As written vs as run" not in report
+
+
+def test_as_written_vs_as_run_sets_both_protocols_beside_the_study(published_small_run):
+    """Given the other protocol's metrics, the report adds the side-by-side section: both commands,
+    how many seeds each stands on, each model's accuracy beside the study's, the verdicts and the
+    engram control; an unfinished run says so."""
+    import copy
+
+    import reporting
+    _, pub, _ = published_small_run
+    written = copy.deepcopy(pub)
+    written.update(protocol="written", command="python experiment.py --seeds 42 43", seeds=[42, 43], complete=False)
+    for v in written["models"].values():
+        v["best_val_acc"]["mean"] = 12.34  # a number the published run cannot have
+    text = "\n".join(reporting.protocols_section(pub, written))
+    assert text.startswith("## As written vs as run")
+    assert "1 of 2 seeds finished, shortened, incomplete) by `python experiment.py --seeds 42 43`" in text
+    assert f"1 seed, shortened) by `{pub['command']}`" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Model 1: Sentiment Only"))
+    assert row.split(" | ")[1].startswith("12.34") and "| 80.28 |" in row  # written, then the study's best
+    assert "| H1 (dual_head - sentiment_only) |" in text and "untrained compressors" in text
+    # the same protocol on both sides, or an older metrics file, gives no section
+    assert reporting.protocols_section(pub, pub) == []
+    assert reporting.protocols_section(pub, {k: v for k, v in written.items() if k != "preset"}) == []
