@@ -27,7 +27,6 @@ from models import SmallConfig, build_small_model, count_parameters
 from protocols import BIG, SMALL
 from small_transformer import SmallBackbone
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
@@ -541,14 +540,16 @@ def test_default_out_folder_is_per_protocol(module, base, monkeypatch):
 
 
 def test_published_run_from_the_repo_root_reports_beside_the_committed_written_results(sst2_small, tmp_path, monkeypatch,
-                                                                                     capsys):
-    """From the repo root, --compare's default for a published run is results/metrics.json: the
-    committed written run, whose metrics predate the protocols (no "protocol", a scalar
+                                                                                     capsys, published_small_run):
+    """From the repo root, --compare's default for a published run is results/metrics.json: there
+    may lie a written run whose metrics predate the protocols (no "protocol" or "preset", a scalar
     study_delta). The report must skip the comparison, not fail (it raised KeyError before 5fc2e19)."""
-    committed = ROOT / "results" / "metrics.json"
-    if not committed.is_file() or "preset" in json.loads(committed.read_text()):
-        pytest.skip("no committed results/metrics.json of the older schema")
-    monkeypatch.chdir(ROOT)
+    _, m, _ = published_small_run
+    old = {k: v for k, v in m.items() if k not in ("protocol", "preset", "overrides")}
+    old["hypotheses"] = {h: {**v, "study_delta": v["study_delta"]["final"]} for h, v in m["hypotheses"].items()}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text(json.dumps(old))
+    monkeypatch.chdir(tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
         mp.setattr(study, "VARIANTS", ("sentiment_only",))
