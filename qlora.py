@@ -3,6 +3,8 @@ id, a model folder, or a GGUF file dequantised once into a cached folder), the t
 4-bit (or unquantised) base model, and the LoRA-wrapped EngramModel on top of it."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -47,6 +49,24 @@ def gguf_cache_root() -> Path:
     return Path(os.environ.get("ENGRAM_CACHE", Path.home() / ".cache" / "engram-study")) / "gguf"
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF reader draws its "Converting and de-quantizing" bar with a bare tqdm that
+    ignores its own disable_progress_bar(); make it obey that setting (--no-progress) while loading."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def model_from_gguf(path: Path, cache: Path | None = None) -> str:
     """Dequantise a GGUF file through transformers' GGUF reader into a cached model folder (once;
     keyed by file name, size and mtime) and return that folder. An architecture transformers
@@ -63,7 +83,8 @@ def model_from_gguf(path: Path, cache: Path | None = None) -> str:
     print(f"dequantising {path.name} into {folder} (once; later runs reuse it)", file=sys.stderr)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with _gguf_bar_follows_transformers():
+            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except ImportError as e:
         raise UsageError(f"reading {path.name} needs the gguf package ({e}); pip install gguf") from None
     except Exception as e:  # transformers raises ValueError/KeyError/RuntimeError for unknown architectures

@@ -86,6 +86,25 @@ def test_end_to_end_on_smollm2_from_the_gguf_file(tmp_path, sst2_small, smol_fol
     assert (out / "REPORT.md").is_file() and (out / "engram_clusters.png").is_file()
 
 
+@needs_smollm2
+def test_no_progress_silences_the_gguf_readers_bar(tmp_path, capfd):
+    """transformers' GGUF reader draws its own tqdm bar; under --no-progress (quiet_libraries) it
+    must stay silent, and it is drawn again once the libraries' bars are back on."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        qlora.quiet_libraries()
+        qlora.model_from_gguf(GGUF, tmp_path / "quiet")
+        quiet = capfd.readouterr().err
+        hf_logging.enable_progress_bar()
+        qlora.model_from_gguf(GGUF, tmp_path / "loud")
+        loud = capfd.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "dequantising" in quiet and "de-quantizing GGUF tensors" not in quiet
+    assert "de-quantizing GGUF tensors" in loud
+
+
 def test_a_gguf_transformers_cannot_read_is_one_clear_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00not really a model")
