@@ -115,8 +115,19 @@ class FolderLock:
             return True
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: an exclusive create, written at once
+            return self._create_exclusive()
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._record())
+        return True
 
     def acquire(self) -> "FolderLock":
         for _ in range(3):  # a stale lock is removed and the exclusive create tried again

@@ -598,3 +598,20 @@ def test_seed_outside_the_range_numpy_and_torch_accept_is_an_argparse_error(seed
 
 def test_seed_range_edges_are_accepted():
     assert experiment.parse_args(["--seeds", "0", "4294967295"]).seeds == [0, 2**32 - 1]
+
+
+def test_the_lock_works_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
+    """os.link fails with EPERM on some filesystems: the lock falls back to an exclusive create,
+    still refuses a second holder, and leaves no temporary file behind."""
+    from files import FolderLock
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    lock = FolderLock(tmp_path, "run", "python experiment.py").acquire()
+    assert json.loads((tmp_path / ".lock-run.json").read_text())["pid"] == os.getpid()
+    assert not FolderLock(tmp_path, "run", "other")._try_create()
+    assert [p.name for p in tmp_path.iterdir()] == [".lock-run.json"]
+    lock.release()
+    assert not (tmp_path / ".lock-run.json").exists()
