@@ -150,8 +150,8 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
     o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
     o.add_argument("--compare", type=Path, default=None, metavar="METRICS_JSON",
                    help=f"metrics.json of this scale's run under the other protocol, for the report's 'As written vs as run' "
-                        f"tables (default: {out}/published/metrics.json for a written run, {out}/metrics.json for a published "
-                        "one; skipped if absent)")
+                        f"tables (default: OUT/published/metrics.json for a written run, and for a published run in "
+                        f"OUT/published, OUT/metrics.json; OUT defaults to {out}; skipped if absent or of another model)")
     return p
 
 
@@ -160,11 +160,21 @@ def default_out(out: str, protocol: str) -> Path:
     return Path(out) if protocol == "written" else Path(out) / protocol
 
 
-def other_protocol_metrics(args, out: str) -> Path:
-    """Where the other protocol's metrics.json is looked for (--compare, else its default folder)."""
+def other_protocol_metrics(args, out: str) -> Path | None:
+    """Where the other protocol's metrics.json is looked for: --compare, else beside this run's
+    folder as default_out lays them out (OUT and OUT/published); None when --out names a folder
+    outside that layout, so that an unrelated run is never compared."""
     if args.compare is not None:
         return args.compare
-    return default_out(out, "published" if args.protocol == "written" else "written") / "metrics.json"
+    if args.out is None:
+        base = Path(out)
+    elif args.protocol == "written":
+        base = Path(args.out)
+    elif Path(args.out).name == args.protocol:
+        base = Path(args.out).parent
+    else:
+        return None
+    return default_out(base, "published" if args.protocol == "written" else "written") / "metrics.json"
 
 
 def validate_common(args) -> None:

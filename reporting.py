@@ -307,6 +307,8 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
     number beside the study's figure."""
     if not other or "preset" not in other or other["protocol"] == m["protocol"] or not other.get("models") or not m["models"]:
         return []  # absent, of the same protocol, or written by an older version of this code
+    if other["config"].get("model") != m["config"].get("model"):
+        return []  # another base model: its differences are not the protocols'
     runs = {m["protocol"]: m, other["protocol"]: other}
     w, p = runs.get("written"), runs.get("published")
     if w is None or p is None:

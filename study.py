@@ -124,8 +124,10 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
     return state["metrics"]
 
 
-def read_metrics(path: Path) -> dict | None:
+def read_metrics(path: Path | None) -> dict | None:
     """Another run's metrics.json (for side-by-side tables), or None when absent or unreadable."""
+    if path is None:
+        return None
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):

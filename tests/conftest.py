@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,36 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 def write_tsv(path: Path, rows, header="sentence\tlabel") -> Path:
     path.write_text("\n".join([header, *(f"{s}\t{l}" for s, l in rows)]) + "\n")
     return path
+
+
+def comparable(out):
+    """metrics.json and predictions.json of a run without wall times, commands and paths."""
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    for v in m["models"].values():
+        v.pop("minutes")
+        for r in v["runs"]:
+            r.pop("minutes")
+            for h in r["history"]:
+                h.pop("seconds"), h.pop("train_seconds")
+    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((Path(out) / "predictions.json").read_text())
+
+
+def on_training_step(monkeypatch, variant: str, step: int, action) -> None:
+    """Wrap training.run_batch so that action(output) runs after the step-th training batch of
+    variant (counted across epochs, from 1); returns nothing, monkeypatch undoes it."""
+    import training
+
+    real, seen = training.run_batch, {"n": 0}
+
+    def wrapped(model, *a, **k):
+        out = real(model, *a, **k)
+        if model.training and model.variant == variant:
+            seen["n"] += 1
+            if seen["n"] == step:
+                action(out)
+        return out
+
+    monkeypatch.setattr(training, "run_batch", wrapped)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import pytest
 import experiment
 import training
 from checkpoints import latest_checkpoint
+from tests.conftest import comparable, on_training_step
 
 TINY = ["--epochs", "2", "--no-progress"]
 HISTORY_KEYS = {"epoch", "train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "val_acc", "val_sent_loss",
@@ -13,18 +14,6 @@ HISTORY_KEYS = {"epoch", "train_loss", "train_sent_loss", "train_lm_loss", "trai
 
 def run_small(data, out, *extra):
     return experiment.main(["--data-dir", str(data), "--out", str(out), *TINY, *extra])
-
-
-def comparable(out):
-    """metrics.json and predictions.json without wall times, commands and paths."""
-    m = json.loads((out / "metrics.json").read_text())
-    for v in m["models"].values():
-        v.pop("minutes")
-        for r in v["runs"]:
-            r.pop("minutes")
-            for h in r["history"]:
-                h.pop("seconds"), h.pop("train_seconds")
-    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((out / "predictions.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +99,10 @@ def test_same_seed_twice_gives_identical_metrics_and_another_seed_does_not(small
 
 
 def test_non_finite_loss_names_variant_epoch_and_step_and_keeps_the_checkpoint(sst2_small, tmp_path, monkeypatch, capsys):
-    real = training.run_batch
-    calls = {"n": 0}
+    def poison(out):
+        out.loss = out.loss * float("nan")
 
-    def poisoned(model, *a, **k):
-        out = real(model, *a, **k)
-        if model.training and model.variant == "dual_head":
-            calls["n"] += 1
-            if calls["n"] == 5 + 2:  # epoch 2 (5 batches of 64 per epoch), step 2
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(training, "run_batch", poisoned)
+    on_training_step(monkeypatch, "dual_head", 5 + 2, poison)  # epoch 2 (5 batches of 64 per epoch), step 2
     with pytest.raises(SystemExit) as e:
         run_small(sst2_small, tmp_path)
     assert e.value.code == 2

@@ -536,6 +536,21 @@ def test_default_out_folder_is_per_protocol(module, base, monkeypatch):
     assert seen == [Path(base), Path(base) / "published", Path("elsewhere")]
 
 
+def test_the_other_protocol_is_looked_for_beside_this_runs_folder():
+    """A run in OUT compares with OUT/published and one in OUT/published with OUT; a published run
+    in a folder outside that layout compares with nothing unless --compare names a file."""
+    def where(*argv):
+        return cli.other_protocol_metrics(experiment.parse_args(list(argv)), "results")
+
+    assert where() == Path("results/published/metrics.json")
+    assert where("--protocol", "published") == Path("results/metrics.json")
+    assert where("--out", "runs/smol") == Path("runs/smol/published/metrics.json")
+    assert where("--protocol", "published", "--out", "runs/smol/published") == Path("runs/smol/metrics.json")
+    assert where("--protocol", "published", "--out", "elsewhere") is None
+    assert where("--protocol", "published", "--out", "elsewhere", "--compare", "x.json") == Path("x.json")
+    assert study.read_metrics(None) is None
+
+
 # ----------------------------------------------------------------------------- regression
 
 
@@ -581,4 +596,7 @@ def test_as_written_vs_as_run_sets_both_protocols_beside_the_study(published_sma
     assert "| H1 (dual_head - sentiment_only) |" in text and "untrained compressors" in text
     # the same protocol on both sides, or an older metrics file, gives no section
     assert reporting.protocols_section(pub, pub) == []
+    other_model = copy.deepcopy(written)
+    other_model["config"]["model"] = "another/model"  # the 7B script's runs name their model
+    assert reporting.protocols_section(pub, other_model) == []
     assert reporting.protocols_section(pub, {k: v for k, v in written.items() if k != "preset"}) == []

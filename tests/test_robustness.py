@@ -34,6 +34,7 @@ from checkpoints import (
 )
 from cli import STOP, Interrupted, UsageError, check_stop
 from data import Split, read_tsv
+from tests.conftest import comparable, on_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny and fast, yet several steps per epoch (64 rows in batches of 16) and both labels well
@@ -50,18 +51,6 @@ def argv(data, out, *extra):
 
 def run_small(data, out, *extra):
     return experiment.main(argv(data, out, *extra))
-
-
-def comparable(out):
-    """metrics.json and predictions.json without wall times, commands and paths (as in test_experiment)."""
-    m = json.loads((Path(out) / "metrics.json").read_text())
-    for v in m["models"].values():
-        v.pop("minutes")
-        for r in v["runs"]:
-            r.pop("minutes")
-            for h in r["history"]:
-                h.pop("seconds"), h.pop("train_seconds")
-    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((Path(out) / "predictions.json").read_text())
 
 
 def one_line(err: str) -> str:
@@ -299,19 +288,11 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baselin
     """A real SIGTERM, sent to this process during dual_head's epoch 2, step 2 (4 steps an epoch):
     the run stops before step 3, keeps sentiment_only, and continues to exactly the baseline."""
     out = tmp_path / "run"
-    real = training.run_batch
-    steps = {"n": 0}
+    def send_sigterm(_):
+        assert signal.getsignal(signal.SIGTERM) == STOP.handler  # else the signal would end pytest
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    def signal_at_epoch_2_step_2(model, *a, **k):
-        result = real(model, *a, **k)
-        if model.training and model.variant == "dual_head":
-            steps["n"] += 1
-            if steps["n"] == 4 + 2:
-                assert signal.getsignal(signal.SIGTERM) == STOP.handler  # else the signal would end pytest
-                os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(training, "run_batch", signal_at_epoch_2_step_2)
+    on_training_step(monkeypatch, "dual_head", 4 + 2, send_sigterm)
     capfd.readouterr()
     with pytest.raises(SystemExit) as e:
         run_small(sst2_small, out)
@@ -327,7 +308,7 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baselin
     assert m["complete"] is False and m["stopped"] == "SIGTERM" and list(m["models"]) == ["sentiment_only"]
     assert [p.name for p in complete_checkpoints(folder)] == ["epoch_001"]  # the cut epoch was not saved
     assert not (out / ".lock-run.json").exists()
-    monkeypatch.setattr(training, "run_batch", real)
+    monkeypatch.undo()
     command = shlex.split(last.split("continue with: ", 1)[1])
     m = experiment.main(command[2:])
     assert m["complete"] and m["stopped"] is None
