@@ -28,7 +28,16 @@ def _ci(stat: dict, digits=2, scale=1.0) -> str:
 
 
 def _p(d: dict) -> str:
-    return _f(d["p"], 3) if d["p"] is not None else "undefined"
+    """A p-value for a table cell: three decimals, "< 0.001" below that (never "0.000"), "undefined" for None."""
+    if d["p"] is None:
+        return "undefined"
+    return "< 0.001" if d["p"] < 0.0005 else f"{d['p']:.3f}"
+
+
+def _p_is(d: dict) -> str:
+    """The same p-value in a sentence: "p = 0.257", "p < 0.001", "p undefined"."""
+    cell = _p(d)
+    return f"p {cell}" if cell[0] in "<u" else f"p = {cell}"
 
 
 def report_header(m: dict, title: str) -> list[str]:
@@ -133,7 +142,7 @@ def hypothesis_section(m: dict) -> list[str]:
     for h, d in hyp.items():
         for r in d["per_seed"]:
             mc = r["mcnemar_final"]
-            lines.append(f"| {h} | {r['seed']} | {mc['a_only']} | {mc['b_only']} | {mc['p']:.3f} |")
+            lines.append(f"| {h} | {r['seed']} | {mc['a_only']} | {mc['b_only']} | {_p(mc)} |")
     return lines + [""]
 
 
@@ -272,14 +281,14 @@ def summary_section(m: dict) -> list[str]:
         ci = f", 95 % CI {_ci(d['delta_final'])}" if d["delta_final"]["ci"] else ""
         why = f"; {d['reason']}" if d.get("reason") else ""
         lines.append(f"- **{h}, {d['verdict']}.** Effect of {words[h]} on final-epoch validation accuracy over {runs}: "
-                     f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, p = {_p(d)}{why}); the study's final-epoch "
+                     f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, {_p_is(d)}{why}); the study's final-epoch "
                      f"delta from one run was {d['study_delta']['final']:+.2f} (best-epoch: ours {d['delta_best']['mean']:+.2f}, "
                      f"study {d['study_delta']['best']:+.2f}).")
     t = m.get("rank_test")
     if t and "effective_rank" in t:
         er = t["effective_rank"]
         lines.append(f"- **Anti-collapse (rank), {er['verdict']}.** The LM head changes the effective rank of the pooled states by "
-                     f"{er['delta']['mean']:+.2f} (Model 2 − Model 1, p = {_p(er)}).")
+                     f"{er['delta']['mean']:+.2f} (Model 2 − Model 1, {_p_is(er)}).")
     if eng:
         st = m["study"]["engram"]
         lines.append(f"- **H3.** K-Means on the engrams recovers sentiment with ARI {eng['ari']['mean']:.3f} and cluster accuracy "

@@ -36,3 +36,13 @@ def test_paired_t_and_verdicts():
     assert p < 0.001
     assert verdict(1.0, p) == "supported" and verdict(-1.0, p) == "refuted"
     assert verdict(1.0, 0.2) == "inconclusive" and verdict(1.0, None) == "inconclusive"
+
+
+@pytest.mark.parametrize("p, cell, sentence", [(1.3e-8, "< 0.001", "p < 0.001"), (0.0004999, "< 0.001", "p < 0.001"),
+                                               (0.0005, "0.001", "p = 0.001"), (0.257, "0.257", "p = 0.257"),
+                                               (None, "undefined", "p undefined")])
+def test_report_p_values_never_read_zero(p, cell, sentence):
+    from reporting import _p, _p_is
+
+    assert _p({"p": p}) == cell
+    assert _p_is({"p": p}) == sentence
