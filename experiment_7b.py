@@ -20,7 +20,7 @@ from cli import (base_parser, cli_main, default_out, other_protocol_metrics, non
 from data import Encoded, check_analysable, collate, load_sst2, parse_extra_eval
 from engram import run_batch
 from files import check_writable
-from metrics import data_source, device_name, machine, run_header, versions
+from metrics import data_source, device_name, machine, run_header, subject, versions
 from models import VARIANTS, count_parameters
 from protocols import BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
@@ -186,7 +186,7 @@ def dry_run(args, device: torch.device, preset) -> dict:
 
 def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
     s = m["study"]
-    model = Path(str(m["config"].get("model", DEFAULT_MODEL))).name
+    model = subject(m)
     lines = rep.report_header(m, f"Experiment 2: {model} with {'QLoRA' if m['config'].get('load_in_4bit', True) else 'LoRA'} on SST-2")
     first = next(iter(m["models"].values()), None)
     if first:
@@ -228,7 +228,7 @@ def cross_scale_section(small: dict | None, big: dict) -> list[str]:
     delta beside the study's of the same kind."""
     if not small or "preset" not in small or not small.get("models") or not big.get("models"):
         return []
-    name = Path(str(big["config"].get("model", ""))).name or "this model"
+    name = subject(big)
     cols = [(f"Small, 1.3 M from scratch (`{small['protocol']}`; ours / study)", small, SMALL_STUDY),
             (f"{name}, pretrained (`{big['protocol']}`; ours)", big, None), ("Qwen2.5-7B (study)", None, BIG_STUDY)]
     lines = ["## Cross-scale comparison", "", f"Small run: `{small['command']}`.", "",

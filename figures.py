@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from metrics import subject
 from models import VARIANTS
 
 COLOURS = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
@@ -66,7 +67,7 @@ def learning_curves(metrics: dict, panels: list[tuple[str, list[tuple[str, str]]
         axes[0][0].text(0.5, 0.5, "no finished variant yet", ha="center", va="center")
         axes[0][0].set_axis_off()
     band = f"mean of {n_seeds} seeds, band = ± 1 std across seeds" if n_seeds > 1 else "one seed"
-    fig.suptitle(f"{metrics['scale']} experiment ({metrics.get('protocol', 'written')}): learning curves ({band}); "
+    fig.suptitle(f"{subject(metrics)} ({metrics.get('protocol', 'written')}): learning curves ({band}); "
                  "dashed = the study's published run")
     fig.tight_layout()
     return fig

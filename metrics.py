@@ -21,6 +21,14 @@ ENGRAM_KEYS = ("ari", "cluster_accuracy", "within_class_cosine", "between_class_
 # ----------------------------------------------------------------------------- the header
 
 
+def subject(m: dict) -> str:
+    """What a run trained, for titles: "small transformers", or the base model's name
+    ("Qwen2.5-7B", "SmolLM2-135M-Instruct.Q4_1.gguf"), never just the scale."""
+    model = m.get("config", {}).get("model")
+    return "small transformers" if m["scale"] == "small" or not model else Path(str(model)).name
+
+
+
 def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int, preset, overrides: dict) -> dict:
     """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
     import dataclasses

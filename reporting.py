@@ -27,6 +27,13 @@ def _ci(stat: dict, digits=2, scale=1.0) -> str:
     return "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
 
 
+def _msd_ci(stat: dict | None, digits=2) -> str:
+    """Mean ± std, then the 95 % CI where there is one (a single seed has neither std nor CI)."""
+    if stat is None:
+        return "–"
+    return _msd(stat, digits) + (f" {_ci(stat, digits)}" if stat.get("ci") is not None else "")
+
+
 def _p(d: dict) -> str:
     """A p-value for a table cell: three decimals, "< 0.001" below that (never "0.000"), "undefined" for None."""
     if d["p"] is None:
@@ -220,13 +227,15 @@ def rank_section(m: dict) -> list[str]:
              "first axis's share; mean ± std [95 % CI] over seeds.", "",
              "| Model | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for v, rk in rows:
-        lines.append(f"| {LABELS[v]} | " + " | ".join(f"{_msd(rk.get(k), d)} {_ci(rk[k], d) if k in rk else ''}" for k, _, d in keys) + " |")
+        lines.append(f"| {LABELS[v]} | " + " | ".join(_msd_ci(rk.get(k), d) for k, _, d in keys) + " |")
     t = m.get("rank_test")
     if t:
         lines += ["", f"Paired over seeds ({t['compare']}):", "", "| Measure | Delta (mean [95 % CI]) | p | Verdict |", "|---|---|---|---|"]
         for k, name, d in keys:
             if k in t:
-                lines.append(f"| {name} | {t[k]['delta']['mean']:+.{d + 1}f} {_ci(t[k]['delta'], d + 1)} | {_p(t[k])} | **{t[k]['verdict']}** |")
+                ci = f" {_ci(t[k]['delta'], d + 1)}" if t[k]["delta"].get("ci") is not None else ""
+                p = _p(t[k]) + (f" ({t[k]['reason']})" if t[k].get("reason") else "")
+                lines.append(f"| {name} | {t[k]['delta']['mean']:+.{d + 1}f}{ci} | {p} | **{t[k]['verdict']}** |")
     return lines + [""]
 
 
@@ -288,7 +297,7 @@ def summary_section(m: dict) -> list[str]:
     if t and "effective_rank" in t:
         er = t["effective_rank"]
         lines.append(f"- **Anti-collapse (rank), {er['verdict']}.** The LM head changes the effective rank of the pooled states by "
-                     f"{er['delta']['mean']:+.2f} (Model 2 − Model 1, {_p_is(er)}).")
+                     f"{er['delta']['mean']:+.2f} (Model 2 − Model 1, {_p_is(er)}" + (f"; {er['reason']}" if er.get("reason") else "") + ").")
     if eng:
         st = m["study"]["engram"]
         lines.append(f"- **H3.** K-Means on the engrams recovers sentiment with ARI {eng['ari']['mean']:.3f} and cluster accuracy "

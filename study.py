@@ -15,7 +15,7 @@ from checkpoints import latest_checkpoint, prepare_checkpoints, read_result
 from cli import Interrupted, UsageError, check_stop
 from figures import engram_clusters, learning_curves
 from files import FolderLock, save_figure, write_atomic, write_json, write_npz
-from metrics import build_metrics, predictions
+from metrics import build_metrics, predictions, subject
 from models import VARIANTS
 from training import Recipe, train_variant
 
@@ -83,7 +83,7 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
         drawn["engram_seed"] = first
         a = load_arrays(out, first, "dual_engram")
         e = results[first]["dual_engram"]["analysis"]["engram"]
-        title = (f"{header['scale']} engrams, protocol {header['protocol']} (seed {first}): "
+        title = (f"engrams of {subject(header)}, protocol {header['protocol']} (seed {first}): "
                  f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
         save_figure(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first),
                     out / "engram_clusters.png")

@@ -210,6 +210,22 @@ def test_learning_curves_with_no_finished_variant_say_so():
         plt.close(fig)
 
 
+@pytest.mark.parametrize("scale, config, title", [
+    ("small", {}, "small transformers (written)"),
+    ("7b", {"model": "Qwen/Qwen2.5-7B"}, "Qwen2.5-7B (written)"),
+    ("7b", {"model": "/x/SmolLM2-135M-Instruct.Q4_1.gguf"}, "SmolLM2-135M-Instruct.Q4_1.gguf (written)")])
+def test_figure_titles_name_the_model_that_was_trained(scale, config, title):
+    import matplotlib.pyplot as plt
+
+    assert metrics.subject({"scale": scale, "config": config}) == title.split(" (")[0]
+    fig = figures.learning_curves({"scale": scale, "config": config, "protocol": "written", "models": {}},
+                                  [("validation accuracy (%)", [("val_acc", "val")])], {})
+    try:
+        assert fig._suptitle.get_text().startswith(title + ": learning curves")
+    finally:
+        plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- fp32 heads under autocast
 
 
@@ -398,6 +414,19 @@ def test_rank_test_and_engram_summary_from_hand_made_analyses():
     assert e["random_compressor"]["ari"]["max"] == 0.1
     assert [(a["seed"], a["above"]) for a in e["above_random"]] == [(1, True), (2, False), (3, True)]
     assert e["ari"]["mean"] == pytest.approx((0.5 + 0.05 + 0.5) / 3)
+
+
+def test_rank_section_of_one_seed_has_no_dangling_interval_and_says_why_there_is_no_test():
+    from reporting import rank_section
+
+    results = _results({1: (70.0, 72.0, 71.0)})
+    for v, r in (("sentiment_only", 10.0), ("dual_head", 12.0), ("dual_engram", 12.0)):
+        results[1][v]["analysis"] = _analysis({"effective_rank": r, "participation_ratio": r / 2, "dims_90": int(r),
+                                               "top1_share": 1 / r}, *((0.2, (0.1,)) if v == "dual_engram" else ()))
+    text = "\n".join(rank_section(metrics.build_metrics(results, LABELS, True, {}, SMALL_STUDY)))
+    assert "| Model 1: Sentiment Only | 10.0 | 5.00 | 10.0 | 0.100 |" in text
+    assert "| Effective rank | +2.00 | undefined (one seed: no variance across seeds to test against) | **inconclusive** |" in text
+    assert " –" not in text
 
 
 def test_machine_names_the_processor_and_threads(monkeypatch):
