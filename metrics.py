@@ -28,7 +28,6 @@ def subject(m: dict) -> str:
     return "small transformers" if m["scale"] == "small" or not model else Path(str(model)).name
 
 
-
 def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int, preset, overrides: dict) -> dict:
     """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
     import dataclasses

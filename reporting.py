@@ -27,11 +27,14 @@ def _ci(stat: dict, digits=2, scale=1.0) -> str:
     return "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
 
 
+def _ci_if_any(stat: dict, digits=2) -> str:
+    """" [lo, hi]" where there is a 95 % CI, else nothing (a single seed has none)."""
+    return f" {_ci(stat, digits)}" if stat.get("ci") is not None else ""
+
+
 def _msd_ci(stat: dict | None, digits=2) -> str:
-    """Mean ± std, then the 95 % CI where there is one (a single seed has neither std nor CI)."""
-    if stat is None:
-        return "–"
-    return _msd(stat, digits) + (f" {_ci(stat, digits)}" if stat.get("ci") is not None else "")
+    """Mean ± std, then the 95 % CI where there is one."""
+    return "–" if stat is None else _msd(stat, digits) + _ci_if_any(stat, digits)
 
 
 def _p(d: dict) -> str:
@@ -233,9 +236,8 @@ def rank_section(m: dict) -> list[str]:
         lines += ["", f"Paired over seeds ({t['compare']}):", "", "| Measure | Delta (mean [95 % CI]) | p | Verdict |", "|---|---|---|---|"]
         for k, name, d in keys:
             if k in t:
-                ci = f" {_ci(t[k]['delta'], d + 1)}" if t[k]["delta"].get("ci") is not None else ""
                 p = _p(t[k]) + (f" ({t[k]['reason']})" if t[k].get("reason") else "")
-                lines.append(f"| {name} | {t[k]['delta']['mean']:+.{d + 1}f}{ci} | {p} | **{t[k]['verdict']}** |")
+                lines.append(f"| {name} | {t[k]['delta']['mean']:+.{d + 1}f}{_ci_if_any(t[k]['delta'], d + 1)} | {p} | **{t[k]['verdict']}** |")
     return lines + [""]
 
 
