@@ -105,11 +105,13 @@ def seed_int(text: str) -> int:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None: such a flag takes its value from the protocol's preset, which
-    its help text names."""
+    """Shows defaults once: not for None (such a flag takes its value from the protocol's preset,
+    which its help text names), nor where the help text already says its default in words."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr: float, out: str,
@@ -135,10 +137,10 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
     d.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
                    help="also evaluate on this labeled TSV after every epoch (repeatable)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=positive_int, default=epochs, help=f"passes over the training set (default {epochs})")
+    t.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
     t.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"examples per forward batch (preset: {batch_size}); dual_engram splits each into two halves")
-    t.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
+    t.add_argument("--lr", type=positive_float, default=lr, help="learning rate (the peak, where the protocol has a schedule)")
     t.add_argument("--seeds", type=seed_int, nargs="+", default=[42], metavar="SEED",
                    help="train every variant once per seed, each in [0, 2**32) (default: 42)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")

@@ -2,6 +2,8 @@
 published curve dashed) and the t-SNE of the validation engrams and pooled states."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from metrics import subject
@@ -17,6 +19,12 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def wrapped(title: str, fig_width_in: float) -> str:
+    """A suptitle broken into lines that fit the figure: the default title size (12 pt) sets about
+    11.3 characters per inch (measured); 10 leaves a margin, so no title runs off the edge."""
+    return textwrap.fill(title, width=max(20, int(fig_width_in * 10)))
 
 
 def curve_data(metrics: dict, variant: str, key: str):
@@ -67,8 +75,8 @@ def learning_curves(metrics: dict, panels: list[tuple[str, list[tuple[str, str]]
         axes[0][0].text(0.5, 0.5, "no finished variant yet", ha="center", va="center")
         axes[0][0].set_axis_off()
     band = f"mean of {n_seeds} seeds, band = ± 1 std across seeds" if n_seeds > 1 else "one seed"
-    fig.suptitle(f"{subject(metrics)} ({metrics.get('protocol', 'written')}): learning curves ({band}); "
-                 "dashed = the study's published run")
+    fig.suptitle(wrapped(f"{subject(metrics)} ({metrics.get('protocol', 'written')}): learning curves ({band}); "
+                         "dashed = the study's published run", fig.get_figwidth()))
     fig.tight_layout()
     return fig
 
@@ -98,6 +106,6 @@ def engram_clusters(engrams: np.ndarray, labels: np.ndarray, clusters: np.ndarra
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
         ax.legend(loc="best")
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title, fig.get_figwidth()))
     fig.tight_layout()
     return fig

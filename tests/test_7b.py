@@ -1,6 +1,7 @@
 """The 7B path on a tiny random Qwen2 model loaded through from_pretrained with real NF4
 quantisation on the CPU: no GPU, no network."""
 import json
+import re
 
 import pytest
 import torch
@@ -167,6 +168,9 @@ def test_cli_help_shows_the_studys_defaults(capsys):
     for needle in ("Qwen/Qwen2.5-7B", "(default: 16)", "(default: 32)", "(default: 0.05)", "(default: 0.0002)",
                    "preset: written 8", "(default: 3)", "(default: 128)", "preset: written 0.03", "--dry-run"):
         assert needle in text, needle
+    # each default said once: "passes over the training set (default 3) (default: 3)" was printed
+    flat = " ".join(text.split())
+    assert "(default 3)" not in flat and not re.search(r"\(default:? [^()]*\) \(default", flat), flat
 
 
 def test_long_inputs_are_truncated_at_max_length(tiny_qwen):

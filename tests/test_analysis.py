@@ -221,7 +221,27 @@ def test_figure_titles_name_the_model_that_was_trained(scale, config, title):
     fig = figures.learning_curves({"scale": scale, "config": config, "protocol": "written", "models": {}},
                                   [("validation accuracy (%)", [("val_acc", "val")])], {})
     try:
-        assert fig._suptitle.get_text().startswith(title + ": learning curves")
+        assert " ".join(fig._suptitle.get_text().split()).startswith(title + ": learning curves")
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("model", [None, "/models/SmolLM2-135M-Instruct.Q4_1.gguf"])
+def test_figure_titles_fit_inside_the_figure(model):
+    """The published run's title ("... (published): learning curves (mean of 5 seeds, band = ...);
+    dashed = ...") once ran off the right edge of a two-panel figure."""
+    import matplotlib.pyplot as plt
+
+    runs = [{"history": [{"train_acc": 60.0 + e, "val_acc": 70.0 + e} for e in range(3)]} for _ in range(5)]
+    m = {"scale": "7b" if model else "small", "config": {"model": model}, "protocol": "published",
+         "models": {v: {"runs": runs} for v in ("sentiment_only", "dual_head")}}
+    fig = figures.learning_curves(m, [("training accuracy (%)", [("train_acc", "train")]),
+                                      ("validation accuracy (%)", [("val_acc", "val")])], {})
+    try:
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        assert "\n" in fig._suptitle.get_text()  # it had to wrap at this width
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
     finally:
         plt.close(fig)
 
