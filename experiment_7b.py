@@ -93,9 +93,10 @@ def make_builder(args, device: torch.device, model_path: str, preset=None):
         # warm-up steps rounded down, as the study's code does: int(ratio * total)
         sched = get_cosine_schedule_with_warmup(opt, int(preset.warmup_ratio * total_steps), total_steps)
         scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
-        autocast = None if compute_dtype == torch.float32 else compute_dtype  # the backbone's dtype, heads stay fp32
+        # the backbone's autocast dtype (heads stay fp32), or none: the study's code ran without autocast
+        autocast = None if compute_dtype == torch.float32 or not preset.autocast else compute_dtype
         info = {"compute_dtype": str(compute_dtype).replace("torch.", ""), "trainable_percent": 100 * trainable / total,
-                "load_in_4bit": args.load_in_4bit}
+                "load_in_4bit": args.load_in_4bit, "autocast": autocast is not None}
         return Built(model, opt, sched, scaler, autocast, "step", info)
 
     return build, compute_dtype

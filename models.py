@@ -36,14 +36,16 @@ class HFBackbone(nn.Module):
     interface. It runs the decoder stack only, so full-vocabulary logits are never computed for
     positions that are not LM targets."""
 
-    def __init__(self, causal_lm: nn.Module, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, causal_lm: nn.Module, input_dtype: torch.dtype | None = None):
+        """input_dtype: the dtype the decoder's input embeddings are cast to (the autocast dtype
+        when the decoder runs under autocast); None leaves them in the embedding's own dtype."""
         super().__init__()
         self.lm = causal_lm
         base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
         self._decoder = base.get_decoder()
         self._lm_head = base.get_output_embeddings()
         self.hidden_size = base.config.hidden_size
-        self.compute_dtype = compute_dtype
+        self.input_dtype = input_dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._decoder.get_input_embeddings()(input_ids)  # [B,T,H]
@@ -51,7 +53,9 @@ class HFBackbone(nn.Module):
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor, inject=None) -> torch.Tensor:
         if inject is not None:
             raise ValueError("a Hugging Face backbone takes its engram as a prefix, not by concatenation")
-        out = self._decoder(inputs_embeds=embeds.to(self.compute_dtype), attention_mask=mask, use_cache=False)
+        if self.input_dtype is not None:
+            embeds = embeds.to(self.input_dtype)  # [B,T,H]
+        out = self._decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         return out.last_hidden_state  # [B,T,H]
 
     def lm_head_module(self) -> nn.Linear:

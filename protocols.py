@@ -123,6 +123,12 @@ class BigProtocol(_Checked):
     lm_weight: float
     prefix_predicts_first: bool  # with the prefix, its position predicts the sentence's first token
     eval_mode: str  # how dual_engram is evaluated: "pair", or "zero" (a zero engram for every example)
+    # True: the decoder runs under autocast in the compute dtype (bf16 / fp16 on a GPU), its input
+    # embeddings cast to it. False (the study's code): no autocast; after prepare_model_for_kbit_training
+    # the embeddings, norms, residual stream, attention and LoRA compute in fp32, and only the 4-bit
+    # matmuls in the compute dtype (bitsandbytes casts their input to it and their output back).
+    # On the CPU the compute dtype is fp32 and both settings compute alike.
+    autocast: bool
 
     def batch_for(self, variant: str) -> int:
         if variant == "dual_engram" and self.engram_batch_size is not None:
@@ -153,12 +159,12 @@ BIG = {
     "written": BigProtocol(
         name="written", pooling="last", batch_size=8, engram_batch_size=None, accum_steps=1, engram_accum_steps=1,
         weight_decay=0.0, warmup_ratio=0.03, clip_norm=None, drop_last=False, sent_weight=0.5, lm_weight=0.5,
-        prefix_predicts_first=False, eval_mode="pair",
+        prefix_predicts_first=False, eval_mode="pair", autocast=True,
     ),
     "published": BigProtocol(
         name="published", pooling="mean", batch_size=8, engram_batch_size=4, accum_steps=2, engram_accum_steps=4,
         weight_decay=0.01, warmup_ratio=0.05, clip_norm=1.0, drop_last=True, sent_weight=0.5, lm_weight=0.5,
-        prefix_predicts_first=True, eval_mode="zero",
+        prefix_predicts_first=True, eval_mode="zero", autocast=False,
     ),
 }
 

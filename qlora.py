@@ -200,7 +200,8 @@ def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load
 
 def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str,
                       preset=None) -> EngramModel:
-    """`preset` (a protocols.BigProtocol) sets the pooling and the loss weights; default: written."""
+    """`preset` (a protocols.BigProtocol) sets the pooling, the loss weights and whether the decoder
+    runs under autocast; default: written."""
     if preset is None:
         from protocols import BIG
 
@@ -223,7 +224,9 @@ def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: t
         for m in lm.modules():
             if isinstance(m, bnb.nn.Linear4bit):
                 m.support_avx512bf16_for_cpu = False
-    backbone = HFBackbone(lm, compute_dtype)
+    # under autocast the decoder's input is cast to the compute dtype; without it (the study's code)
+    # the embeddings stay in their dtype, fp32 after prepare_model_for_kbit_training
+    backbone = HFBackbone(lm, compute_dtype if preset.autocast else None)
     spec = ModelSpec(variant=variant, pooling=preset.pooling, engram_dim=args.engram_dim, sent_weight=preset.sent_weight,
                      lm_weight=preset.lm_weight, lm_chunk_rows=args.lm_chunk_rows,
                      prefix_predicts_first=preset.prefix_predicts_first)

@@ -168,3 +168,58 @@ def test_gradient_checkpointing_gives_the_same_numbers(tiny_qwen):
     assert l1 == pytest.approx(l2, abs=1e-6) and set(g1) == set(g2) and len(g1) > 10
     for n in g1:
         assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("four_bit", [True, False])
+def test_each_preset_computes_in_the_dtypes_of_its_reading(four_bit, tiny_qwen, monkeypatch):
+    """bf16 forced on the CPU. `written` runs the decoder under bf16 autocast with bf16 inputs;
+    `published` (the study's code) runs without autocast after prepare_model_for_kbit_training. The
+    heads and the engram compute in fp32 under both. What the CPU proves is the dtype each module
+    returns under torch's CPU autocast and bitsandbytes' CPU kernels; CUDA autocast casts other ops,
+    so the GPU's dtypes stay unproven until a GPU run."""
+    if not _cpu_supports(torch.bfloat16):
+        pytest.skip("this CPU's autocast does not support bfloat16")
+    from engram import run_batch
+    from protocols import BIG
+    from training import autocast
+
+    monkeypatch.setattr(e7, "precision", lambda device: (torch.bfloat16, False))
+    cpu = torch.device("cpu")
+    ids = torch.randint(1, 500, (4, 9), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    for name in ("written", "published"):
+        args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", name, *([] if four_bit else ["--no-4bit"])])
+        build, _ = e7.make_builder(args, cpu, str(tiny_qwen), BIG[name])
+        built = build("dual_engram", 0, 10)
+        model = built.model
+        dtypes = {}
+        layer = model.backbone._decoder.layers[0]
+        lora_b = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_B.default"))
+
+        def record(key):
+            def hook(module, inputs, output):  # returns None: the output is left as it is
+                dtypes.setdefault(key, (output[0] if isinstance(output, tuple) else output).dtype)
+            return hook
+
+        layer.register_forward_hook(record("residual"))
+        lora_b.register_forward_hook(record("lora"))
+        layer.self_attn.register_forward_hook(record("attention"))
+        model.compressor.register_forward_hook(record("engram"))
+        model.train()
+        with autocast(cpu, built.autocast_dtype):
+            out = run_batch(model, ids, torch.ones_like(ids), torch.tensor([0, 1, 1, 0]))
+        out.loss.backward()
+        seen[name] = (built.autocast_dtype, built.info["autocast"], dtypes, out.sent_logits.dtype, dtypes.pop("engram"))
+    assert seen["written"][:2] == (torch.bfloat16, True) and seen["published"][:2] == (None, False)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if four_bit:
+        # written: LoRA and attention in bf16 under autocast; the residual stream is still fp32, since
+        # the norms' weights are fp32 after k-bit preparation and a 4-bit layer returns its input's dtype
+        assert seen["written"][2] == {"lora": bf16, "attention": bf16, "residual": fp32}
+        # published: no autocast: everything outside the 4-bit matmuls computes in fp32
+        assert seen["published"][2] == {"lora": fp32, "attention": fp32, "residual": fp32}
+    else:  # unquantised, the frozen base is loaded in bf16 and not prepared; only LoRA differs
+        assert seen["written"][2] == {"lora": bf16, "attention": bf16, "residual": bf16}
+        assert seen["published"][2] == {"lora": fp32, "attention": bf16, "residual": bf16}
+    for name in seen:
+        assert seen[name][3:] == (torch.float32, torch.float32), name

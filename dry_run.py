@@ -1,0 +1,189 @@
+"""The pieces of `experiment_7b.py --dry-run` that answer "does the study fit my 16 GB GPU, and how
+fast is each variant?" on that GPU without a download, a bf16 copy of the model or 15 GB of disk.
+
+The old dry run built Qwen2.5-7B in bf16 on the GPU (~14.2 GiB, the edge of a 16 GB card), saved it
+(~15 GB of disk) and loaded it back in 4-bit for every variant. Here the random model is built the
+way `from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4, double quant))` builds a real
+one: a skeleton on the meta device, its linear layers swapped for bitsandbytes' `Linear4bit` by
+transformers' own quantizer, then each weight made from random numbers and quantised one matrix at
+a time, so the GPU never holds more than one unquantised matrix (at most 18,944 x 3,584 in bf16,
+136 MB, at the 7B shape) and nothing is written to disk.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from cli import UsageError
+
+# An RTX 4080 ("16 GB") reports 16,376 MiB in total (nvidia-smi, torch.cuda.mem_get_info): the card
+# a dry run is asked about, in GiB.
+CARD_16GB_GIB = 16376 / 1024
+# Memory the process holds outside PyTorch's caching allocator, which peak *reserved* memory does
+# not count: the CUDA context with the kernels torch, cuBLAS and bitsandbytes load (lazily, CUDA >=
+# 11.7). Typically 0.3-0.6 GiB on Ampere/Ada GPUs; 0.5 GiB is taken. A display on the same card
+# (a desktop) takes more, which this cannot know.
+CUDA_CONTEXT_GIB = 0.5
+
+
+def _bnb_config(compute_dtype: torch.dtype):
+    """The study's quantisation, exactly as qlora.load_base asks for it."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _skeleton(config, compute_dtype: torch.dtype):
+    """The causal LM for `config` with every parameter and buffer on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=compute_dtype, trust_remote_code=False)
+
+
+def _random_param(module, name: str, p: torch.Tensor, device, compute_dtype, gen, std: float):
+    """One parameter on `device`: quantised to NF4 if it is a Linear4bit's weight, else in its own
+    dtype with transformers' usual init (normal(0, std); norms one; biases zero)."""
+    import bitsandbytes as bnb
+
+    if isinstance(p, bnb.nn.Params4bit):
+        w = torch.empty(p.shape, device=device, dtype=compute_dtype).normal_(0.0, std, generator=gen)  # (out, in)
+        # as transformers' Bnb4bitQuantize: the module's own Params4bit settings; .to() quantises
+        q = bnb.nn.Params4bit(w, requires_grad=False, **p.__dict__).to(device)  # (out * in / 2, 1) uint8
+        del w  # the one unquantised matrix alive at a time
+        return q
+    dtype = p.dtype if p.is_floating_point() else compute_dtype
+    t = torch.empty(p.shape, device=device, dtype=dtype)  # the parameter's own shape
+    if name == "bias":
+        t.zero_()
+    elif "Norm" in type(module).__name__:
+        t.fill_(1.0)
+    else:
+        t.normal_(0.0, std, generator=gen)
+    return torch.nn.Parameter(t, requires_grad=True)  # as from_pretrained leaves them; callers freeze
+
+
+def _rebuild_buffers(lm, device) -> None:
+    """Non-persistent buffers (RoPE's inv_freq) are computed in __init__ and were computed on meta:
+    re-create their module on the device from its config, the way its __init__ computes them."""
+    for name, module in list(lm.named_modules()):
+        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+            continue
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
+            raise RuntimeError(f"cannot materialise the buffers of {name} ({type(module).__name__}) from meta")
+        with torch.device(device):
+            lm.set_submodule(name, type(module)(module.config))
+
+
+def random_causal_lm(config, device, compute_dtype: torch.dtype, load_in_4bit: bool, seed: int = 0):
+    """A transformers causal LM of `config`'s shape with random weights on `device`, set up as
+    `from_pretrained(folder, quantization_config=BitsAndBytesConfig(nf4, double quant,
+    compute_dtype), dtype=compute_dtype, device_map={"": device})` sets it up (the quantizer's
+    module swap, `hf_quantizer`, `is_loaded_in_4bit`, `quantization_method`,
+    `config.quantization_config`, eval mode), so peft's `prepare_model_for_kbit_training` and
+    `get_peft_model` treat both alike. Without 4-bit: every weight in compute_dtype. Built one
+    parameter at a time from a meta skeleton: never a whole unquantised copy on the device, never a
+    file. Random numbers are drawn on `device` (fast on a GPU; the same `seed` gives the same model
+    on the same kind of device)."""
+    device = torch.device(device)
+    lm = _skeleton(config, compute_dtype)
+    quantizer = None
+    if load_in_4bit:
+        from transformers.quantizers import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(_bnb_config(compute_dtype), pre_quantized=False)
+        quantizer.validate_environment(device_map={"": str(device)})
+        # transformers' own swap of nn.Linear -> bnb Linear4bit (lm_head and tied embeddings stay)
+        quantizer.preprocess_model(model=lm, dtype=compute_dtype, device_map={"": str(device)}, checkpoint_files=None,
+                                   use_kernels=False)
+    gen = torch.Generator(device).manual_seed(seed)
+    std = getattr(lm.config, "initializer_range", None) or 0.02
+    for module in lm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = _random_param(module, name, p, device, compute_dtype, gen, std)
+    pass
+    lm.tie_weights()  # a tied lm_head is the input embedding again, as from_pretrained leaves it
+    if quantizer is not None:
+        lm.hf_quantizer = quantizer
+        quantizer.postprocess_model(lm)  # config.quantization_config, is_loaded_in_4bit
+    lm.eval()
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    assert not left, f"left on the meta device: {left}"
+    return lm
+
+
+def parameter_count(config) -> int:
+    """Parameters of `config`'s causal LM (tied ones once), counted on a meta skeleton."""
+    return sum(p.numel() for p in _skeleton(config, torch.float32).parameters())
+
+
+def disk_needed(config, dtype: torch.dtype = torch.bfloat16, writes_weights: bool = False) -> int:
+    """Bytes of disk the dry run needs for `config`'s weights. random_causal_lm writes nothing, so
+    0; `writes_weights=True` gives what the old path (save_pretrained in `dtype`, then load back)
+    wrote: every parameter once, ~15.2 GB for Qwen2.5-7B in bf16. No tokenizer either way: the dry
+    run feeds random token ids."""
+    if not writes_weights:
+        return 0
+    return parameter_count(config) * torch.empty((), dtype=dtype).element_size()
+
+
+def check_disk(folder, needed_bytes: int) -> None:
+    """One UsageError line if the file system of `folder` (or of its nearest existing parent) has
+    fewer than `needed_bytes` free."""
+    if needed_bytes <= 0:
+        return
+    where = Path(folder).expanduser().absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed_bytes:
+        raise UsageError(f"the dry run needs {needed_bytes / 1e9:.1f} GB of disk in {where}, which has "
+                         f"{free / 1e9:.1f} GB free; free some space or point it elsewhere")
+
+
+def fits(peak_reserved_bytes: int, card_gib: float = CARD_16GB_GIB, overhead_gib: float = CUDA_CONTEXT_GIB) -> tuple[bool, float]:
+    """(fits, margin in GiB): whether peak reserved memory plus the CUDA context fits the card
+    (default: an RTX 4080's 16,376 MiB = 15.99 GiB, with CUDA_CONTEXT_GIB = 0.5). Reserved, not
+    allocated: the caching allocator holds the reserved bytes, and fragmentation is real."""
+    if peak_reserved_bytes is None or peak_reserved_bytes < 0:
+        raise ValueError(f"peak reserved memory must be a number of bytes >= 0, got {peak_reserved_bytes!r}")
+    if not card_gib > 0 or overhead_gib < 0:
+        raise ValueError(f"card size must be > 0 GiB and overhead >= 0 GiB, got {card_gib} and {overhead_gib}")
+    margin = card_gib - overhead_gib - peak_reserved_bytes / 2**30
+    return margin >= 0, margin
+
+
+def peak_memory(device) -> tuple[int | None, int | None]:
+    """(peak allocated, peak reserved) bytes on a CUDA device since its last reset_peak_memory_stats;
+    (None, None) elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
+def dry_run_table(runs) -> str:
+    """A markdown table of dry-run steps. Each run: variant, gradient_checkpointing, batch_size,
+    max_length, seconds_per_step, peak_allocated_gib (or peak_gib) and peak_reserved_gib, both None
+    on the CPU, where memory is "n/a (CPU)". Ends with the line saying what "fits" assumed."""
+    lines = ["| Variant | Checkpointing | Batch × tokens | Seconds / step | Peak allocated (GiB) | Peak reserved (GiB) | "
+             "Fits 16 GB (margin) |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        alloc = r.get("peak_allocated_gib", r.get("peak_gib"))
+        reserved = r.get("peak_reserved_gib")
+        if reserved is None:
+            mem = ["n/a (CPU)"] * 3
+        else:
+            ok, margin = fits(reserved * 2**30)
+            mem = ["–" if alloc is None else f"{alloc:.2f}", f"{reserved:.2f}",
+                   f"{'yes' if ok else 'no'} ({margin:+.2f} GiB)"]
+        lines.append(f"| {r['variant']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size']} × "
+                     f"{r['max_length']} | {r['seconds_per_step']:.3f} | " + " | ".join(mem) + " |")
+    lines += ["", f"Fits: peak reserved + {CUDA_CONTEXT_GIB} GiB CUDA context ≤ {CARD_16GB_GIB:.2f} GiB "
+              f"(an RTX 4080's 16,376 MiB); a display on the same card needs more."]
+    return "\n".join(lines)
