@@ -21,6 +21,10 @@ class BatchOut:
     sent_sum: float  # summed sentiment CE over the batch
     lm_sum: float  # summed LM CE over the batch's LM targets
     lm_count: int
+    # the study's 7B code averages per-batch means over batches: this batch's mean sentiment and LM
+    # loss (for a pair, the mean of its two halves' means); None where there is no such loss
+    sent_mean: float | None = None
+    lm_mean: float | None = None
 
 
 def _trim(ids: torch.Tensor, mask: torch.Tensor):
@@ -85,7 +89,10 @@ def _collect(outs, labels) -> BatchOut:
         sent_sum = float(sum(o.sent_loss.detach() * o.sent_logits.shape[0] for o in outs))
     lm_sum = float(sum(o.lm_sum.detach() for o in outs if o.lm_sum is not None))
     lm_count = sum(o.lm_count for o in outs)
-    return BatchOut(loss, logits, sent_sum, lm_sum, lm_count)
+    sent_mean = float(sum(o.sent_loss.detach() for o in outs)) / len(outs) if labels is not None else None
+    lm = [o.lm_loss.detach() for o in outs if o.lm_loss is not None]
+    lm_mean = float(sum(lm)) / len(lm) if lm else None
+    return BatchOut(loss, logits, sent_sum, lm_sum, lm_count, sent_mean, lm_mean)
 
 
 # ----------------------------------------------------------------------------- analysis

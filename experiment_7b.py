@@ -201,16 +201,7 @@ def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
         hist = mm["runs"][0]["history"]
         cells = [f"{rep._f(hist[e]['val_acc']) if e < len(hist) else '–'} / {s['epochs'][v][e]:.2f}" for e in range(3)]
         lines.append(f"| {rep.LABELS[v]} | " + " | ".join(cells) + f" | {mm['runs'][0]['minutes']:.1f} / {s['minutes'][v]} |")
-    lines += ["", "### Training dynamics, last epoch (first seed)", "",
-              "| Model | Train loss | Train sent loss | Train LM loss | Train acc | Study (loss / sent / LM / acc) |", "|---|---|---|---|---|---|"]
-    for v, mm in m["models"].items():
-        h = mm["runs"][0]["history"][-1]
-        st = " / ".join("–" if x is None else f"{x}" for x in s["train_epoch3"][v])
-        lines.append(f"| {rep.LABELS[v]} | {rep._f(h['train_loss'], 3)} | {rep._f(h['train_sent_loss'], 3)} | "
-                     f"{rep._f(h['train_lm_loss'], 3)} | {rep._f(h['train_acc'])} | {st} |")
-    lines += ["", f"Validation LM loss per epoch (study: {s['val_lm_loss'][0]} → {s['val_lm_loss'][1]}): " + "; ".join(
-        f"{v} " + " → ".join(rep._f(h["val_lm_loss"], 2) for h in mm["runs"][0]["history"])
-        for v, mm in m["models"].items() if mm["runs"][0]["history"][0]["val_lm_loss"] is not None), ""]
+    lines += loss_comparison(m, s)
     lines += rep.hypothesis_section(m)
     lines += rep.extra_section(m)
     lines += rep.engram_section(m, s["engram"])
@@ -222,6 +213,33 @@ def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
     lines += ["## Figures", "", "![learning curves](learning_curves.png)", "", "![engram clusters](engram_clusters.png)", ""]
     lines += rep.history_section(m)
     return "\n".join(lines)
+
+
+def loss_comparison(m: dict, s: dict) -> list[str]:
+    """The last epoch's training losses and the validation LM loss per epoch beside the study's,
+    averaged as the study's code averages them: the mean over batches of each batch's mean (Model 3:
+    of the mean of its two halves). Runs made before those columns existed show "–" there."""
+    def bm(h: dict, key: str, digits: int = 4) -> str:
+        return rep._f(h.get(f"{key}_batch_mean"), digits)
+
+    lines = ["### Training dynamics, last epoch (first seed)", "",
+             "Losses as the study averages them: the mean over the epoch's batches of each batch's mean loss "
+             "(Model 3: the mean of its two halves'). metrics.json also holds them per example (sentiment) and "
+             "per target token (LM) over the whole epoch.", "",
+             "| Model | Train loss | Train sent loss | Train LM loss | Train acc (%) | Study (loss / sent / LM / acc) |",
+             "|---|---|---|---|---|---|"]
+    for v, mm in m["models"].items():
+        h = mm["runs"][0]["history"][-1]
+        st = " / ".join("–" if x is None else f"{x}" for x in s["train_epoch3"][v])
+        lines.append(f"| {rep.LABELS[v]} | {rep._f(h['train_loss'], 4)} | {bm(h, 'train_sent_loss')} | "
+                     f"{bm(h, 'train_lm_loss')} | {rep._f(h['train_acc'])} | {st} |")
+    lines += ["", "Validation LM loss per epoch, the mean over batches of each batch's mean (ours → … / study):", ""]
+    for v, mm in m["models"].items():
+        hist = mm["runs"][0]["history"]
+        if hist[0]["val_lm_loss"] is not None:
+            ours = " → ".join(bm(h, "val_lm_loss") for h in hist)
+            lines.append(f"- {rep.LABELS[v]}: {ours} / {' → '.join(str(x) for x in s['val_lm_loss'][v])}")
+    return lines + [""]
 
 
 def cross_scale_section(small: dict | None, big: dict) -> list[str]:

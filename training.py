@@ -68,7 +68,7 @@ def evaluate(model: EngramModel, enc: Encoded, recipe: Recipe, autocast_dtype=No
     model.eval()
     bs = recipe.batch_size(model.variant)
     g = torch.Generator().manual_seed(seed)
-    probs, sent_sum, lm_sum, lm_count = [], 0.0, 0.0, 0
+    probs, sent_sum, lm_sum, lm_count, lm_means = [], 0.0, 0.0, 0, []
     for i in range(0, len(enc), bs):
         ids, mask, labels = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
         with autocast(recipe.device, autocast_dtype):
@@ -77,6 +77,8 @@ def evaluate(model: EngramModel, enc: Encoded, recipe: Recipe, autocast_dtype=No
         sent_sum += out.sent_sum
         lm_sum += out.lm_sum
         lm_count += out.lm_count
+        if out.lm_mean is not None:
+            lm_means.append(out.lm_mean)
     model.train(was_training)
     prob = torch.cat(probs).numpy()
     pred = (prob > 0.5).astype(int)
@@ -84,6 +86,7 @@ def evaluate(model: EngramModel, enc: Encoded, recipe: Recipe, autocast_dtype=No
         "acc": float((pred == np.asarray(enc.labels)).mean() * 100),
         "sent_loss": sent_sum / len(enc),
         "lm_loss": lm_sum / lm_count if model.uses_lm and lm_count else None,
+        "lm_loss_batch_mean": float(np.mean(lm_means)) if model.uses_lm and lm_means else None,  # the study's average
         "prob": prob,
         "pred": pred,
     }
@@ -158,7 +161,7 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "sent": 0.0, "lm": 0.0, "lm_n": 0, "correct": 0, "n": 0, "steps": 0}
+        sums = {"loss": 0.0, "sent": 0.0, "lm": 0.0, "lm_n": 0, "correct": 0, "n": 0, "steps": 0, "sent_bm": 0.0, "lm_bm": 0.0}
         batches = epoch_batches(len(train), bs, seed, epoch, recipe.drop_last)
         bar = _progress(batches, recipe, f"{variant} s{seed} e{epoch}/{recipe.epochs}")
         for step, idx in enumerate(bar, start=1):
@@ -181,6 +184,8 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
             sums["sent"] += out.sent_sum
             sums["lm"] += out.lm_sum
             sums["lm_n"] += out.lm_count
+            sums["sent_bm"] += out.sent_mean
+            sums["lm_bm"] += out.lm_mean or 0.0
             sums["correct"] += int((out.sent_logits.argmax(-1) == labels).sum())
             sums["n"] += len(idx)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
@@ -196,9 +201,13 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
             "train_sent_loss": sums["sent"] / sums["n"],
             "train_lm_loss": sums["lm"] / sums["lm_n"] if model.uses_lm else None,
             "train_acc": 100 * sums["correct"] / sums["n"],
+            # the study's way: the mean over batches of each batch's mean (above: over examples, tokens)
+            "train_sent_loss_batch_mean": sums["sent_bm"] / sums["steps"],
+            "train_lm_loss_batch_mean": sums["lm_bm"] / sums["steps"] if model.uses_lm else None,
             "val_acc": val["acc"],
             "val_sent_loss": val["sent_loss"],
             "val_lm_loss": val["lm_loss"],
+            "val_lm_loss_batch_mean": val["lm_loss_batch_mean"],
             "extra": {k: _eval_row(v) for k, v in results.items() if k != "validation"},
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0,

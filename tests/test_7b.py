@@ -116,14 +116,18 @@ def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
     assert w and all("lora_" in k or k.split(".")[0] in ("sentiment_head", "compressor", "projector") for k in w)
     report = (out / "REPORT.md").read_text()
     assert "96.22" in report and "Trainable parameters" in report and "Cross-scale" not in report
+    # the study's losses beside ours averaged its way (mean over batches of per-batch means)
+    assert "3.8771 → 4.3116 → 4.6865" in report and "0.4575 / 0.0326 / 0.8825 / 98.8" in report
+    h = saved["models"]["dual_engram"]["runs"][0]["history"][-1]
+    assert h["train_lm_loss_batch_mean"] > 0 and h["val_lm_loss_batch_mean"] > 0 and h["train_sent_loss_batch_mean"] > 0
     # with the small experiment's metrics present, the report adds the cross-scale tables
     small.write_text(json.dumps(json.loads((out / "metrics.json").read_text()) | {"command": "python experiment.py"}))
     text = e7.report_7b(saved, json.loads(small.read_text()))
     assert "## Cross-scale comparison" in text
     table = text.split("## Cross-scale comparison")[1]
     # three columns: the small run beside the study's small figures, this run, the study's 7B figures
-    assert "| H1 delta, final epoch (points) |" in table and "/ +1.14 |" in table and "| +0.34 |" in table
-    assert "| Engram ARI |" in table and "/ 0.236 |" in table and "| 0.833 |" in table
+    assert "| H1 delta, final epoch (points) |" in table and "/ +1.15 |" in table and "| +0.34 |" in table
+    assert "| Engram ARI |" in table and "/ 0.2356 |" in table and "| 0.8331 |" in table
     assert "ARI of untrained compressors (control)" in table and "Effective rank of pooled states" in table
 
 

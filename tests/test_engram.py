@@ -36,6 +36,24 @@ def test_second_half_loss_trains_the_compressor_and_first_half_alone_does_not():
     assert torch.count_nonzero(_compressor_grad(model, out.loss)) > 0
 
 
+def test_batch_means_are_the_studys_average_of_the_halves_means():
+    """The study's 7B code logs (mean loss of half 1 + mean loss of half 2) / 2 per batch; with an odd
+    batch that differs from the mean over the batch's examples (or target tokens)."""
+    torch.manual_seed(0)
+    model = build_small_model("dual_engram", SmallConfig(dropout=0.0))
+    ids, mask, labels = batch()
+    ids, mask, labels = ids[:3], mask[:3], labels[:3]  # halves of 2 and 1
+    first = model(ids[:2], mask[:2], labels=labels[:2])
+    second = model(ids[2:], mask[2:], labels=labels[2:], engram=first.engram[:1])
+    out = run_batch(model, ids, mask, labels)
+    assert out.sent_mean == pytest.approx(float(first.sent_loss + second.sent_loss) / 2, abs=1e-6)
+    assert out.lm_mean == pytest.approx(float(first.lm_loss + second.lm_loss) / 2, abs=1e-6)
+    assert out.sent_mean != pytest.approx(out.sent_sum / 3, abs=1e-4)
+    assert out.lm_mean != pytest.approx(out.lm_sum / out.lm_count, abs=1e-4)
+    single = run_batch(build_small_model("sentiment_only", SmallConfig(dropout=0.0)), ids, mask, labels)
+    assert single.sent_mean == pytest.approx(single.sent_sum / 3, abs=1e-6) and single.lm_mean is None
+
+
 def test_detached_engram_would_not_train_the_compressor():
     torch.manual_seed(0)
     model = build_small_model("dual_engram", SmallConfig(dropout=0.0))
