@@ -106,7 +106,7 @@ def random_causal_lm(config, device, compute_dtype: torch.dtype, load_in_4bit: b
         for name, p in list(module._parameters.items()):
             if p is not None and p.is_meta:
                 module._parameters[name] = _random_param(module, name, p, device, compute_dtype, gen, std)
-    pass
+    _rebuild_buffers(lm, device)
     lm.tie_weights()  # a tied lm_head is the input embedding again, as from_pretrained leaves it
     if quantizer is not None:
         lm.hf_quantizer = quantizer
