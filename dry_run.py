@@ -12,12 +12,26 @@ a time, so the GPU never holds more than one unquantised matrix (at most 18,944 
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from cli import UsageError
+from data import Encoded, collate
+from engram import run_batch
+from metrics import device_name
+from models import VARIANTS, count_parameters
+from qlora import bnb_config, load_tokenizer, precision, resolve_model_source
+
+# Qwen2.5-7B's shape (its config.json), for the dry run without a download; and a tiny one for tests.
+QWEN25_7B_SHAPE = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False)
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
 
 # An RTX 4080 ("16 GB") reports 16,376 MiB in total (nvidia-smi, torch.cuda.mem_get_info): the card
 # a dry run is asked about, in GiB.
@@ -27,14 +41,6 @@ CARD_16GB_GIB = 16376 / 1024
 # 11.7). Typically 0.3-0.6 GiB on Ampere/Ada GPUs; 0.5 GiB is taken. A display on the same card
 # (a desktop) takes more, which this cannot know.
 CUDA_CONTEXT_GIB = 0.5
-
-
-def _bnb_config(compute_dtype: torch.dtype):
-    """The study's quantisation, exactly as qlora.load_base asks for it."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _skeleton(config, compute_dtype: torch.dtype):
@@ -95,7 +101,7 @@ def random_causal_lm(config, device, compute_dtype: torch.dtype, load_in_4bit: b
     if load_in_4bit:
         from transformers.quantizers import AutoHfQuantizer
 
-        quantizer = AutoHfQuantizer.from_config(_bnb_config(compute_dtype), pre_quantized=False)
+        quantizer = AutoHfQuantizer.from_config(bnb_config(compute_dtype), pre_quantized=False)
         quantizer.validate_environment(device_map={"": str(device)})
         # transformers' own swap of nn.Linear -> bnb Linear4bit (lm_head and tied embeddings stay)
         quantizer.preprocess_model(model=lm, dtype=compute_dtype, device_map={"": str(device)}, checkpoint_files=None,
@@ -187,3 +193,81 @@ def dry_run_table(runs) -> str:
     lines += ["", f"Fits: peak reserved + {CUDA_CONTEXT_GIB} GiB CUDA context ≤ {CARD_16GB_GIB:.2f} GiB "
               f"(an RTX 4080's 16,376 MiB); a display on the same card needs more."]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the dry run
+
+
+def _time_steps(built, enc: Encoded, device: torch.device, steps: int) -> tuple[float, float]:
+    """Seconds per optimizer step (after one warm-up step) and the last loss, on one fixed batch."""
+    times = []
+    for step in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        ids, mask, labels = collate(enc, range(len(enc)), device)
+        with torch.autocast(device.type, dtype=built.autocast_dtype, enabled=built.autocast_dtype is not None):
+            out = run_batch(built.model, ids, mask, labels)
+        built.optimizer.zero_grad(set_to_none=True)
+        (built.scaler.scale(out.loss) if built.scaler else out.loss).backward()
+        if built.scaler:
+            built.scaler.step(built.optimizer)
+            built.scaler.update()
+        else:
+            built.optimizer.step()
+        built.scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step:  # the first step warms up kernels and the allocator
+            times.append(time.perf_counter() - t)
+    return sum(times) / len(times), out.loss.item()
+
+
+def dry_run(args, device: torch.device, preset, make_builder) -> dict:
+    """The real training step of each variant at the protocol's batch size and --max-length, with
+    gradient checkpointing on and off: on random weights of Qwen2.5-7B's shape (`--dry-run`, no
+    download, no disk), a tiny random shape (`--dry-run tiny`), or the model given with --model
+    (`--dry-run model`). `make_builder(args, device, source, preset)` is experiment_7b's. Prints a
+    table with each variant's peak memory and whether it fits a 16 GB card; returns it as a dict."""
+    from transformers import Qwen2Config
+
+    compute_dtype, _ = precision(device)
+    report = {"shape": args.dry_run, "device": device_name(device), "max_length": args.max_length, "protocol": preset.name,
+              "compute_dtype": str(compute_dtype).replace("torch.", ""), "disk_needed_bytes": 0, "runs": []}
+    if args.dry_run == "model":
+        source = resolve_model_source(args.model, args.cache_dir)
+        vocab = len(load_tokenizer(source))
+    else:
+        shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
+        config = Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"])
+        vocab = shape["vocab_size"]
+        source = functools.partial(random_causal_lm, config, seed=0)  # (device, compute_dtype, load_in_4bit)
+        print(f"random {args.dry_run} weights ({parameter_count(config):,} parameters), built on {device} one matrix "
+              "at a time: no download, no disk")
+    g = torch.Generator().manual_seed(0)
+    for checkpointing in (True, False):
+        args.gradient_checkpointing = checkpointing
+        build, _ = make_builder(args, device, source, preset)
+        for variant in VARIANTS:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            built = build(variant, 0, args.dry_run_steps + 1)
+            bs = preset.batch_for(variant)
+            ids = torch.randint(0, vocab, (bs, args.max_length), generator=g)  # [bs,T] random tokens
+            sec, loss = _time_steps(built, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps)
+            allocated, reserved = peak_memory(device)
+            total, trainable = count_parameters(built.model)
+            run = {"variant": variant, "gradient_checkpointing": checkpointing, "batch_size": bs, "max_length": args.max_length,
+                   "seconds_per_step": sec, "loss": loss, "trainable_params": trainable, "total_params": total,
+                   "peak_allocated_gib": None if allocated is None else allocated / 2**30,
+                   "peak_reserved_gib": None if reserved is None else reserved / 2**30, "fits_16gb": None}
+            if reserved is not None:
+                run["fits_16gb"], run["margin_gib"] = fits(reserved)
+            report["runs"].append(run)
+            print(f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}] {sec:.3f} s/step at batch "
+                  f"{bs} x {args.max_length} tokens" + ("" if reserved is None else f"; peak reserved {reserved / 2**30:.2f} GiB"))
+            del built
+    report["table"] = dry_run_table(report["runs"])
+    print(f"\nDry run, protocol {preset.name}, {report['device']}, compute dtype {report['compute_dtype']}:\n\n{report['table']}")
+    return report

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -17,12 +15,12 @@ import reporting as rep
 from analysis import PROBE_FOLDS
 from cli import (base_parser, cli_main, default_out, other_protocol_metrics, non_negative_float, positive_int, resolve_device, unit_interval,
                  validate_common)
-from data import Encoded, check_analysable, collate, load_sst2, parse_extra_eval
-from engram import run_batch
+from data import Encoded, check_analysable, load_sst2, parse_extra_eval
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, subject, versions
 from models import VARIANTS, count_parameters
 from protocols import BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
+from dry_run import dry_run
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    quiet_libraries, resolve_model_source)
 from study import read_metrics, run_and_report
@@ -33,12 +31,6 @@ OUT = "results_7b"
 STUDY = BIG_STUDY
 PRESET_FLAGS = {"batch_size": "batch_size", "weight_decay": "weight_decay", "warmup_ratio": "warmup_ratio",
                 "clip_norm": "clip_norm"}
-# Qwen2.5-7B's shape, for the dry run without a download.
-QWEN25_7B_SHAPE = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                       rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
 
 
 def parse_args(argv):
@@ -106,80 +98,6 @@ def make_recipe(args, preset, build, device) -> Recipe:
     """The protocol's batches: Model 3 may have its own batch size and accumulation."""
     return Recipe("7b", build, preset.batch_for, args.epochs, device, accum_steps=preset.accum_for, clip_norm=preset.clip_norm or None,
                   drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode, progress=not args.no_progress)
-
-
-# ----------------------------------------------------------------------------- dry run
-
-
-def _time_steps(built: Built, enc: Encoded, device: torch.device, steps: int) -> tuple[float, float]:
-    """Seconds per optimizer step (after one warm-up step) and the last loss, on one fixed batch."""
-    times = []
-    for step in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        ids, mask, labels = collate(enc, range(len(enc)), device)
-        with torch.autocast(device.type, dtype=built.autocast_dtype, enabled=built.autocast_dtype is not None):
-            out = run_batch(built.model, ids, mask, labels)
-        built.optimizer.zero_grad(set_to_none=True)
-        (built.scaler.scale(out.loss) if built.scaler else out.loss).backward()
-        if built.scaler:
-            built.scaler.step(built.optimizer)
-            built.scaler.update()
-        else:
-            built.optimizer.step()
-        built.scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:  # the first step warms up kernels and the allocator
-            times.append(time.perf_counter() - t)
-    return sum(times) / len(times), out.loss.item()
-
-
-def dry_run(args, device: torch.device, preset) -> dict:
-    """The real loader and a few steps of each variant at the real batch size and maximum length,
-    with gradient checkpointing on and off: random weights of Qwen2.5-7B's shape (no download), a
-    tiny random shape, or the model given with --model (`--dry-run model`)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    compute_dtype, _ = precision(device)
-    report = {"shape": args.dry_run, "device": device_name(device), "max_length": args.max_length,
-              "compute_dtype": str(compute_dtype).replace("torch.", ""), "runs": []}
-    with tempfile.TemporaryDirectory(prefix="qwen-dry-run-") as folder:
-        if args.dry_run == "model":
-            folder = resolve_model_source(args.model, args.cache_dir)
-            vocab = len(load_tokenizer(folder))
-        else:
-            shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
-            vocab = shape["vocab_size"]
-            t0 = time.perf_counter()
-            with torch.device(device):
-                lm = Qwen2ForCausalLM._from_config(Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"]),
-                                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            lm.save_pretrained(folder)
-            del lm
-            print(f"random {args.dry_run} model written in {time.perf_counter() - t0:.0f} s")
-        g = torch.Generator().manual_seed(0)
-        for checkpointing in (True, False):
-            args.gradient_checkpointing = checkpointing
-            build, _ = make_builder(args, device, folder, preset)
-            for variant in ("sentiment_only", "dual_head", "dual_engram"):
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                built = build(variant, 0, args.dry_run_steps + 1)
-                bs = preset.batch_for(variant)
-                ids = torch.randint(0, vocab, (bs, args.max_length), generator=g)
-                sec, loss = _time_steps(built, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps)
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-                total, trainable = count_parameters(built.model)
-                report["runs"].append({"variant": variant, "gradient_checkpointing": checkpointing, "batch_size": bs,
-                                       "seconds_per_step": sec, "peak_gib": peak, "loss": loss,
-                                       "trainable_params": trainable, "total_params": total})
-                print(f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}] {sec:.3f} s/step at batch "
-                      f"{bs} x {args.max_length} tokens; peak GPU memory {'n/a (CPU)' if peak is None else f'{peak:.2f} GiB'}")
-                del built
-    return report
 
 
 # ----------------------------------------------------------------------------- report
@@ -301,7 +219,7 @@ def run(args, argv):
     if args.no_progress:
         quiet_libraries()
     if args.dry_run:
-        return dry_run(args, device, preset)
+        return dry_run(args, device, preset, make_builder)
     out = check_writable(args.out or default_out(OUT, args.protocol))
     model_path = resolve_model_source(args.model, args.cache_dir)
     data = load_sst2(args.data_dir)

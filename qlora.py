@@ -170,22 +170,39 @@ def enable_checkpointing(lm) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_base(model: str, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool, checkpointing: bool = True):
+def bnb_config(compute_dtype: torch.dtype):
+    """The study's quantisation: 4-bit NF4 with double quantisation, computing in compute_dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_base(model, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool, checkpointing: bool = True):
     """A fresh base model: 4-bit NF4 with double quantisation, prepared for k-bit training; or
     unquantised and frozen with --no-4bit. Gradient checkpointing (use_reentrant=False) unless
-    `checkpointing` is False. Tied input/output embeddings stay tied and unquantised."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    `checkpointing` is False. Tied input/output embeddings stay tied and unquantised.
+
+    `model` is a hub id or model folder, or a function (device, compute_dtype, load_in_4bit) -> a
+    causal LM set up as from_pretrained sets one up (the dry run's random weights, dry_run.py)."""
+    from transformers import AutoModelForCausalLM
+
+    if callable(model):
+        return _prepare(model(device, compute_dtype, load_in_4bit), load_in_4bit, checkpointing)
 
     kwargs = dict(dtype=compute_dtype, trust_remote_code=False, device_map={"": str(device) if device.type == "cpu" else device.index or 0})
     if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+        kwargs["quantization_config"] = bnb_config(compute_dtype)
     try:
         lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except UsageError:
         raise
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a causal LM from {model}: {str(e).splitlines()[0]}") from None
+    return _prepare(lm, load_in_4bit, checkpointing)
+
+
+def _prepare(lm, load_in_4bit: bool, checkpointing: bool):
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

@@ -136,6 +136,9 @@ def test_dry_run_tiny_shape_runs_every_variant(tmp_path):
     assert [(x["variant"], x["gradient_checkpointing"]) for x in r["runs"]] == [
         (v, gc) for gc in (True, False) for v in ("sentiment_only", "dual_head", "dual_engram")]
     assert all(x["seconds_per_step"] > 0 and x["trainable_params"] > 0 and x["batch_size"] == 4 for x in r["runs"])
+    # random weights built in memory: no disk; on the CPU no GPU memory to judge
+    assert r["disk_needed_bytes"] == 0 and all(x["fits_16gb"] is None for x in r["runs"])
+    assert r["table"].count("n/a (CPU)") == 3 * 6 and "| dual_engram | off | 4 × 16 |" in r["table"]
 
 
 @pytest.mark.parametrize("setup, message", [

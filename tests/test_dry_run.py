@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dry_run
+import qlora
 from cli import UsageError
 from dry_run import check_disk, disk_needed, dry_run_table, fits, parameter_count, random_causal_lm
 
@@ -41,7 +42,7 @@ def loaded(folder, dtype, load_in_4bit):
 
     kwargs = dict(dtype=dtype, device_map={"": "cpu"})
     if load_in_4bit:
-        kwargs["quantization_config"] = dry_run._bnb_config(dtype)
+        kwargs["quantization_config"] = qlora.bnb_config(dtype)
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
 
 
