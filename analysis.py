@@ -17,7 +17,8 @@ from models import EngramCompressor, EngramModel
 from stats import mean_ci
 from training import Recipe, evaluate, zero_prefix_states
 
-RANDOM_DRAWS = 10  # untrained compressors per dual_engram run
+RANDOM_DRAWS = 10  # untrained compressors per dual_engram run, with probes
+TAIL_DRAWS = 200  # untrained compressors per run for the tail of their ARI (K-Means only)
 PROBE_FOLDS = 5
 ENGRAM_KEYS = ("ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine")
 
@@ -44,6 +45,30 @@ def representation_rank(x: np.ndarray, share: float = 0.9) -> dict:
     }
 
 
+def untrained_engrams(x: torch.Tensor, engram_dim: int, draw_seed: int) -> np.ndarray:
+    """The engrams x [n,H] gets from a compressor freshly initialised under `draw_seed`."""
+    with torch.random.fork_rng(devices=[]):  # the training stream is left as it was
+        torch.manual_seed(draw_seed)
+        compressor = EngramCompressor(x.shape[1], engram_dim)
+    with torch.no_grad():
+        return compressor(x).numpy()  # [n,e]
+
+
+def random_compressor_tail(pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int,
+                           draws: int = TAIL_DRAWS) -> dict:
+    """ARI and cluster accuracy of `draws` untrained compressors (the same seeds as the control
+    above, continued) on the pooled states as arrays.npz keeps them (float16): enough draws per run
+    to say how often a random projection reaches a given ARI (the study's, say). Computed from the
+    saved arrays, so a run trained before this control existed gets exactly the same one."""
+    x = torch.as_tensor(np.asarray(pooled, dtype=np.float16).astype(np.float32))  # [n,H] as saved
+    ari, acc = [], []
+    for d in range(draws):
+        metrics, _ = engram_metrics(untrained_engrams(x, engram_dim, seed * 1000 + d), labels, seed)
+        ari.append(metrics["ari"])
+        acc.append(metrics["cluster_accuracy"])
+    return {"draws": draws, "inputs": "pooled states as saved in arrays.npz (float16)", "ari": ari, "cluster_accuracy": acc}
+
+
 def random_compressor_control(pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int,
                               draws: int = RANDOM_DRAWS) -> dict:
     """The engram metrics and the engram probe of `draws` freshly initialised, never trained
@@ -52,11 +77,7 @@ def random_compressor_control(pooled: np.ndarray, labels: np.ndarray, engram_dim
     x = torch.as_tensor(np.asarray(pooled, dtype=np.float32))  # [n,H]
     per_draw = []
     for d in range(draws):
-        with torch.random.fork_rng(devices=[]):  # the training stream is left as it was
-            torch.manual_seed(seed * 1000 + d)
-            compressor = EngramCompressor(x.shape[1], engram_dim)
-        with torch.no_grad():
-            e = compressor(x).numpy()  # [n,e]
+        e = untrained_engrams(x, engram_dim, seed * 1000 + d)  # [n,e]
         metrics, _ = engram_metrics(e, labels, seed)
         per_draw.append({**{k: metrics[k] for k in ENGRAM_KEYS}, "probe_accuracy": probe(e, labels, seed)["accuracy"]})
     summary = {}

@@ -198,9 +198,26 @@ def rank_test(models: dict) -> dict:
                for k in models[a]["rank"]}}
 
 
-def engram_summary(models: dict) -> dict:
+def tail_summary(runs: list[dict], threshold: float) -> dict:
+    """How often untrained compressors reach `threshold` (the study's ARI), per seed and over all,
+    and where each trained engram's ARI falls among its own seed's draws."""
+    per_seed = []
+    for r in runs:
+        ari = np.asarray(r["analysis"]["random_compressor_tail"]["ari"])
+        per_seed.append({"seed": r["seed"], "draws": len(ari), "at_or_above": int((ari >= threshold).sum()),
+                         "fraction": float((ari >= threshold).mean()), "max": float(ari.max()),
+                         "trained_ari": r["analysis"]["engram"]["ari"],
+                         "fraction_at_or_above_trained": float((ari >= r["analysis"]["engram"]["ari"]).mean())})
+    draws = sum(x["draws"] for x in per_seed)
+    hits = sum(x["at_or_above"] for x in per_seed)
+    return {"threshold": threshold, "draws": draws, "at_or_above": hits, "fraction": hits / draws,
+            "max": max(x["max"] for x in per_seed), "per_seed": per_seed}
+
+
+def engram_summary(models: dict, study_ari: float | None = None) -> dict:
     """Trained engram, untrained (random) compressors and the pooled state, over the seeds of
-    dual_engram; and per seed whether the trained engram's ARI lies above every random draw's."""
+    dual_engram; per seed whether the trained engram's ARI lies above every random draw's; and the
+    tail: how often a random compressor reaches the study's ARI."""
     if "dual_engram" not in models:
         return {}
     runs = [r for r in models["dual_engram"]["runs"] if r["analysis"]]
@@ -220,6 +237,8 @@ def engram_summary(models: dict) -> dict:
                                 "random_max": r["analysis"]["random_compressor"]["summary"]["ari"]["max"],
                                 "above": r["analysis"]["engram"]["ari"] > r["analysis"]["random_compressor"]["summary"]["ari"]["max"]}
                                for r in runs]
+    if study_ari is not None and all("random_compressor_tail" in r["analysis"] for r in runs):
+        out["random_tail"] = tail_summary(runs, study_ari)
     return out
 
 
@@ -234,7 +253,7 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
         "complete": complete,
         "stopped": stopped,
         "models": models,
-        "engram": engram_summary(models),
+        "engram": engram_summary(models, study.get("engram", {}).get("ari")),
         "hypotheses": hypotheses(models, results, labels, study),
         "rank_test": rank_test(models),
         "study": study,

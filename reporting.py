@@ -164,7 +164,8 @@ def engram_section(m: dict, study_engram: dict) -> list[str]:
              "K-Means (k = 2) on each validation sentence's own engram (zero-engram pass) of the final model; mean ± std over seeds.", "",
              "| Metric | Ours | Study |", "|---|---|---|"]
     for name, key, digits, scale in ENGRAM_ROWS:
-        lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {_f(study_engram.get(key), digits)} |")
+        study = study_engram.get(key)  # as the study's results file gives it (4 decimals)
+        lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {'–' if study is None else f'{study:g}'} |")
     lines.append("")
     if "random_compressor" in e:
         lines += control_section(m)
@@ -199,7 +200,21 @@ def control_section(m: dict) -> list[str]:
     lines += ["", f"**Does the trained engram separate sentiment better than a random projection?** "
                   f"{'Yes' if better else 'No'}: {words} (trained ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
                   f"pooled state {_msd(pk['ari'], 3)}).", ""]
-    return lines
+    return lines + tail_lines(e)
+
+
+def tail_lines(e: dict) -> list[str]:
+    """How often an untrained compressor reaches the study's ARI, and the trained engram's."""
+    t = e.get("random_tail")
+    if not t:
+        return []
+    per = "; ".join(f"seed {x['seed']}: {x['at_or_above']}/{x['draws']}" for x in t["per_seed"])
+    trained = "; ".join(f"seed {x['seed']} ({x['trained_ari']:.3f}): {100 * x['fraction_at_or_above_trained']:.1f} %"
+                        for x in t["per_seed"])
+    return [f"**How often does a random projection reach the study's ARI ({t['threshold']:g})?** {t['at_or_above']} of "
+            f"{t['draws']:,} untrained compressors ({100 * t['fraction']:.2f} %; {per}); the largest ARI of any draw is "
+            f"{t['max']:.3f}. Untrained compressors reaching the trained engram's own ARI: {trained}. "
+            f"({t['draws'] // len(t['per_seed'])} draws a seed, on the pooled states as `arrays.npz` keeps them, float16.)", ""]
 
 
 def ablation_section(m: dict) -> list[str]:

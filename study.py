@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis import analyse
+from analysis import analyse, random_compressor_tail
 from checkpoints import latest_checkpoint, prepare_checkpoints, read_result
 from cli import Interrupted, UsageError, check_stop
 from figures import engram_clusters, learning_curves
@@ -25,6 +25,19 @@ OUTPUTS = ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png
 def load_arrays(out: Path, seed: int, variant: str) -> dict:
     with np.load(out / "checkpoints" / f"seed{seed}" / variant / "arrays.npz", allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def with_tail(folder: Path, result: dict, seed: int) -> dict:
+    """A finished dual_engram result with the tail of its random-compressor control, computed from
+    its arrays.npz and written into its result.json once (older runs get it on their next --resume)."""
+    analysis = result.get("analysis") or {}
+    if "engram" not in analysis or "random_compressor_tail" in analysis:
+        return result
+    with np.load(folder / "arrays.npz", allow_pickle=False) as z:
+        pooled, labels, engrams = z["pooled"], z["labels"], z["engrams"]
+    analysis["random_compressor_tail"] = random_compressor_tail(pooled, labels, engrams.shape[1], seed)
+    write_json(folder / "result.json", result)
+    return result
 
 
 def run_study(recipe: Recipe, seeds: list[int], train, evals: dict, out: Path, resume: bool, settings: dict, on_progress) -> dict:
@@ -44,13 +57,14 @@ def run_study(recipe: Recipe, seeds: list[int], train, evals: dict, out: Path, r
                 kept = read_result(folder / "result.json", f"{variant} seed {seed}") if resume else None
                 if kept is not None and (folder / "arrays.npz").is_file():
                     print(f"[{variant} seed {seed}] finished in an earlier run; skipping")
-                    results[seed][variant] = kept
+                    results[seed][variant] = with_tail(folder, kept, seed)
                     continue
                 check_stop(f"{variant} seed {seed}, before training")
                 result, built = train_variant(recipe, variant, seed, train, evals, folder, resume)
                 result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, seed)
                 write_npz(folder / "arrays.npz", arrays)
                 write_json(folder / "result.json", result)
+                result = with_tail(folder, result, seed)
                 results[seed][variant] = result
                 del built
                 if recipe.device.type == "cuda":

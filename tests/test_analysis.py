@@ -110,6 +110,41 @@ def test_random_compressor_on_noise_finds_nothing():
     assert r["summary"]["probe_accuracy"]["mean"] < 0.7
 
 
+def test_the_tail_continues_the_controls_draws_on_the_saved_float16_states_and_counts_the_threshold():
+    rng = np.random.default_rng(4)
+    labels = np.tile([0, 1], 40)
+    x = (rng.standard_normal((80, 16)) + 0.8 * labels[:, None]).astype(np.float32)  # [80,16]
+    tail = analysis.random_compressor_tail(x, labels, 8, seed=5, draws=12)
+    assert tail["draws"] == 12 and len(tail["ari"]) == len(tail["cluster_accuracy"]) == 12
+    x16 = x.astype(np.float16).astype(np.float32)
+    control = random_compressor_control(x16, labels, 8, seed=5, draws=3)
+    assert tail["ari"][:3] == [d["ari"] for d in control["per_draw"]]  # the same compressors, continued
+    assert len(set(tail["ari"])) > 3
+    threshold = sorted(tail["ari"])[-4]  # exactly 4 draws at or above it
+    runs = [{"seed": 5, "analysis": {"random_compressor_tail": tail, "engram": {"ari": max(tail["ari"]) + 0.01}}}]
+    t = metrics.tail_summary(runs, threshold)
+    assert (t["draws"], t["at_or_above"], t["fraction"]) == (12, 4, 4 / 12) and t["max"] == max(tail["ari"])
+    assert t["per_seed"][0]["fraction_at_or_above_trained"] == 0.0
+
+
+def test_with_tail_adds_the_tail_to_a_finished_result_once(tmp_path):
+    import study
+    from files import write_json, write_npz
+
+    rng = np.random.default_rng(5)
+    labels = np.tile([0, 1], 20)
+    write_npz(tmp_path / "arrays.npz", {"labels": labels, "pooled": rng.standard_normal((40, 12)).astype(np.float16),
+                                        "engrams": rng.standard_normal((40, 4))})
+    result = {"analysis": {"engram": {"ari": 0.1}}}
+    write_json(tmp_path / "result.json", result)
+    out = study.with_tail(tmp_path, result, seed=3)
+    kept = json.loads((tmp_path / "result.json").read_text())
+    assert kept["analysis"]["random_compressor_tail"]["draws"] == analysis.TAIL_DRAWS == len(out["analysis"]["random_compressor_tail"]["ari"])
+    (tmp_path / "arrays.npz").unlink()  # a result that has its tail is not computed again
+    assert study.with_tail(tmp_path, kept, seed=3) is kept
+    assert study.with_tail(tmp_path, {"analysis": {"rank": {}}}, seed=3) == {"analysis": {"rank": {}}}  # no engram, no tail
+
+
 def test_random_compressor_is_seeded_and_leaves_the_global_rng_alone():
     rng = np.random.default_rng(2)
     labels = np.tile([0, 1], 30)

@@ -62,6 +62,9 @@ def test_end_to_end_writes_every_output_with_the_full_schema(small_run, sst2_sma
     assert len(p["labels"]) == 96 and len(p["runs"]["42"]["dual_head"]["final"]["prob"]) == 96
     report = (small_run / "REPORT.md").read_text()
     assert "Shortened run" in report and "80.28" in report and "| H2 |" in report and "0.2356" in report
+    tail = m["engram"]["random_tail"]
+    assert tail["threshold"] == 0.2356 and tail["draws"] == len(eng["random_compressor_tail"]["ari"]) == 200
+    assert f"**How often does a random projection reach the study's ARI (0.2356)?** {tail['at_or_above']} of 200 " in report
 
 
 def test_checkpoints_are_complete_and_incomplete_ones_are_ignored(small_run):
