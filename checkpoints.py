@@ -84,14 +84,32 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
 
 
-def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scaler, state: dict) -> Path:
-    """Write epoch `epoch` into a temporary folder, the marker last, rename it into place, read it
-    back whole, and only then drop epochs older than the KEEP newest. A folder without the marker
-    is never loaded, and a failed read-back leaves the older epochs in place."""
+def checkpoint_name(epoch: int, step: int = 0) -> str:
+    """epoch_003: epoch 3 complete; epoch_004_step_000120: 120 steps into epoch 4 (a checkpoint
+    taken mid-epoch, at a stop request or a preemption)."""
+    return f"epoch_{epoch:03d}" if not step else f"epoch_{epoch + 1:03d}_step_{step:06d}"
+
+
+def _position(p: Path) -> tuple[int, float] | None:
+    """(epoch, step) of a checkpoint folder's name, a complete epoch after all of its steps; None
+    for another name. By number, not by name: epoch_1000 is newer than epoch_999."""
+    parts = p.name.split("_")
+    if len(parts) == 2 and parts[0] == "epoch" and parts[1].isdigit():
+        return int(parts[1]), float("inf")
+    if len(parts) == 4 and parts[0] == "epoch" and parts[2] == "step" and parts[1].isdigit() and parts[3].isdigit():
+        return int(parts[1]), int(parts[3])
+    return None
+
+
+def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scaler, state: dict, step: int = 0) -> Path:
+    """Write the state after epoch `epoch` (and `step` steps of the next one) into a temporary
+    folder, the marker last, rename it into place, read it back whole, and only then drop
+    checkpoints older than the KEEP newest. A folder without the marker is never loaded, and a
+    failed read-back leaves the older ones in place."""
     from safetensors.torch import save_file
 
-    final = folder / f"epoch_{epoch:03d}"
-    tmp = folder / f".epoch_{epoch:03d}.tmp"
+    final = folder / checkpoint_name(epoch, step)
+    tmp = folder / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -103,7 +121,7 @@ def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scale
     torch.save(train_state, tmp / "train_state.pt")
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "rng": rng_meta}, allow_nan=False))
+    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "step": step, "rng": rng_meta}, allow_nan=False))
     (tmp / MARKER).write_text("ok\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -118,12 +136,9 @@ def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scale
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
-    """Epoch folders with the COMPLETE marker, newest first."""
-    def epoch(p: Path) -> int:  # by number, not by name: epoch_1000 is newer than epoch_999
-        return int(p.name.split("_", 1)[1])
-
-    found = [p for p in folder.glob("epoch_*") if p.name.split("_", 1)[1].isdigit() and (p / MARKER).is_file()]
-    return sorted(found, key=epoch, reverse=True)
+    """Checkpoint folders with the COMPLETE marker, newest first."""
+    found = [p for p in folder.glob("epoch_*") if _position(p) is not None and (p / MARKER).is_file()]
+    return sorted(found, key=_position, reverse=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -178,13 +193,37 @@ def read_result(path: Path, label: str) -> dict | None:
 
 # ----------------------------------------------------------------------------- the settings a resume must match
 
-RESUME_FREE = ("resume", "no_progress", "seeds", "out", "device")  # settings a resumed run may change
+# settings a resumed run may change: where and how it runs, and which jobs of the grid (seeds and
+# variants may be added); never what a job computes
+RESUME_FREE = ("resume", "no_progress", "seeds", "variants", "out", "device", "executor", "jobs", "status", "report_only",
+               "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job")
+
+
+def live_job_locks(ckpt_root: Path) -> list[str]:
+    """The jobs of this folder whose lock is held by a process still running (here or elsewhere)."""
+    import socket
+
+    from files import alive
+
+    held = []
+    for lock in ckpt_root.glob("seed*/*/.lock-job.json"):
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            continue
+        if holder.get("host") != socket.gethostname() or alive(int(holder.get("pid", 0))):
+            held.append(f"{lock.parent.parent.name}/{lock.parent.name} (pid {holder.get('pid')} on {holder.get('host')})")
+    return held
 
 
 def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool) -> None:
-    """A fresh run clears old checkpoints; a resumed one only continues checkpoints made with the
-    same settings (seeds may be added)."""
+    """A fresh run clears old checkpoints, unless a job of that folder is still running; a resumed
+    one only continues checkpoints made with the same settings (seeds and variants may be added)."""
     if not resume:
+        held = live_job_locks(ckpt_root)
+        if held:
+            raise UsageError(f"{ckpt_root.parent} is in use by jobs still running: {', '.join(held)}; wait for them, stop "
+                             "them, or pass another --out")
         shutil.rmtree(ckpt_root, ignore_errors=True)
     path = ckpt_root / "run.json"
     mine = {k: v for k, v in settings.items() if k not in RESUME_FREE}

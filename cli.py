@@ -16,6 +16,10 @@ class NonFiniteLoss(RuntimeError):
     """A training loss became NaN or infinite: one line, exit status 2, last good checkpoint kept."""
 
 
+class JobsFailed(Exception):
+    """Some jobs of a grid did not finish (the others' results are kept): one line, exit status 1."""
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped the run at a step boundary: one line, exit 128 + signal number."""
 
@@ -51,6 +55,8 @@ class StopRequest:
 
 
 STOP = StopRequest()
+# the signals that request a stop; a job under submitit adds SIGUSR2 (its time limit is near)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
 
 def check_stop(where: str) -> None:
@@ -114,8 +120,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
 def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr: float, out: str,
-                protocols: tuple[str, ...]) -> argparse.ArgumentParser:
+                protocols: tuple[str, ...], variants: tuple[str, ...], slurm_gpus: int) -> argparse.ArgumentParser:
     """A parser with the flags both experiments share, grouped as the help shows them, with the
     given scale's defaults. Unknown flags are errors (argparse exits with status 2). Settings a
     protocol fixes default to None here and are filled from the preset (see protocols.py)."""
@@ -143,7 +156,12 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
     t.add_argument("--lr", type=positive_float, default=lr, help="learning rate (the peak, where the protocol has a schedule)")
     t.add_argument("--seeds", type=seed_int, nargs="+", default=[42], metavar="SEED",
                    help="train every variant once per seed, each in [0, 2**32) (default: 42)")
+    t.add_argument("--variants", nargs="+", choices=variants, default=list(variants), metavar="VARIANT",
+                   help=f"train only these variants ({', '.join(variants)}; default: all three); hypotheses that need "
+                        "a missing variant are reported as not run")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")
+    t.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; with --executor local, cores // --jobs)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=None, help=f"output folder (default {out}/, or {out}/published/ with --protocol published)")
     o.add_argument("--resume", action="store_true",
@@ -154,6 +172,25 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
                    help=f"metrics.json of this scale's run under the other protocol, for the report's 'As written vs as run' "
                         f"tables (default: OUT/published/metrics.json for a written run, and for a published run in "
                         f"OUT/published, OUT/metrics.json; OUT defaults to {out}; skipped if absent or of another model)")
+    x = p.add_argument_group("execution: a run is a grid of jobs, one per (seed, variant)")
+    x.add_argument("--executor", choices=("serial", "local", "slurm"), default="serial",
+                   help="serial: every job in turn in this process; local: --jobs at once on this machine (submitit); "
+                        "slurm: one Slurm job array (submitit). Rerunning a local or slurm command submits only the jobs "
+                        "without a result")
+    x.add_argument("--jobs", type=positive_int, default=1,
+                   help="jobs at once (local: processes on this machine, at most one per GPU; slurm: the array's parallelism)")
+    x.add_argument("--status", action="store_true", help="print the grid's jobs (finished, running, pending, failed, "
+                                                         "not started) and exit; starts nothing")
+    x.add_argument("--report-only", action="store_true", help="rewrite every output from the finished jobs; trains nothing")
+    x.add_argument("--slurm-partition", default=None, help="Slurm partition (default: the cluster's default)")
+    x.add_argument("--slurm-time", type=positive_int, default=None, metavar="MINUTES",
+                   help="time limit of each job in minutes (required with --executor slurm); a job stopped at its limit "
+                        "checkpoints mid-epoch and is requeued")
+    x.add_argument("--slurm-gpus", type=int, default=slurm_gpus, help="GPUs per job")
+    x.add_argument("--slurm-cpus", type=positive_int, default=None, help="CPUs per job (default: Slurm's)")
+    x.add_argument("--slurm-extra", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="another sbatch option, e.g. --slurm-extra account=myproject (repeatable)")
+    x.add_argument("--job", default=None, help=argparse.SUPPRESS)  # SEED:VARIANT: run one job of the grid (what an executor starts)
     return p
 
 
@@ -184,6 +221,22 @@ def validate_common(args) -> None:
         raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds repeats a seed: {args.seeds}")
+    if len(set(args.variants)) != len(args.variants):
+        raise UsageError(f"--variants repeats a variant: {args.variants}")
+    validate_execution(args)
+
+
+def validate_execution(args) -> None:
+    """The executor's settings, and the threads each job gets: cores // --jobs on this machine."""
+    import os
+
+    if args.executor == "slurm" and args.slurm_time is None and not (args.status or args.report_only):
+        raise UsageError("--executor slurm needs --slurm-time MINUTES: Slurm's and submitit's default limits are minutes "
+                         "and would stop a job long before it ends")
+    if args.jobs > 1 and args.executor == "serial":
+        raise UsageError(f"--jobs {args.jobs} needs --executor local or slurm (serial runs one job at a time)")
+    if args.executor == "local" and args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
 
 def cli_main(parse_args, run, argv=None):
@@ -194,7 +247,7 @@ def cli_main(parse_args, run, argv=None):
     STOP.signum = None
     previous = {}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, STOP.handler)
     except ValueError:  # not the main thread (e.g. a test runner's worker): no handlers
         previous = {}
@@ -203,6 +256,9 @@ def cli_main(parse_args, run, argv=None):
     except (UsageError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except JobsFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum)

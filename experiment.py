@@ -17,9 +17,9 @@ from cli import (UsageError, base_parser, cli_main, default_out, other_protocol_
 from data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
-from models import SmallConfig, build_small_model
+from models import VARIANTS, SmallConfig, build_small_model
 from protocols import SMALL, SMALL_STUDY, parse_with_preset, preset_help, resolve
-from study import read_metrics, run_and_report
+from study import read_metrics, run_and_report, show_status
 from training import Built, Recipe
 
 DEFAULT_EPOCHS = 8
@@ -32,7 +32,7 @@ PRESET_FLAGS = {"vocab_words": "vocab_words", "d_ff": "d_ff", "batch_size": "bat
 def parse_args(argv):
     p = base_parser("experiment.py", "Experiment 1 of the study: sentiment_only, dual_head and dual_engram small "
                     "transformers trained from scratch on SST-2.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(SMALL, "batch_size"), lr=3e-4, out=OUT,
-                    protocols=tuple(SMALL))
+                    protocols=tuple(SMALL), variants=VARIANTS, slurm_gpus=0)
     m = p.add_argument_group("model")
     m.add_argument("--vocab-words", type=positive_int, default=None,
                    help="most frequent training words kept after the special tokens (words; preset: " + preset_help(SMALL, "vocab_words") + ")")
@@ -45,7 +45,6 @@ def parse_args(argv):
     m.add_argument("--engram-dim", type=positive_int, default=32, help="engram width")
     m.add_argument("--impl", choices=("packed", "padded"), default="packed",
                    help="packed: per-token layers on real tokens only; padded: the naive reference (same function, slower)")
-    m.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     o = p.add_argument_group("loss and optimiser (default: the protocol's preset)")
     o.add_argument("--lm-weight", type=non_negative_float, default=None, help="weight of the LM loss in the dual variants (preset: " + preset_help(SMALL, "lm_weight") + ")")
     o.add_argument("--sent-weight", type=non_negative_float, default=None,
@@ -115,6 +114,8 @@ def run(args, argv) -> dict:
     preset, overrides = resolve(SMALL, args, PRESET_FLAGS)
     validate(args)
     out = check_writable(args.out or default_out(OUT, args.protocol))
+    if args.status:
+        return show_status(out, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

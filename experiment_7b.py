@@ -23,7 +23,7 @@ from protocols import BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_hel
 from dry_run import dry_run
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    quiet_libraries, resolve_model_source)
-from study import read_metrics, run_and_report
+from study import read_metrics, run_and_report, show_status
 from training import Built, Recipe
 
 DEFAULT_EPOCHS = 3
@@ -36,7 +36,7 @@ PRESET_FLAGS = {"batch_size": "batch_size", "weight_decay": "weight_decay", "war
 def parse_args(argv):
     p = base_parser("experiment_7b.py", "Experiment 2 of the study: sentiment_only, dual_head and dual_engram on "
                     "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(BIG, "batch_size") + "; Model 3: " + preset_help(BIG, "engram_batch_size", lambda b: "the same" if b is None else b), lr=2e-4, out=OUT,
-                    protocols=tuple(BIG))
+                    protocols=tuple(BIG), variants=VARIANTS, slurm_gpus=1)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face hub id, local folder or .gguf file of a causal LM (never trust_remote_code)")
@@ -221,6 +221,10 @@ def run(args, argv):
     if args.dry_run:
         return dry_run(args, device, preset, make_builder)
     out = check_writable(args.out or default_out(OUT, args.protocol))
+    if args.status:
+        return show_status(out, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_path = resolve_model_source(args.model, args.cache_dir)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)

@@ -75,7 +75,7 @@ def check_writable(folder) -> Path:
 # ----------------------------------------------------------------------------- the output-folder lock
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,20 +89,28 @@ class FolderLock:
     """An exclusive claim on `folder` under `name`, held in `folder/.lock-<name>.json` with the
     holder's pid, host, start time and command.
 
-    One run holds name "run" for its whole output folder. A mode that lets several processes share
-    a folder (different seeds or variants) would take one lock per unit of work instead (say
-    "seed43-dual_head") plus a short-lived "outputs" lock around rewriting the shared files: the
-    same class, other names. A lock whose process is gone (killed, machine restarted) is taken
-    over with a note; a live one is refused in one line naming it."""
+    A job of a study (one seed and variant) holds "job" in its own checkpoint folder while it
+    trains, so that several jobs share an output folder; the shared outputs are rewritten under a
+    short-lived "outputs" lock on the output folder, which waits (`wait_s`) instead of refusing. A
+    lock whose process is gone (killed, machine restarted) is taken over with a note; so is one
+    held by an earlier run of the same Slurm job (same job id, fewer restarts: a requeued job,
+    maybe on another host). A live one is refused in one line naming it."""
 
-    def __init__(self, folder: Path, name: str = "run", command: str = ""):
+    def __init__(self, folder: Path, name: str = "run", command: str = "", wait_s: float = 0.0, who: dict | None = None):
         self.path = Path(folder) / f".lock-{name}.json"
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        self.wait_s = wait_s
+        self.who = who or {}  # extra identity: slurm_job_id and restarts (grid.identity)
         self.held = False
 
     def _record(self) -> bytes:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "command": self.command}).encode()
+                           "command": self.command, **{k: v for k, v in self.who.items() if k not in ("pid", "host")}}).encode()
+
+    def _requeued_from(self, holder: dict) -> bool:
+        """The holder is an earlier run of this same Slurm job (requeued since: more restarts)."""
+        mine = self.who.get("slurm_job_id")
+        return bool(mine) and holder.get("slurm_job_id") == mine and self.who.get("restarts", 0) > holder.get("restarts", 0)
 
     def _try_create(self) -> bool:
         """The record is written to a temporary file first and hard-linked into place, so the lock
@@ -130,6 +138,17 @@ class FolderLock:
         return True
 
     def acquire(self) -> "FolderLock":
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return self._acquire()
+            except UsageError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _acquire(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a stale lock is removed and the exclusive create tried again
             if self._try_create():
                 self.held = True
@@ -139,10 +158,15 @@ class FolderLock:
                 pid, host = int(holder["pid"]), str(holder["host"])
             except (OSError, ValueError, KeyError, TypeError):
                 holder, pid, host = {}, None, None  # unreadable: a write cut short
+            if pid is not None and self._requeued_from(holder):
+                print(f"note: taking over the lock {self.path} from Slurm job {holder['slurm_job_id']}'s earlier run "
+                      f"(pid {pid} on {host}; requeued since)", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
             if pid is not None and host != socket.gethostname():
                 raise UsageError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('started')} "
                                  f"(`{holder.get('command')}`); if that run is gone, delete {self.path}")
-            if pid is not None and _alive(pid) and pid != os.getpid():
+            if pid is not None and alive(pid) and pid != os.getpid():
                 raise UsageError(f"{self.path.parent} is in use by a run still going (pid {pid}, since "
                                  f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out "
                                  f"(if that pid now belongs to another program, delete {self.path})")

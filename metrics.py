@@ -28,6 +28,19 @@ def subject(m: dict) -> str:
     return "small transformers" if m["scale"] == "small" or not model else Path(str(model)).name
 
 
+def user_argv(argv: list[str]) -> list[str]:
+    """The command line as the user typed it: without the --job an executor adds to start one job."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--job":
+            skip = True
+        elif not a.startswith("--job="):
+            out.append(a)
+    return out
+
+
 def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int, preset, overrides: dict) -> dict:
     """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
     import dataclasses
@@ -35,7 +48,7 @@ def run_header(scale: str, script: str, argv: list[str], args, default_epochs: i
     return {
         "scale": scale,
         "protocol": preset.name,
-        "command": f"python {script} " + shlex.join(argv),
+        "command": f"python {script} " + shlex.join(user_argv(argv)),
         "shortened": args.epochs < default_epochs or args.max_train is not None or args.max_eval is not None,
         "preset": dataclasses.asdict(preset),
         "overrides": overrides,
@@ -146,8 +159,8 @@ def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
     the final-epoch accuracy differences); best-epoch deltas beside them, and the held-out sets'
     deltas at the selected and the final epoch."""
     out = {}
-    seeds = [s for s in results if all(v in results[s] for v in VARIANTS)]
     for h, (a, b) in HYPOTHESES.items():
+        seeds = [s for s in results if a in results[s] and b in results[s]]
         if not seeds:
             continue
         runs = {v: {r["seed"]: r for r in models[v]["runs"]} for v in (a, b)}

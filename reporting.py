@@ -56,7 +56,13 @@ def report_header(m: dict, title: str) -> list[str]:
         lines += [f"> **Incomplete: stopped by {m['stopped']}**. The tables hold the finished variants only; "
                   "continue with the command below plus `--resume`.", ""]
     elif not m["complete"]:
-        lines += ["> **Incomplete**: this run is still going or stopped early; the tables hold the finished variants only.", ""]
+        jobs = m.get("jobs")
+        done = f" ({jobs['finished']} of {jobs['total']} jobs finished)" if jobs else ""
+        lines += [f"> **Incomplete**{done}: this run is still going or stopped early; the tables hold the finished jobs only.", ""]
+    failed = (m.get("jobs") or {}).get("failed") or []
+    if failed:
+        lines += [f"> **{len(failed)} job(s) failed**: " + "; ".join(f"`{f['job']}`: {f['error'] or 'no error line'}" for f in failed) +
+                  f". Rerun what is missing (finished jobs are kept) with `{m['jobs']['rerun']}`.", ""]
     if m["shortened"]:
         lines += ["> **Shortened run** (fewer epochs or examples than the study): not comparable with the study's figures.", ""]
     mach = m.get("machine", {})

@@ -1,10 +1,13 @@
-"""Seeds × variants: train each in turn, analyse it, keep it, and rewrite every output after each,
-so that a crash, a full disk or Ctrl-C never loses a finished variant."""
+"""Seeds × variants, a grid of jobs: run each job (train, analyse, keep it), and rewrite every
+output from the finished jobs after each, so that a crash, a full disk, Ctrl-C or a preemption
+never loses a finished job; or hand the grid to an executor (launch.py) that runs the jobs as
+processes or Slurm jobs, each of them this same code with --job."""
 from __future__ import annotations
 
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +15,11 @@ import torch
 
 from analysis import analyse, random_compressor_tail
 from checkpoints import latest_checkpoint, prepare_checkpoints, read_result
-from cli import Interrupted, UsageError, check_stop
+from cli import Interrupted, NonFiniteLoss, UsageError, check_stop
 from figures import engram_clusters, learning_curves
 from files import FolderLock, save_figure, write_atomic, write_json, write_npz
+from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
 from metrics import build_metrics, predictions, subject
-from models import VARIANTS
 from training import Recipe, train_variant
 
 OUTPUTS = ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png")
@@ -40,45 +43,33 @@ def with_tail(folder: Path, result: dict, seed: int) -> dict:
     return result
 
 
-def run_study(recipe: Recipe, seeds: list[int], train, evals: dict, out: Path, resume: bool, settings: dict, on_progress) -> dict:
-    """Train every variant once per seed, in turn. Each finished variant's result is kept in its
-    checkpoint folder (so --resume skips it) and `on_progress(results, complete, stopped)` rewrites
-    the outputs after every finished variant, and once more if a stop request ends the run."""
-    ckpt_root = out / "checkpoints"
-    prepare_checkpoints(ckpt_root, settings, resume)
-    results: dict[int, dict[str, dict]] = {}
-    current = None
-    try:
-        for seed in seeds:
-            results[seed] = {}
-            for variant in VARIANTS:
-                current = (seed, variant)
-                folder = ckpt_root / f"seed{seed}" / variant
-                kept = read_result(folder / "result.json", f"{variant} seed {seed}") if resume else None
-                if kept is not None and (folder / "arrays.npz").is_file():
-                    print(f"[{variant} seed {seed}] finished in an earlier run; skipping")
-                    results[seed][variant] = with_tail(folder, kept, seed)
-                    continue
-                check_stop(f"{variant} seed {seed}, before training")
-                result, built = train_variant(recipe, variant, seed, train, evals, folder, resume)
-                result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, seed)
-                write_npz(folder / "arrays.npz", arrays)
-                write_json(folder / "result.json", result)
-                result = with_tail(folder, result, seed)
-                results[seed][variant] = result
-                del built
-                if recipe.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                on_progress(results, False, None)
-    except Interrupted as e:
-        seed, variant = current
-        on_progress(results, False, signal.Signals(e.signum).name)
-        last = latest_checkpoint(ckpt_root / f"seed{seed}" / variant)
-        done = sum(len(v) for v in results.values())
-        kept = f"{done} finished variant(s) and " + (f"checkpoint {last}" if last else f"no checkpoint of {variant} seed {seed} yet")
-        raise Interrupted(f"{e}; kept {kept}", e.signum) from None
-    on_progress(results, True, None)
-    return results
+def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: str) -> dict:
+    """Train, analyse and keep one job of the grid, under its own lock; its record says how it ended.
+    Resumes from the job's newest checkpoint (epoch or mid-epoch) if it has one."""
+    folder = job.folder(out)
+    label = f"{job.variant} seed {job.seed}"
+    who = identity()
+    with FolderLock(folder, "job", command, who=who):
+        write_record(out, job, state="running", started_at=time.time(), error=None, **who)
+        try:
+            check_stop(f"{label}, before training")
+            result, built = train_variant(recipe, job.variant, job.seed, train, evals, folder, resume=True)
+            result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, job.seed)
+            result["machine"] = {"host": who["host"], "threads": torch.get_num_threads()}
+            write_npz(folder / "arrays.npz", arrays)
+            write_json(folder / "result.json", result)
+            result = with_tail(folder, result, job.seed)
+        except Interrupted as e:
+            write_record(out, job, state="stopped", error=str(e))
+            raise
+        except BaseException as e:
+            write_record(out, job, state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
+        write_record(out, job, state="finished", ended_at=time.time())
+    del built
+    if recipe.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict, study: dict, panels,
@@ -105,37 +96,105 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
     return m
 
 
+class Outputs:
+    """Every output of a run, rebuilt from the grid's finished jobs on disk (whichever process or
+    host ran them) under the output folder's short "outputs" lock."""
+
+    def __init__(self, out: Path, jobs: list[Job], labels, header: dict, study: dict, panels, report_fn, recipe: Recipe):
+        self.out, self.jobs, self.labels, self.header = out, jobs, labels, header
+        self.study, self.panels, self.report_fn, self.recipe = study, panels, report_fn, recipe
+        self.drawn: dict = {}
+
+    def write(self, final: bool = False, stopped: str | None = None, tolerant: bool = False) -> dict:
+        """Rewrite the outputs. A write that fails mid-run (tolerant) is a warning: the finished
+        jobs are kept in their folders, and the next write (at the latest the final one) tries again."""
+        if self.recipe.device.type == "cuda":
+            self.header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.recipe.device) / 2**30
+        try:
+            with FolderLock(self.out, "outputs", self.header["command"], wait_s=600):
+                results = finished_results(self.out, self.jobs)
+                header = {**self.header, "jobs": jobs_summary(job_states(self.out, self.jobs), self.header)}
+                complete = all(j.finished(self.out) for j in self.jobs)
+                return write_outputs(self.out, results, self.labels, complete, header, self.study, self.panels,
+                                     self.report_fn, stopped, self.drawn)
+        except Exception as e:
+            if final and not tolerant:
+                raise
+            print(f"warning: could not write the outputs now ({type(e).__name__}: {e}); the finished jobs are kept",
+                  file=sys.stderr)
+            return {}
+
+
+def jobs_summary(rows: list[dict], header: dict) -> dict:
+    """The grid in metrics.json: how many jobs finished, which failed and why, and the command that
+    runs what is missing (the same command: a rerun skips the finished jobs)."""
+    command = header["command"]
+    if header["config"].get("executor", "serial") == "serial" and "--resume" not in command.split():
+        command += " --resume"
+    return {"total": len(rows), "finished": sum(r["state"] == "finished" for r in rows),
+            "states": {r["job"]: r["state"] for r in rows},
+            "failed": [{k: r[k] for k in ("job", "error", "log", "job_id", "host")} for r in rows if r["state"] == "failed"],
+            "rerun": command}
+
+
 def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, study: dict, panels, report_fn) -> dict:
-    """Hold the output folder's lock, run every variant for every seed, and rewrite all outputs
-    after each finished variant."""
-    for variant in VARIANTS:  # refuse at the start what would fail after hours
+    """Run the grid of seeds x --variants (all of it, or with --job one job of it, as an executor
+    starts it), or submit it (--executor local|slurm), or only rewrite the outputs (--report-only).
+    The outputs are rewritten from every finished job on disk after each job, under the short
+    "outputs" lock, so they grow as jobs finish wherever the jobs run."""
+    jobs = grid(args.seeds, args.variants)
+    for variant in args.variants:  # refuse at the start what would fail after hours
         if recipe.steps_per_epoch(variant, len(train)) == 0:
             raise UsageError(f"{len(train)} training rows make no full batch of {recipe.batch_size(variant)} for {variant} "
                              "(the protocol drops an epoch's short last batch); use more rows or a smaller --batch-size")
-    state, drawn = {}, {}
+    writer = Outputs(out, jobs, evals["validation"].labels, header, study, panels, report_fn, recipe)
+    if args.report_only:
+        return writer.write(final=True)
+    ckpt_root = out / "checkpoints"
+    if args.executor != "serial" and args.job is None:
+        import launch
 
-    def on_progress(results, complete, stopped):
-        if recipe.device.type == "cuda":
-            header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(recipe.device) / 2**30
+        prepare_checkpoints(ckpt_root, header["config"], resume=True)  # a grid always continues its folder
+        return launch.submit(args, header, out, jobs, writer)
+    mine = jobs if args.job is None else [parse_job(args.job, jobs)]
+    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None)
+    command = header["command"]
+    for job in mine:
+        if job.finished(out) and (args.resume or args.job is not None):
+            kept = read_result(job.folder(out) / "result.json", job.name)
+            if kept is not None:
+                print(f"[{job.variant} seed {job.seed}] finished in an earlier run; skipping")
+                with_tail(job.folder(out), kept, job.seed)
+                continue
         try:
-            state["metrics"] = write_outputs(out, results, evals["validation"].labels, complete, header, study, panels,
-                                             report_fn, stopped, drawn)
-        except Exception as e:
-            if complete:
-                raise
-            # a report that fails mid-run must not stop the training: the finished variants are kept
-            # in their checkpoint folders, and the next write (at the latest the final one) tries again
-            print(f"warning: could not write the outputs after this variant ({type(e).__name__}: {e}); "
-                  "training goes on", file=sys.stderr)
-
-    with FolderLock(out, "run", header["command"]):
-        try:
-            run_study(recipe, args.seeds, train, evals, out, args.resume, header["config"], on_progress)
+            run_job(job, recipe, train, evals, out, command)
         except Interrupted as e:
-            again = header["command"] + ("" if args.resume else " --resume")
-            raise Interrupted(f"{e}; continue with: {again}", e.signum) from None
-    print(f"wrote {out}/" + ", ".join(OUTPUTS))
-    return state["metrics"]
+            writer.write(stopped=signal.Signals(e.signum).name)
+            last = latest_checkpoint(job.folder(out))
+            done = sum(j.finished(out) for j in jobs)
+            kept = f"{done} finished job(s) and " + (f"checkpoint {last}" if last else f"no checkpoint of {job.variant} seed {job.seed} yet")
+            again = command + ("" if args.resume or args.job is not None else " --resume")
+            raise Interrupted(f"{e}; kept {kept}; continue with: {again}", e.signum) from None
+        except (UsageError, NonFiniteLoss):
+            writer.write(tolerant=True)
+            raise
+        writer.write(tolerant=True)
+    m = writer.write(final=args.job is None)
+    if args.job is None:
+        print(f"wrote {out}/" + ", ".join(OUTPUTS))
+    return m
+
+
+def show_status(out: Path, args) -> dict:
+    """--status: the grid's jobs as a table, without starting anything."""
+    from grid import status_table
+
+    rows = job_states(out, grid(args.seeds, args.variants))
+    print(f"{out}:\n\n{status_table(rows)}")
+    missing = [r for r in rows if r["state"] in ("failed", "not started", "stopped")]
+    if missing:
+        print(f"\n{len(missing)} job(s) to run: rerun the same command (finished jobs are kept)")
+    return {"jobs": rows}
 
 
 def read_metrics(path: Path | None) -> dict | None:

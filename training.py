@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from checkpoints import resume_from, save_checkpoint, seed_everything
-from cli import NonFiniteLoss, check_stop
+from cli import STOP, NonFiniteLoss, check_stop
 from data import Encoded, collate, epoch_batches
 from engram import run_batch, run_single, sentiment_probabilities
 from models import EngramModel, count_parameters
@@ -151,20 +151,31 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     dtype = f"; compute dtype {built.info['compute_dtype']}" if "compute_dtype" in built.info else ""
     print(f"[{variant} seed {seed}] parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f} %){dtype}")
     state = {"history": [], "best": None, "final": None, "seconds": 0.0}
-    start_epoch = 1
+    start_epoch, done_steps, partial = 1, 0, None
     loaded = resume_from(ckpt, f"{variant} seed {seed}", model, opt, built.scheduler, built.scaler) if resume else None
     if loaded is not None:
         state = loaded
         start_epoch = state.pop("epoch") + 1
-        print(f"[{variant} seed {seed}] resuming after epoch {start_epoch - 1} from {ckpt}")
+        done_steps, partial = state.pop("step", 0), state.pop("partial", None)
+        where = f"step {done_steps} of epoch {start_epoch}" if done_steps else f"epoch {start_epoch - 1}"
+        print(f"[{variant} seed {seed}] resuming after {where} from {ckpt}")
     model.train()
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "sent": 0.0, "lm": 0.0, "lm_n": 0, "correct": 0, "n": 0, "steps": 0, "sent_bm": 0.0, "lm_bm": 0.0}
+        skip, elapsed = 0, 0.0
+        if epoch == start_epoch and partial is not None:  # a mid-epoch checkpoint: its sums, then the steps after it
+            sums, skip, elapsed = partial["sums"], done_steps, partial["seconds"]
         batches = epoch_batches(len(train), bs, seed, epoch, recipe.drop_last)
-        bar = _progress(batches, recipe, f"{variant} s{seed} e{epoch}/{recipe.epochs}")
-        for step, idx in enumerate(bar, start=1):
+        bar = _progress(batches[skip:], recipe, f"{variant} s{seed} e{epoch}/{recipe.epochs}")
+        for step, idx in enumerate(bar, start=skip + 1):
+            if STOP and (step - 1) % accum == 0 and step > 1:
+                # a stop request (Ctrl-C, SIGTERM, a preemption) at an optimizer-step boundary: keep
+                # the position in the epoch and every random state, so nothing trained is lost
+                state_now = {**state, "partial": {"sums": sums, "seconds": elapsed + time.perf_counter() - t0}}
+                saved = save_checkpoint(ckpt, epoch - 1, model, opt, built.scheduler, built.scaler, state_now, step=step - 1)
+                print(f"[{variant} seed {seed}] stopped at step {step - 1} of epoch {epoch}: checkpoint {saved}")
             check_stop(f"{variant} seed {seed}, epoch {epoch}, step {step}")
             ids, mask, labels = collate(train, idx, recipe.device)
             with autocast(recipe.device, built.autocast_dtype):
@@ -192,7 +203,7 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
                 bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.3f}", acc=f"{100 * sums['correct'] / sums['n']:.1f}")
         if built.scheduler is not None and built.scheduler_per == "epoch":
             built.scheduler.step()
-        train_seconds = time.perf_counter() - t0
+        train_seconds = elapsed + time.perf_counter() - t0
         results = {name: evaluate(model, enc, recipe, built.autocast_dtype) for name, enc in evals.items()}
         val = results["validation"]
         row = {
@@ -210,7 +221,7 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
             "val_lm_loss_batch_mean": val["lm_loss_batch_mean"],
             "extra": {k: _eval_row(v) for k, v in results.items() if k != "validation"},
             "train_seconds": train_seconds,
-            "seconds": time.perf_counter() - t0,
+            "seconds": elapsed + time.perf_counter() - t0,
         }
         state["history"].append(row)
         state["seconds"] += row["seconds"]

@@ -1,0 +1,199 @@
+"""Executors for a study's grid of jobs, through submitit: `--executor local` (processes on this
+machine, --jobs at once, one GPU each where there are GPUs) and `--executor slurm` (one job array).
+
+A job is this project's own command line with `--job SEED:VARIANT` added: the cluster is a
+setting, not a second code path (as DETR's and DeiT's run_with_submitit.py wrap their main).
+
+Stops, preemption and time limits meet the project's own stop handling (cli.STOP) like this:
+- Slurm's time limit: submitit asks sbatch for USR2 90 s before it; the job's STOP handler takes
+  it, the training loop checkpoints at the next step boundary (the position in the epoch and every
+  random state) and exits with 128 + USR2; GridJob then calls submitit's own handler, which
+  requeues the job. The requeued job resumes from that checkpoint.
+- Preemption and `scontrol requeue`: Slurm sends SIGTERM (submitit would ignore it); the job's
+  STOP handler checkpoints at the next step boundary and exits; Slurm runs it again.
+- Ctrl-C in the submitting process: the local jobs run in their own sessions, so the terminal's
+  SIGINT never reaches them; the submitter stops waiting, says how to watch them, and exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
+from grid import Job, job_states, status_table, write_record
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # a local job has no time limit worth the name (submitit's default is 2 min)
+LOCAL_SIGNAL_DELAY_S = 30  # USR2 this long before a local time limit (tests shorten both)
+MAX_REQUEUES = 20  # time limits a job may run into before submitit gives up on it
+
+
+class GridJob:
+    """One job of the grid as submitit runs it: the script's main() with the user's arguments
+    and --job. Checkpointable the submitit way (a `checkpoint` method): on USR2 it is requeued
+    as it was submitted, and resumes from the checkpoint the training loop wrote."""
+
+    def __init__(self, script: str, argv: list[str], job: Job, cwd: str):
+        self.script, self.argv, self.job, self.cwd = script, list(argv), job, cwd
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def __call__(self) -> dict:
+        os.chdir(self.cwd)
+        sys.path.insert(0, str(ROOT))
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        STOP_SIGNALS.append(signal.SIGUSR2)  # main() turns it into a stop at the next step boundary
+        try:
+            importlib.import_module(self.script).main([*self.argv, "--job", self.job.key])
+        except SystemExit as e:
+            if e.code == 128 + signal.SIGUSR2 and callable(requeue):
+                requeue(signal.SIGUSR2, None)  # the checkpoint is on disk: requeue, and exit
+            if e.code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+                raise  # preempted or requeued by Slurm, or cancelled: it runs again from its checkpoint
+            raise RuntimeError(f"{self.job.name} ended with exit status {e.code} (see its log)") from None
+        finally:
+            STOP_SIGNALS.remove(signal.SIGUSR2)
+        return {"job": self.job.name, "finished": True}
+
+
+@contextlib.contextmanager
+def _own_sessions():
+    """submitit starts a local job's controller with a plain Popen, in the terminal's process
+    group: a Ctrl-C meant for the submitter would stop every job. Start them in new sessions."""
+    import submitit.local.local as local
+
+    real = local.subprocess.Popen
+    local.subprocess.Popen = lambda *a, **k: real(*a, start_new_session=True, **k)
+    try:
+        yield
+    finally:
+        local.subprocess.Popen = real
+
+
+def _to_submit(out: Path, jobs: list[Job]) -> tuple[list[Job], list[dict]]:
+    """The jobs without a result that are neither running nor waiting in a queue."""
+    rows = job_states(out, jobs)
+    todo = [j for j, r in zip(jobs, rows) if r["state"] in ("not started", "failed", "stopped")]
+    return todo, rows
+
+
+def _environment() -> None:
+    """What a job's process needs to unpickle GridJob: this folder on its PYTHONPATH (submitit's
+    workers, local or under sbatch, inherit the submitter's environment)."""
+    paths = [str(ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
+def submit(args, header: dict, out: Path, jobs: list[Job], writer) -> dict:
+    """Submit every job of the grid that has no result and is not running or queued."""
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise UsageError("--executor local|slurm needs submitit: pip install submitit") from None
+    todo, rows = _to_submit(out, jobs)
+    busy = [r for r in rows if r["state"] in ("running", "pending")]
+    if busy:
+        print(f"{len(busy)} job(s) already running or queued, not submitted again: " + ", ".join(r["job"] for r in busy))
+    if not todo:
+        print("nothing to submit: " + ("every job has finished" if not busy else "the rest is running or queued"))
+        return writer.write(final=not busy, tolerant=bool(busy))
+    _environment()
+    words = shlex.split(header["command"])  # python SCRIPT.py ARGS...: the user's own command line
+    script, argv = Path(words[1]).stem, words[2:]
+    folder = out / "jobs"
+    if args.executor == "slurm":
+        return _submit_slurm(args, header, out, todo, folder, script, argv)
+    return _run_local(args, header, out, jobs, todo, folder, script, argv, writer)
+
+
+def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+    params = dict(time=args.slurm_time, job_name=f"engram-{out.resolve().name}", array_parallelism=args.jobs,
+                  stderr_to_stdout=True, additional_parameters=dict(args.slurm_extra))
+    if args.slurm_partition:
+        params["partition"] = args.slurm_partition
+    if args.slurm_gpus:
+        params["gpus_per_node"] = args.slurm_gpus
+    if args.slurm_cpus:
+        params["cpus_per_task"] = args.slurm_cpus
+    executor.update_parameters(**params)
+    try:
+        with executor.batch():
+            submitted = [(job, executor.submit(GridJob(script, argv, job, os.getcwd()))) for job in todo]
+    except Exception as e:  # sbatch's own message (a wrong partition, an unknown option) in one line
+        raise UsageError(f"sbatch refused the job array: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from None
+    for job, sj in submitted:
+        write_record(out, job, state="submitted", slurm_job_id=sj.job_id, log=str(sj.paths.stdout), submitted_at=time.time(),
+                     error=None)
+    print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}; logs in {folder}/")
+    print(f"watch them with: {header['command']} --status   (the last job to finish writes the complete report)")
+    return {"submitted": [sj.job_id for _, sj in submitted]}
+
+
+def _gpus(args) -> list[int]:
+    import torch
+
+    if args.device == "cpu" or not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    if args.jobs > n:
+        raise UsageError(f"--jobs {args.jobs} exceeds the {n} GPU(s) of this machine: one job per GPU")
+    return list(range(n))
+
+
+def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> dict:
+    """Run the jobs as local processes, --jobs at once, and wait for them."""
+    import submitit
+
+    gpus = _gpus(args)
+    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, signal_delay_s=LOCAL_SIGNAL_DELAY_S)
+    queue, running, free = list(todo), {}, list(gpus)
+    print(f"running {len(todo)} job(s), {args.jobs} at a time, {args.threads} thread(s) each"
+          + (f", one GPU each ({len(gpus)} here)" if gpus else "") + f"; logs in {folder}/")
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                job = queue.pop(0)
+                gpu = free.pop(0) if gpus else None
+                if gpu is not None:
+                    executor.update_parameters(gpus_per_node=1, visible_gpus=(gpu,))
+                with _own_sessions():
+                    sj = executor.submit(GridJob(script, argv, job, os.getcwd()))
+                write_record(out, job, state="submitted", local_job_id=sj.job_id, log=str(sj.paths.stderr),
+                             submitted_at=time.time(), error=None)
+                running[job] = (sj, gpu)
+            time.sleep(0.5)
+            if STOP:
+                raise Interrupted(f"{STOP.name}: stopped waiting", STOP.signum)
+            for job, (sj, gpu) in list(running.items()):
+                if sj.done():
+                    del running[job]
+                    if gpu is not None:
+                        free.append(gpu)
+                    print(f"[{job.name}] {'finished' if job.finished(out) else 'ended without a result'}")
+    except Interrupted as e:
+        left = [j.name for j in running]
+        raise Interrupted(f"{e}; {len(left)} job(s) keep running ({', '.join(left) or 'none'}), {len(queue)} not started; "
+                          f"watch them with: {header['command']} --status; rerun the command to start the rest",
+                          e.signum) from None
+    m = writer.write(final=True)
+    rows = job_states(out, jobs)
+    failed = [r for r in rows if r["state"] != "finished"]
+    if failed:
+        print(status_table(rows), file=sys.stderr)
+        raise JobsFailed(f"{len(failed)} of {len(rows)} job(s) did not finish (" + "; ".join(
+            f"{r['job']}: {r['error'] or r['state']}" for r in failed) + f"); the others' results are kept; rerun what is "
+            f"missing with: {header['command']}")
+    return m
