@@ -31,6 +31,10 @@ class Job:
         return f"seed{self.seed}-{self.variant}"
 
     @property
+    def label(self) -> str:  # messages, as the training loop names a variant
+        return f"{self.variant} seed {self.seed}"
+
+    @property
     def key(self) -> str:  # the hidden --job flag's value
         return f"{self.seed}:{self.variant}"
 
@@ -61,7 +65,7 @@ def finished_results(out: Path, jobs: list[Job]) -> dict[int, dict[str, dict]]:
     results: dict[int, dict[str, dict]] = {}
     for job in jobs:
         if job.finished(out):
-            r = read_result(job.folder(out) / "result.json", f"{job.variant} seed {job.seed}")
+            r = read_result(job.folder(out) / "result.json", job.label)
             if r is not None:
                 results.setdefault(job.seed, {})[job.variant] = r
     return results
@@ -143,7 +147,7 @@ def job_states(out: Path, jobs: list[Job]) -> list[dict]:
                "job_id": rec.get("slurm_job_id") or rec.get("local_job_id"), "host": rec.get("host"),
                "minutes": None, "error": None, "log": rec.get("log")}
         if job.finished(out):
-            result = read_result(job.folder(out) / "result.json", job.name) or {}
+            result = read_result(job.folder(out) / "result.json", job.label) or {}
             row.update(state="finished", minutes=result.get("seconds", 0) / 60)
         elif rec:
             state = rec.get("state")

@@ -188,7 +188,7 @@ def load_base(model, device: torch.device, compute_dtype: torch.dtype, load_in_4
     from transformers import AutoModelForCausalLM
 
     if callable(model):
-        return _prepare(model(device, compute_dtype, load_in_4bit), load_in_4bit, checkpointing)
+        return prepare_base(model(device, compute_dtype, load_in_4bit), load_in_4bit, checkpointing)
 
     kwargs = dict(dtype=compute_dtype, trust_remote_code=False, device_map={"": str(device) if device.type == "cpu" else device.index or 0})
     if load_in_4bit:
@@ -199,10 +199,11 @@ def load_base(model, device: torch.device, compute_dtype: torch.dtype, load_in_4
         raise
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a causal LM from {model}: {str(e).splitlines()[0]}") from None
-    return _prepare(lm, load_in_4bit, checkpointing)
+    return prepare_base(lm, load_in_4bit, checkpointing)
 
 
-def _prepare(lm, load_in_4bit: bool, checkpointing: bool):
+def prepare_base(lm, load_in_4bit: bool, checkpointing: bool):
+    """4-bit: prepared for k-bit training (non-quantised weights to fp32); else frozen as loaded."""
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -215,6 +216,32 @@ def _prepare(lm, load_in_4bit: bool, checkpointing: bool):
     return lm
 
 
+def with_lora(lm, r: int, alpha: int, dropout: float):
+    """LoRA on the seven projections of every decoder layer of a base model from load_base."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS), bias="none",
+                      task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model; the
+        # call is peft's, not ours, so only that one message is silenced, here only
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        lm = get_peft_model(lm, lora)
+    keep_training_layout(lm)
+    return lm
+
+
+def keep_training_layout(lm) -> None:
+    """On the CPU, bitsandbytes repacks 4-bit weights for inference at the first eval-mode call
+    and then cannot train through them (in-place bias add on a graph tensor): keep training layout."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None or next(lm.parameters()).device.type != "cpu":
+        return
+    for m in lm.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
 def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str,
                       preset=None) -> EngramModel:
     """`preset` (a protocols.BigProtocol) sets the pooling, the loss weights and whether the decoder
@@ -223,24 +250,8 @@ def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: t
         from protocols import BIG
 
         preset = BIG["written"]
-    from peft import LoraConfig, get_peft_model
-
     lm = load_base(model_path, device, compute_dtype, args.load_in_4bit, getattr(args, "gradient_checkpointing", True))
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model; the
-        # call is peft's, not ours, so only that one message is silenced, here only
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        lm = get_peft_model(lm, lora)
-    if device.type == "cpu" and args.load_in_4bit:
-        import bitsandbytes as bnb
-
-        # bitsandbytes repacks 4-bit weights for CPU inference at the first eval-mode call and
-        # then cannot train through them (in-place bias add on a graph tensor); keep training layout.
-        for m in lm.modules():
-            if isinstance(m, bnb.nn.Linear4bit):
-                m.support_avx512bf16_for_cpu = False
+    lm = with_lora(lm, args.lora_r, args.lora_alpha, args.lora_dropout)
     # under autocast the decoder's input is cast to the compute dtype; without it (the study's code)
     # the embeddings stay in their dtype, fp32 after prepare_model_for_kbit_training
     backbone = HFBackbone(lm, compute_dtype if preset.autocast else None)

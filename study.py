@@ -30,16 +30,23 @@ def load_arrays(out: Path, seed: int, variant: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def with_tail(folder: Path, result: dict, seed: int) -> dict:
-    """A finished dual_engram result with the tail of its random-compressor control, computed from
-    its arrays.npz and written into its result.json once (older runs get it on their next --resume)."""
+def add_tail(folder: Path, result: dict, seed: int) -> bool:
+    """Add the tail of the random-compressor control to a dual_engram result, computed from its
+    arrays.npz (the pooled states as saved); False if it has one already or has no engram."""
     analysis = result.get("analysis") or {}
     if "engram" not in analysis or "random_compressor_tail" in analysis:
-        return result
+        return False
     with np.load(folder / "arrays.npz", allow_pickle=False) as z:
         pooled, labels, engrams = z["pooled"], z["labels"], z["engrams"]
     analysis["random_compressor_tail"] = random_compressor_tail(pooled, labels, engrams.shape[1], seed)
-    write_json(folder / "result.json", result)
+    return True
+
+
+def with_tail(folder: Path, result: dict, seed: int) -> dict:
+    """A finished result of an earlier run, given the tail if it lacks one (written into its
+    result.json once: runs made before the tail existed get it on their next --resume)."""
+    if add_tail(folder, result, seed):
+        write_json(folder / "result.json", result)
     return result
 
 
@@ -47,18 +54,17 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
     """Train, analyse and keep one job of the grid, under its own lock; its record says how it ended.
     Resumes from the job's newest checkpoint (epoch or mid-epoch) if it has one."""
     folder = job.folder(out)
-    label = f"{job.variant} seed {job.seed}"
     who = identity()
     with FolderLock(folder, "job", command, who=who):
         write_record(out, job, state="running", started_at=time.time(), error=None, **who)
         try:
-            check_stop(f"{label}, before training")
+            check_stop(f"{job.label}, before training")
             result, built = train_variant(recipe, job.variant, job.seed, train, evals, folder, resume=True)
             result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, job.seed)
             result["machine"] = {"host": who["host"], "threads": torch.get_num_threads()}
             write_npz(folder / "arrays.npz", arrays)
-            write_json(folder / "result.json", result)
-            result = with_tail(folder, result, job.seed)
+            add_tail(folder, result, job.seed)
+            write_json(folder / "result.json", result)  # last, and once: the job is finished when it exists
         except Interrupted as e:
             write_record(out, job, state="stopped", error=str(e))
             raise
@@ -161,7 +167,7 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
     command = header["command"]
     for job in mine:
         if job.finished(out) and (args.resume or args.job is not None):
-            kept = read_result(job.folder(out) / "result.json", job.name)
+            kept = read_result(job.folder(out) / "result.json", job.label)
             if kept is not None:
                 print(f"[{job.variant} seed {job.seed}] finished in an earlier run; skipping")
                 with_tail(job.folder(out), kept, job.seed)

@@ -14,7 +14,6 @@ from dry_run import check_disk, disk_needed, dry_run_table, fits, parameter_coun
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
              vocab_size=512, max_position_embeddings=256)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def qwen_config(tied=False):
@@ -70,27 +69,10 @@ def nothing_on_meta(lm):
     return not [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
 
 
-def keep_training_layout(lm):
-    """As qlora.build_qlora_model on the CPU: bitsandbytes would repack 4-bit weights for inference
-    at the first eval-mode call, and could not train through them afterwards."""
-    import bitsandbytes as bnb
-
-    for m in lm.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-
-
 def lora_backward(lm, load_in_4bit):
     """qlora.load_base's preparation, LoRA on the seven projections, one LM loss backward: the LoRA
     B matrices (A's gradient is zero while B is still zero) get nonzero gradients."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if load_in_4bit:
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    else:
-        lm.requires_grad_(False)
-    lm = get_peft_model(lm, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    keep_training_layout(lm)
+    lm = qlora.with_lora(qlora.prepare_base(lm, load_in_4bit, checkpointing=False), 16, 32, 0.0)
     lm.train()
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
     lm(input_ids=ids, labels=ids).loss.backward()
@@ -116,7 +98,7 @@ def test_4bit_is_nf4_double_quant_and_set_up_as_from_pretrained(folders):
     assert lm.is_loaded_in_4bit and lm.quantization_method == ref.quantization_method
     assert type(lm.hf_quantizer) is type(ref.hf_quantizer)
     assert lm.config.quantization_config.to_dict() == ref.config.quantization_config.to_dict()
-    keep_training_layout(lm)
+    qlora.keep_training_layout(lm)
     with torch.no_grad():
         logits = lm(torch.randint(0, SHAPE["vocab_size"], (2, 9))).logits
     assert logits.shape == (2, 9, SHAPE["vocab_size"]) and torch.isfinite(logits).all() and logits.std() > 0

@@ -85,11 +85,10 @@ def short_small_run(data: Path, out: Path, protocol: str, *extra, variants=None)
     """experiment.main on 128 training rows for 2 epochs; returns (metrics, initial weights)."""
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
-        if variants is not None:
-            mp.setattr(study, "VARIANTS", variants)
         captured = capture_initial_small_weights(mp)
         m = experiment.main(["--protocol", protocol, "--data-dir", str(data), "--max-train", "128", "--epochs", "2",
-                             "--no-progress", "--out", str(out), "--compare", str(out.parent / "absent.json"), *extra])
+                             "--no-progress", "--out", str(out), "--compare", str(out.parent / "absent.json"), *extra,
+                             *(["--variants", *variants] if variants is not None else [])])
     return m, captured
 
 
@@ -498,8 +497,7 @@ def test_an_override_is_recorded_in_metrics_and_changes_the_loss(sst2_small, tmp
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
-        mp.setattr(study, "VARIANTS", ("dual_head",))
-        experiment.main(["--protocol", "published", "--lm-weight", "0.5", "--data-dir", str(sst2_small), "--max-train", "64",
+        experiment.main(["--variants", "dual_head", "--protocol", "published", "--lm-weight", "0.5", "--data-dir", str(sst2_small), "--max-train", "64",
                          "--epochs", "1", "--no-progress", "--threads", "1", "--out", str(out),
                          "--compare", str(tmp_path / "none.json")])
     m = json.loads((out / "metrics.json").read_text())
@@ -567,8 +565,7 @@ def test_published_run_from_the_repo_root_reports_beside_the_committed_written_r
     monkeypatch.chdir(tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
-        mp.setattr(study, "VARIANTS", ("sentiment_only",))
-        experiment.main(["--protocol", "published", "--data-dir", str(sst2_small), "--max-train", "64", "--epochs", "1",
+        experiment.main(["--variants", "sentiment_only", "--protocol", "published", "--data-dir", str(sst2_small), "--max-train", "64", "--epochs", "1",
                          "--no-progress", "--threads", "1", "--out", str(tmp_path / "out")])
     assert "warning" not in capsys.readouterr().err
     report = (tmp_path / "out" / "REPORT.md").read_text()

@@ -118,7 +118,7 @@ def crashed(sst2_small, tmp_path_factory) -> Path:
             run_small(sst2_small, out)
     folder = out / "checkpoints" / "seed42" / "dual_head"
     assert [p.name for p in complete_checkpoints(folder)] == ["epoch_002", "epoch_001"]
-    assert not (out / ".lock-run.json").exists()  # the lock is released even by a crash
+    assert no_lock_left(out)  # the locks are released even by a crash
     return out
 
 
@@ -286,7 +286,8 @@ def test_a_second_signal_while_a_stop_is_pending_stops_at_once(capsys):
 
 def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baseline, sst2_small, tmp_path, monkeypatch, capfd):
     """A real SIGTERM, sent to this process during dual_head's epoch 2, step 2 (4 steps an epoch):
-    the run stops before step 3, keeps sentiment_only, and continues to exactly the baseline."""
+    the run stops before step 3 with a mid-epoch checkpoint (the position in the epoch and every
+    random state), keeps sentiment_only, and continues from there to exactly the baseline."""
     out = tmp_path / "run"
     def send_sigterm(_):
         assert signal.getsignal(signal.SIGTERM) == STOP.handler  # else the signal would end pytest
@@ -301,16 +302,20 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baselin
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    assert last == (f"stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 1 finished variant(s) and "
-                    f"checkpoint {folder / 'epoch_001'}; continue with: "
+    assert last == (f"stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 1 finished job(s) and "
+                    f"checkpoint {folder / 'epoch_002_step_000002'}; continue with: "
                     f"python experiment.py {shlex.join(argv(sst2_small, out))} --resume")
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == "SIGTERM" and list(m["models"]) == ["sentiment_only"]
-    assert [p.name for p in complete_checkpoints(folder)] == ["epoch_001"]  # the cut epoch was not saved
-    assert not (out / ".lock-run.json").exists()
+    assert [p.name for p in complete_checkpoints(folder)] == ["epoch_002_step_000002", "epoch_001"]
+    state = checkpoints.read_checkpoint(folder / "epoch_002_step_000002")["state"]
+    assert (state["epoch"], state["step"], state["partial"]["sums"]["steps"]) == (1, 2, 2)
+    assert no_lock_left(out)
     monkeypatch.undo()
     command = shlex.split(last.split("continue with: ", 1)[1])
+    capfd.readouterr()
     m = experiment.main(command[2:])
+    assert "[dual_head seed 42] resuming after step 2 of epoch 2" in capfd.readouterr().out
     assert m["complete"] and m["stopped"] is None
     assert comparable(out) == comparable(baseline)
 
@@ -345,7 +350,7 @@ def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_sm
     assert sum(line.startswith("stopped:") for line in err.splitlines()) == 1
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == name
-    assert not (out / ".lock-run.json").exists()  # released on the way out
+    assert no_lock_left(out)  # released on the way out
     # the line's command continues the run, to exactly the uninterrupted result
     command = shlex.split(last.split("continue with: ", 1)[1])
     assert command[:2] == ["python", "experiment.py"] and command.count("--resume") == 1
@@ -356,78 +361,117 @@ def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_sm
     assert comparable(out) == comparable(baseline)
 
 
-# ----------------------------------------------------------------------------- 4. the lock
+# ----------------------------------------------------------------------------- 4. the locks
 
 
-def write_lock(out: Path, pid: int, host: str | None = None):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".lock-run.json").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
-                                                    "started": "2024-01-01 00:00:00", "command": "python experiment.py"}))
+def no_lock_left(out: Path) -> bool:
+    return not list(Path(out).rglob(".lock-*.json"))
 
 
-def test_a_live_lock_is_refused_in_one_line(sst2_small, tmp_path, capsys):
-    out = tmp_path / "run"
+def write_lock(folder: Path, pid: int, host: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock-job.json"
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2024-01-01 00:00:00",
+                                "command": "python experiment.py"}))
+    return path
+
+
+@pytest.fixture
+def live_pid():
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        write_lock(out, holder.pid)
-        with pytest.raises(SystemExit) as e:
-            run_small(sst2_small, out)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert e.value.code == 2
-    err = one_line(capsys.readouterr().err)
-    assert "in use by a run still going" in err and f"pid {holder.pid}" in err
-    assert json.loads((out / ".lock-run.json").read_text())["pid"] == holder.pid  # the holder's lock is left alone
-    assert not (out / "checkpoints").exists()  # nothing was touched
+    yield holder.pid
+    holder.kill()
+    holder.wait()
 
 
-def test_a_lock_from_another_host_is_refused_in_one_line(sst2_small, tmp_path, capsys):
+def test_a_fresh_run_over_a_running_job_is_refused_in_one_line(sst2_small, tmp_path, capsys, live_pid):
     out = tmp_path / "run"
-    write_lock(out, 12345, "some-other-machine")
+    lock = write_lock(out / "checkpoints" / "seed42" / "dual_head", live_pid)
     with pytest.raises(SystemExit) as e:
         run_small(sst2_small, out)
+    assert e.value.code == 2
     err = one_line(capsys.readouterr().err)
-    assert e.value.code == 2 and "pid 12345 on some-other-machine" in err and str(out / ".lock-run.json") in err
+    assert "in use by jobs still running: seed42/dual_head" in err and f"pid {live_pid}" in err
+    assert json.loads(lock.read_text())["pid"] == live_pid  # the holder's lock is left alone
+    assert not (out / "metrics.json").exists()  # nothing was cleared or written
+
+
+def test_the_same_job_started_twice_is_refused_in_one_line(sst2_small, tmp_path, capsys, live_pid):
+    out = tmp_path / "run"
+    folder = out / "checkpoints" / "seed42" / "sentiment_only"
+    lock = write_lock(folder, live_pid)
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out, "--resume")
+    assert e.value.code == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{folder} is in use by a run still going (pid {live_pid}" in err
+    assert json.loads(lock.read_text())["pid"] == live_pid
+
+
+def test_a_job_lock_from_another_host_is_refused_in_one_line(sst2_small, tmp_path, capsys):
+    out = tmp_path / "run"
+    lock = write_lock(out / "checkpoints" / "seed42" / "sentiment_only", 12345, "some-other-machine")
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out, "--resume")
+    err = one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "pid 12345 on some-other-machine" in err and str(lock) in err
+
+
+def test_a_requeued_slurm_job_takes_its_own_lock_back_from_another_host(tmp_path, capsys):
+    from files import FolderLock
+
+    lock = tmp_path / ".lock-job.json"
+    lock.write_text(json.dumps({"pid": 12345, "host": "node-a", "slurm_job_id": "77_3", "restarts": 0}))
+    with pytest.raises(UsageError, match="pid 12345 on node-a"):  # another job, or the same run: refused
+        FolderLock(tmp_path, "job", who={"slurm_job_id": "77_3", "restarts": 0}).acquire()
+    with pytest.raises(UsageError, match="pid 12345 on node-a"):
+        FolderLock(tmp_path, "job", who={"slurm_job_id": "77_4", "restarts": 1}).acquire()
+    with FolderLock(tmp_path, "job", who={"slurm_job_id": "77_3", "restarts": 1}):
+        held = json.loads(lock.read_text())
+        assert held["pid"] == os.getpid() and held["slurm_job_id"] == "77_3" and held["restarts"] == 1
+    assert "taking over the lock" in capsys.readouterr().err and not lock.exists()
 
 
 @pytest.mark.parametrize("kind", ["dead_pid", "unreadable"])
-def test_a_stale_lock_is_taken_over_with_a_note(kind, baseline, sst2_small, tmp_path, capfd):
+def test_a_stale_job_lock_is_taken_over_with_a_note(kind, baseline, sst2_small, tmp_path, capfd):
     out = tmp_path / "run"
-    shutil.copytree(baseline, out)  # a finished run: --resume only rewrites the outputs, quickly
+    shutil.copytree(baseline, out)  # a finished run, less dual_engram's result: --resume finishes it from its checkpoint
+    folder = out / "checkpoints" / "seed42" / "dual_engram"
+    (folder / "result.json").unlink()
     if kind == "dead_pid":
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        write_lock(out, gone.pid)
+        lock = write_lock(folder, gone.pid)
         what = f"pid {gone.pid}, no longer running"
     else:
-        (out / ".lock-run.json").write_text('{"pid": 12')  # a write cut short
+        lock = folder / ".lock-job.json"
+        lock.write_text('{"pid": 12')  # a write cut short
         what = "unreadable"
-    for name in ("metrics.json", "REPORT.md"):
-        (out / name).unlink()
     capfd.readouterr()
     m = run_small(sst2_small, out, "--resume")
     err = capfd.readouterr().err
     notes = [line for line in err.splitlines() if "taking over the lock" in line]
-    assert notes == [f"note: taking over the lock {out / '.lock-run.json'} left by an earlier run ({what})"]
-    assert m["complete"] and (out / "metrics.json").is_file() and (out / "REPORT.md").is_file()
-    assert not (out / ".lock-run.json").exists()
+    assert notes == [f"note: taking over the lock {lock} left by an earlier run ({what})"]
+    assert m["complete"] and comparable(out) == comparable(baseline)
+    assert no_lock_left(out)
 
 
-def test_the_lock_holds_pid_host_and_command_while_running(sst2_small, tmp_path, monkeypatch):
+def test_the_job_lock_holds_pid_host_and_command_while_running(sst2_small, tmp_path, monkeypatch):
     out = tmp_path / "run"
     seen = {}
 
-    def look(*a, **k):
-        seen.update(json.loads((out / ".lock-run.json").read_text()))
+    def look(recipe, variant, seed, *a, **k):
+        seen.update(json.loads((out / "checkpoints" / f"seed{seed}" / variant / ".lock-job.json").read_text()))
         raise Crash("stop here")
 
-    monkeypatch.setattr("study.run_study", look)
+    monkeypatch.setattr("study.train_variant", look)
     with pytest.raises(Crash):
         run_small(sst2_small, out)
     assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
     assert seen["command"].startswith("python experiment.py --data-dir")
-    assert not (out / ".lock-run.json").exists()
+    assert no_lock_left(out)
+    record = json.loads((out / "jobs" / "seed42-sentiment_only.json").read_text())
+    assert record["state"] == "failed" and record["error"] == "Crash: stop here" and record["pid"] == os.getpid()
 
 
 # ----------------------------------------------------------------------------- 5. data

@@ -1,0 +1,220 @@
+"""A study as a grid of jobs: the local executor (submitit subprocesses) gives the serial run's
+numbers; a local job that runs into its time limit mid-epoch is requeued and ends identical; a
+killed job leaves the others' results and a report that names it, and the same command finishes
+it; --status and --report-only start nothing. A real single-node Slurm (.ci/slurm-up) runs a
+2-seed study as a job array, one job requeued mid-run with `scontrol requeue`: nothing is lost.
+
+All runs: one thread per job (the same numbers in every process), a tiny model, real SST-2 rows."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import experiment
+import launch
+from tests.conftest import SST2, comparable, write_tsv
+
+FLAGS = ["--epochs", "3", "--no-progress", "--max-eval", "40", "--batch-size", "16", "--d-model", "32", "--layers", "1",
+         "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def sst2_2k(tmp_path_factory) -> Path:
+    """2,000 training rows (an epoch of a few seconds: long enough to be interrupted in) and 96
+    validation rows."""
+    out = tmp_path_factory.mktemp("sst2_2k")
+    if SST2.is_dir():
+        for name, n in (("train.tsv", 2000), ("dev.tsv", 96)):
+            lines = (SST2 / name).read_text().split("\n")
+            (out / name).write_text("\n".join(lines[: n + 1]) + "\n")
+    else:
+        import random
+
+        rng = random.Random(1)
+        words = "good great fine lovely bad awful dull poor film plot cast story".split()
+        for name, n in (("train.tsv", 2000), ("dev.tsv", 96)):
+            write_tsv(out / name, [(" ".join(rng.choice(words) for _ in range(rng.randrange(3, 12))), i % 2)
+                                   for i in range(n)])
+    return out
+
+
+def args_of(data, out, *extra):
+    return ["--data-dir", str(data), "--out", str(out), *FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def serial(sst2_2k, tmp_path_factory) -> Path:
+    """The uninterrupted serial run of two seeds, one thread: what every grid must end equal to."""
+    out = tmp_path_factory.mktemp("serial")
+    m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43"))
+    assert m["complete"]
+    return out
+
+
+def record(out: Path, name: str) -> dict:
+    try:
+        return json.loads((out / "jobs" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def runs_of(out: Path, seed: int) -> dict:
+    """Each variant's run of `seed`, as comparable() gives it (no times, commands or paths)."""
+    models = comparable(out)[0]["models"]
+    return {v: [r for r in mm["runs"] if r["seed"] == seed] for v, mm in models.items()}
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- local
+
+
+def test_local_executor_two_jobs_at_once_gives_the_serial_numbers(serial, sst2_2k, tmp_path, capsys):
+    out = tmp_path / "local"
+    m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43", "--executor", "local", "--jobs", "2"))
+    assert m["complete"] and m["jobs"] == {**m["jobs"], "total": 6, "finished": 6, "failed": []}
+    assert comparable(out) == comparable(serial)
+    assert m["command"].endswith("--executor local --jobs 2") and "--job " not in m["command"]
+    runs = [r for mm in m["models"].values() for r in mm["runs"]]
+    assert len(runs) == 6
+    for job in ("seed42-sentiment_only", "seed43-dual_engram"):
+        rec = record(out, job)
+        assert rec["state"] == "finished" and rec["local_job_id"] and rec["pid"] != os.getpid()
+    result = json.loads((out / "checkpoints" / "seed43" / "dual_head" / "result.json").read_text())
+    assert result["machine"]["threads"] == 1  # recorded in each result
+    # nothing left to do: the same command submits nothing, and --status starts nothing
+    capsys.readouterr()
+    experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43", "--executor", "local", "--jobs", "2"))
+    assert "nothing to submit: every job has finished" in capsys.readouterr().out
+    status = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43", "--status"))
+    assert [r["state"] for r in status["jobs"]] == ["finished"] * 6
+    assert "6 jobs: 6 finished" in capsys.readouterr().out
+
+
+def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_ends_identical(
+        serial, sst2_2k, tmp_path, monkeypatch):
+    """submitit's local executor sends USR2 before the job's time limit: the job checkpoints at the
+    next step boundary, submitit requeues it, and it resumes mid-epoch, as many times as it takes."""
+    monkeypatch.setattr(launch, "LOCAL_TIMEOUT_MIN", 0.2)  # 12 s a try ...
+    monkeypatch.setattr(launch, "LOCAL_SIGNAL_DELAY_S", 6)  # ... with USR2 after 6 s
+    out = tmp_path / "timeout"
+    m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "--variants", "dual_head", "--executor", "local"))
+    assert m["complete"]
+    logs = "".join(p.read_text() for p in (out / "jobs").glob("*_log.*"))
+    assert "SIGUSR2 received: stopping after the current step" in logs
+    assert "stopped at step" in logs and "resuming after step" in logs and "Requeued job" in logs
+    assert runs_of(out, 42) == {"dual_head": runs_of(serial, 42)["dual_head"]}
+
+
+def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_command_finishes_it(
+        serial, sst2_2k, tmp_path, capsys):
+    out = tmp_path / "killed"
+    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2")
+    victim = "seed42-dual_head"
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+
+    def kill_when_it_has_trained_an_epoch():  # a lost node, an out-of-memory kill: no chance to clean up
+        wait_for(lambda: record(out, victim).get("state") == "running" and (folder / "epoch_001").is_dir(), 120,
+                 "dual_head's first epoch")
+        os.kill(record(out, victim)["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_it_has_trained_an_epoch, daemon=True)
+    killer.start()
+    with pytest.raises(SystemExit) as e:
+        experiment.main(argv)
+    killer.join(timeout=5)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 1 of 3 job(s) did not finish (seed42-dual_head: the process is gone") and \
+        err.endswith(f"the others' results are kept; rerun what is missing with: {json.loads((out / 'metrics.json').read_text())['command']}")
+    m = json.loads((out / "metrics.json").read_text())
+    assert not m["complete"] and sorted(m["models"]) == ["dual_engram", "sentiment_only"]
+    assert [f["job"] for f in m["jobs"]["failed"]] == [victim]
+    report = (out / "REPORT.md").read_text()
+    assert f"**1 job(s) failed**: `{victim}`: the process is gone" in report and m["jobs"]["rerun"] in report
+    status = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "--status"))
+    assert [r["state"] for r in status["jobs"]] == ["finished", "failed", "finished"]
+    # the same command runs only what is missing, from the killed job's last checkpoint
+    capsys.readouterr()
+    m = experiment.main(argv)
+    assert m["complete"] and not m["jobs"]["failed"]
+    assert "running 1 job(s)" in capsys.readouterr().out
+    assert "resuming after epoch" in "".join(p.read_text() for p in (out / "jobs").glob("*_log.out"))
+    assert runs_of(out, 42) == runs_of(serial, 42)
+
+
+def test_report_only_rewrites_the_outputs_from_the_finished_jobs_and_trains_nothing(serial, sst2_2k, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(serial, out)
+    for name in ("metrics.json", "REPORT.md", "learning_curves.png"):
+        (out / name).unlink()
+    monkeypatch.setattr("study.train_variant", lambda *a, **k: pytest.fail("--report-only trained"))
+    m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43", "--report-only"))
+    assert m["complete"] and comparable(out) == comparable(serial)
+    assert (out / "REPORT.md").is_file() and (out / "learning_curves.png").is_file()
+
+
+def test_executor_settings_that_cannot_work_are_one_line_errors(sst2_2k, tmp_path, capsys):
+    for extra, message in ((["--executor", "slurm"], "--executor slurm needs --slurm-time MINUTES"),
+                           (["--jobs", "2"], "--jobs 2 needs --executor local or slurm"),
+                           (["--variants", "dual_head", "dual_head"], "--variants repeats a variant")):
+        with pytest.raises(SystemExit) as e:
+            experiment.main(args_of(sst2_2k, tmp_path / "x", *extra))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: {message}") and "\n" not in err, err
+
+
+# ----------------------------------------------------------------------------- a real Slurm
+
+
+def slurm_up() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.strip() in ("idle", "mixed", "allocated") for s in out.stdout.splitlines())
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not slurm_up():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Slurm node is up: .ci/slurm-up must start one before the tests")
+        pytest.skip("no Slurm here (sinfo shows no idle node); .ci/slurm-up starts a single-node one")
+
+
+def test_a_slurm_job_array_requeued_mid_run_ends_equal_to_the_serial_run(slurm, serial, sst2_2k, tmp_path):
+    out = tmp_path / "slurm"
+    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--executor", "slurm", "--jobs", "2", "--slurm-time", "20",
+                   "--slurm-cpus", "1")
+    submitted = experiment.main(argv)["submitted"]
+    assert len(submitted) == 6 and len({j.split("_")[0] for j in submitted}) == 1  # one array
+    victim = "seed42-dual_head"
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    wait_for(lambda: record(out, victim).get("state") == "running" and (folder / "epoch_001").is_dir(), 300,
+             "dual_head seed 42 to train an epoch under Slurm")
+    job_id = record(out, victim)["slurm_job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    array = job_id.split("_")[0]
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
+             600, "the array to leave the queue")
+    rec = record(out, victim)
+    assert rec["state"] == "finished" and rec["restarts"] >= 1  # it ran again after the requeue
+    log = (out / "jobs" / f"{job_id}_0_log.out").read_text()
+    assert "SIGTERM received: stopping after the current step" in log and "resuming after" in log
+    assert comparable(out) == comparable(serial)
+    status = experiment.main([*argv, "--status"])
+    assert [r["state"] for r in status["jobs"]] == ["finished"] * 6
