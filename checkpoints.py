@@ -196,7 +196,7 @@ def read_result(path: Path, label: str) -> dict | None:
 # settings a resumed run may change: where and how it runs, and which jobs of the grid (seeds and
 # variants may be added); never what a job computes
 RESUME_FREE = ("resume", "no_progress", "seeds", "variants", "out", "device", "executor", "jobs", "status", "report_only",
-               "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job")
+               "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job", "ladder")
 
 
 def live_job_locks(ckpt_root: Path) -> list[str]:

@@ -128,7 +128,7 @@ def key_value(text: str) -> tuple[str, str]:
 
 
 def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr: float, out: str,
-                protocols: tuple[str, ...], variants: tuple[str, ...], slurm_gpus: int) -> argparse.ArgumentParser:
+                protocols: tuple[str, ...], variants: tuple[str, ...], slurm_gpus: int, rungs: tuple[str, ...]) -> argparse.ArgumentParser:
     """A parser with the flags both experiments share, grouped as the help shows them, with the
     given scale's defaults. Unknown flags are errors (argparse exits with status 2). Settings a
     protocol fixes default to None here and are filled from the preset (see protocols.py)."""
@@ -139,6 +139,13 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
                         "run (see README, 'As written vs as run'). Explicit flags override the preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any field of the protocol's preset (protocols.py), e.g. --set causal=false; repeatable")
+    p.add_argument("--ladder", action="store_true",
+                   help="from --protocol, one run per difference between the two readings, each the base with that one "
+                        "difference switched to the other protocol, plus both ends, in OUT/ladder/<rung>/; then "
+                        "OUT/ladder/LADDER.md (see README, 'Which difference does what')")
+    p.add_argument("--rung", choices=rungs, default=None,
+                   help="one rung of the ladder: the protocol's preset with that difference switched to the other protocol "
+                        "(base: none; other: all)")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "

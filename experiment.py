@@ -18,7 +18,8 @@ from data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
 from models import VARIANTS, SmallConfig, build_small_model
-from protocols import SMALL, SMALL_STUDY, parse_with_preset, preset_help, resolve
+from protocols import ladder_names, SMALL, SMALL_STUDY, parse_with_preset, preset_help, resolve
+from ladder import run_ladder
 from study import read_metrics, run_and_report, show_status
 from training import Built, Recipe
 
@@ -32,7 +33,7 @@ PRESET_FLAGS = {"vocab_words": "vocab_words", "d_ff": "d_ff", "batch_size": "bat
 def parse_args(argv):
     p = base_parser("experiment.py", "Experiment 1 of the study: sentiment_only, dual_head and dual_engram small "
                     "transformers trained from scratch on SST-2.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(SMALL, "batch_size"), lr=3e-4, out=OUT,
-                    protocols=tuple(SMALL), variants=VARIANTS, slurm_gpus=0)
+                    protocols=tuple(SMALL), variants=VARIANTS, rungs=ladder_names(SMALL), slurm_gpus=0)
     m = p.add_argument_group("model")
     m.add_argument("--vocab-words", type=positive_int, default=None,
                    help="most frequent training words kept after the special tokens (words; preset: " + preset_help(SMALL, "vocab_words") + ")")
@@ -114,6 +115,8 @@ def run(args, argv) -> dict:
     preset, overrides = resolve(SMALL, args, PRESET_FLAGS)
     validate(args)
     out = check_writable(args.out or default_out(OUT, args.protocol))
+    if args.ladder:
+        return run_ladder(main, argv, args, SMALL, out)
     if args.status:
         return show_status(out, args)
     if args.threads:

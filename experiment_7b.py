@@ -19,10 +19,11 @@ from data import Encoded, check_analysable, load_sst2, parse_extra_eval
 from files import check_writable
 from metrics import data_source, device_name, machine, run_header, subject, versions
 from models import VARIANTS, count_parameters
-from protocols import BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
+from protocols import ladder_names, BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from dry_run import dry_run
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    quiet_libraries, resolve_model_source)
+from ladder import run_ladder
 from study import read_metrics, run_and_report, show_status
 from training import Built, Recipe
 
@@ -36,7 +37,7 @@ PRESET_FLAGS = {"batch_size": "batch_size", "weight_decay": "weight_decay", "war
 def parse_args(argv):
     p = base_parser("experiment_7b.py", "Experiment 2 of the study: sentiment_only, dual_head and dual_engram on "
                     "Qwen2.5-7B with QLoRA.", epochs=DEFAULT_EPOCHS, batch_size=preset_help(BIG, "batch_size") + "; Model 3: " + preset_help(BIG, "engram_batch_size", lambda b: "the same" if b is None else b), lr=2e-4, out=OUT,
-                    protocols=tuple(BIG), variants=VARIANTS, slurm_gpus=1)
+                    protocols=tuple(BIG), variants=VARIANTS, rungs=ladder_names(BIG), slurm_gpus=1)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face hub id, local folder or .gguf file of a causal LM (never trust_remote_code)")
@@ -221,6 +222,8 @@ def run(args, argv):
     if args.dry_run:
         return dry_run(args, device, preset, make_builder)
     out = check_writable(args.out or default_out(OUT, args.protocol))
+    if args.ladder:
+        return run_ladder(main, argv, args, BIG, out)
     if args.status:
         return show_status(out, args)
     if args.threads:

@@ -143,7 +143,7 @@ def _model_summary(runs: list[tuple[int, dict]]) -> dict:
 # ----------------------------------------------------------------------------- tests across models
 
 
-def _test(a, b, words=("supported", "refuted")) -> dict:
+def delta_test(a, b, words=("supported", "refuted")) -> dict:
     """Delta a - b over seeds: mean and CI, paired t-test (with its reason when undefined), verdict."""
     d = np.asarray(a, float) - np.asarray(b, float)
     t = paired_t(a, b)
@@ -173,14 +173,14 @@ def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
                 "delta_final": ra["history"][-1]["val_acc"] - rb["history"][-1]["val_acc"],
                 "mcnemar_final": mcnemar_exact(_correct(ra["final"], labels), _correct(rb["final"], labels)),
             })
-        final = _test([runs[a][s]["final_val_acc"] for s in seeds], [runs[b][s]["final_val_acc"] for s in seeds])
-        best = _test([runs[a][s]["best_val_acc"] for s in seeds], [runs[b][s]["best_val_acc"] for s in seeds])
+        final = delta_test([runs[a][s]["final_val_acc"] for s in seeds], [runs[b][s]["final_val_acc"] for s in seeds])
+        best = delta_test([runs[a][s]["best_val_acc"] for s in seeds], [runs[b][s]["best_val_acc"] for s in seeds])
         if len(seeds) == 1:  # one seed: the paired predictions are the only test there is
             mc = per_seed[0]["mcnemar_final"]
             final.update(p=mc["p"], reason=None, verdict=verdict(final["delta"]["mean"], mc["p"]))
         extra = {}
         for k in runs[a][seeds[0]]["extra"]:
-            extra[k] = {kind: _test([runs[a][s]["extra"][k][kind] for s in seeds], [runs[b][s]["extra"][k][kind] for s in seeds])
+            extra[k] = {kind: delta_test([runs[a][s]["extra"][k][kind] for s in seeds], [runs[b][s]["extra"][k][kind] for s in seeds])
                         for kind in ("at_best", "final")}
         out[h] = {
             "compare": f"{a} - {b}",
@@ -207,7 +207,7 @@ def rank_test(models: dict) -> dict:
     rb = {r["seed"]: r["analysis"]["rank"] for r in models[b]["runs"]}
     seeds = [s for s in ra if s in rb]
     return {"compare": f"{a} - {b}", "seeds": seeds,
-            **{k: _test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"))
+            **{k: delta_test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"))
                for k in models[a]["rank"]}}
 
 
@@ -261,13 +261,18 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
         runs = [(s, results[s][v]) for s in results if v in results[s]]
         if runs:
             models[v] = _model_summary(runs)
+    variants = list(header.get("config", {}).get("variants") or VARIANTS)
+    not_run = {h: f"needs {' and '.join(v for v in pair if v not in variants)}, which this run does not train (--variants)"
+               for h, pair in HYPOTHESES.items() if not all(v in variants for v in pair)}
     return {
         **header,
+        "variants": variants,
         "complete": complete,
         "stopped": stopped,
         "models": models,
         "engram": engram_summary(models, study.get("engram", {}).get("ari")),
         "hypotheses": hypotheses(models, results, labels, study),
+        "hypotheses_not_run": not_run,
         "rank_test": rank_test(models),
         "study": study,
     }

@@ -198,6 +198,80 @@ BIG = {
 }
 
 
+# ----------------------------------------------------------------------------- the ladder
+# One rung per difference between the readings (the README's table): the base protocol with that
+# difference's fields taken from the other protocol. Settings that only make sense together form one
+# rung. `variants`: the models whose result the difference can change (the loss weights do not touch
+# Model 1's loss, the engram only Model 3).
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    fields: tuple[str, ...]  # preset fields switched to the other protocol's values
+    variants: tuple[str, ...]
+    what: str
+
+
+ALL = ("sentiment_only", "dual_head", "dual_engram")
+SMALL_RUNGS = (
+    Rung("vocabulary", ("vocab_words", "specials", "bos_eos", "vocab_ties"), ("sentiment_only", "dual_head"),
+         "vocabulary size, special tokens and the order of ties"),
+    Rung("attention", ("causal",), ("sentiment_only", "dual_head"), "causal or bidirectional attention"),
+    Rung("blocks", ("d_ff", "norm_first", "final_norm", "positions", "ff_dropout", "init"), ("sentiment_only", "dual_head"),
+         "pre-LN blocks with N(0, 0.02) init, or PyTorch's post-LN layer with its init, width and dropout"),
+    Rung("head", ("head", "head_width"), ("sentiment_only",), "linear or MLP sentiment head"),
+    Rung("loss_weights", ("sent_weight", "lm_weight"), ("dual_head",), "0.5 LM + 0.5 CE, or CE + 0.3 LM"),
+    Rung("engram", ("engram_injection", "engram_feedback"), ("dual_engram",),
+         "prefix fed back in pairs, or concatenated and never fed back"),
+    Rung("optimiser", ("weight_decay", "clip_norm", "schedule", "drop_last"), ("sentiment_only", "dual_head"),
+         "Adam with no schedule, or AdamW with decay, cosine schedule, clipping and drop_last"),
+)
+BIG_RUNGS = (
+    Rung("pooling", ("pooling",), ALL, "last real token or mean over the sentence"),
+    Rung("batches", ("batch_size", "engram_batch_size", "accum_steps", "engram_accum_steps"), ALL,
+         "batch size and gradient accumulation"),
+    Rung("lm_targets", ("prefix_predicts_first",), ("dual_engram",), "whether the prefix position predicts the first token"),
+    Rung("optimiser", ("weight_decay", "warmup_ratio", "clip_norm", "drop_last"), ALL, "decay, warm-up, clipping, drop_last"),
+    Rung("evaluation", ("eval_mode",), ("dual_engram",), "Model 3 evaluated in pairs or with a zero engram"),
+    Rung("precision", ("autocast",), ALL, "the decoder under autocast or not"),
+)
+
+
+def rungs_for(presets: dict) -> tuple[Rung, ...]:
+    return SMALL_RUNGS if presets is SMALL else BIG_RUNGS
+
+
+def other_protocol(presets: dict, base: str) -> str:
+    (other,) = [name for name in presets if name != base]
+    return other
+
+
+def ladder(presets: dict, rungs: tuple[Rung, ...], base: str) -> list[tuple[str, tuple[str, ...], dict]]:
+    """(rung name, variants, fields it changes) for the two ends and one rung per difference: the
+    base itself ("base"), each rung, and the other protocol ("other", every field)."""
+    b, o = presets[base], presets[other_protocol(presets, base)]
+    out = [("base", ALL, {})]
+    for r in rungs:
+        out.append((r.name, r.variants, {f: getattr(o, f) for f in r.fields if getattr(o, f) != getattr(b, f)}))
+    out.append(("other", ALL, {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
+                               if f.name != "name" and getattr(o, f.name) != getattr(b, f.name)}))
+    return out
+
+
+def ladder_names(presets: dict) -> tuple[str, ...]:
+    """Every rung's name, the two ends included, for --rung's choices."""
+    return ("base", *(r.name for r in rungs_for(presets)), "other")
+
+
+def rung_preset(presets: dict, rungs: tuple[Rung, ...], base: str, rung: str):
+    """The base preset with `rung`'s fields from the other protocol (one rung of the ladder)."""
+    for name, _, fields in ladder(presets, rungs, base):
+        if name == rung:
+            return dataclasses.replace(presets[base], **fields), fields
+    raise ValueError(f"--rung {rung}: choose from {', '.join(n for n, _, _ in ladder(presets, rungs, base))}")
+
+
 def parse_setting(preset, item: str) -> tuple[str, object]:
     """'FIELD=VALUE' for `--set`: VALUE is read as the field's type (true/false, a number, a word,
     or none for an optional number). A wrong field or value raises ValueError with the reason."""
@@ -226,26 +300,31 @@ def parse_setting(preset, item: str) -> tuple[str, object]:
 
 
 def resolve(presets: dict, args, flag_fields: dict[str, str]):
-    """The preset `args.protocol` with every explicitly given flag applied over it, then every
-    `--set FIELD=VALUE` (any field of the preset; how one difference between the readings is tried
-    alone).
+    """The preset `args.protocol`, with `--rung NAME`'s fields switched to the other protocol's (one
+    rung of the ladder), then every `--set FIELD=VALUE` (any field of the preset; how one difference
+    between the readings is tried alone), then every explicitly given flag.
 
     flag_fields maps an argparse dest to the preset field it overrides; a flag left at None keeps
     the preset's value, and the resolved value is written back to args. Returns (preset, overrides)."""
     preset = presets[args.protocol]
     overrides = {}
+    if getattr(args, "rung", None):  # one rung of the ladder: the base with one difference switched
+        _, overrides = rung_preset(presets, rungs_for(presets), args.protocol, args.rung)
+        overrides = dict(overrides)
     for item in getattr(args, "set", None) or []:
         name, value = parse_setting(preset, item)
-        if value != getattr(preset, name):
+        if value != getattr(presets[args.protocol], name):
             overrides[name] = value
-    preset = dataclasses.replace(preset, **overrides)  # raises ValueError for a value outside CHOICES
+        else:
+            overrides.pop(name, None)
+    preset = dataclasses.replace(presets[args.protocol], **overrides)  # raises ValueError for a value outside CHOICES
     for dest, name in flag_fields.items():
         value = getattr(args, dest)
         if value is None:
             setattr(args, dest, getattr(preset, name))
         elif value != getattr(preset, name):
             overrides[name] = value
-    return dataclasses.replace(preset, **overrides), overrides
+    return dataclasses.replace(presets[args.protocol], **overrides), overrides
 
 
 def parse_with_preset(parser, argv, presets: dict, flag_fields: dict[str, str]):

@@ -131,9 +131,9 @@ def extra_section(m: dict) -> list[str]:
 
 
 def hypothesis_section(m: dict) -> list[str]:
-    hyp = m["hypotheses"]
+    hyp, not_run = m["hypotheses"], m.get("hypotheses_not_run") or {}
     if not hyp:
-        return []
+        return ["## Hypotheses H1 and H2", "", *(f"- {h}: not run: {why}." for h, why in not_run.items()), ""] if not_run else []
     lines = [
         "## Hypotheses H1 and H2",
         "",
@@ -153,6 +153,8 @@ def hypothesis_section(m: dict) -> list[str]:
     reasons = [f"{h}: {d['reason']}" for h, d in hyp.items() if d.get("reason")]
     if reasons:
         lines += ["", "Undefined tests: " + "; ".join(reasons) + "."]
+    if not_run:
+        lines += ["", *(f"- {h}: not run: {why}." for h, why in not_run.items())]
     lines += ["", "McNemar per seed (final epoch): counts of examples only the first / only the second model gets right.", "",
               "| Hypothesis | Seed | first only | second only | p |", "|---|---|---|---|---|"]
     for h, d in hyp.items():

@@ -1,0 +1,224 @@
+"""Which difference does what: a ladder from one reading of the study to the other, one difference
+at a time. Each rung is an ordinary run (the script's own command line with `--rung NAME`, or
+`--protocol OTHER` for the far end) in OUT/ladder/<rung>/, resumable and reportable on its own and
+run by whatever executor runs a study. LADDER.md, ladder.json and ladder.png set every rung beside
+the base: per model, mean ± std over seeds, and each rung's difference from the base with a 95 %
+interval over the seeds both have, paired by seed.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from cli import JobsFailed
+from files import save_figure, write_atomic, write_json
+from figures import COLOURS, _pyplot, curve_data
+from metrics import delta_test
+from models import VARIANTS
+from protocols import ladder, other_protocol, rungs_for
+from reporting import LABELS, _f
+from stats import ALPHA, mean_ci
+
+# (key, label, digits): what each rung is measured by, per model
+MEASURES = (("best_val_acc", "best val (%)", 2), ("final_val_acc", "final val (%)", 2), ("best_epoch", "epoch of the best", 1),
+            ("epoch1_train_acc", "epoch-1 train (%)", 1), ("effective_rank", "effective rank", 1),
+            ("engram_ari", "engram ARI", 3), ("random_ari", "untrained-compressor ARI", 3))
+
+
+def _drop(argv: list[str], flag: str, values: int) -> list[str]:
+    """argv without `flag` and the `values` words after it (any of `--flag=x` too)."""
+    out, skip = [], 0
+    for i, a in enumerate(argv):
+        if skip:
+            skip -= 1
+            if values < 0 and a.startswith("--"):  # nargs="+": up to the next flag
+                skip = 0
+                out.append(a)
+            continue
+        if a == flag:
+            skip = values if values >= 0 else len(argv)
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def rung_argv(argv: list[str], out: Path, name: str, variants: tuple[str, ...], base: str, other: str,
+              wanted: list[str]) -> list[str] | None:
+    """The command line of one rung: the user's, less --ladder, --out, --variants and --protocol,
+    with the rung's own; None when the rung has none of the wanted variants."""
+    keep = [v for v in VARIANTS if v in variants and v in wanted]
+    if not keep:
+        return None
+    rest = _drop(_drop(_drop(_drop(argv, "--ladder", 0), "--out", 1), "--variants", -1), "--protocol", 1)
+    protocol = other if name == "other" else base
+    rung = [] if name in ("base", "other") else ["--rung", name]
+    return ["--protocol", protocol, *rung, *rest, "--out", str(out / "ladder" / name), "--variants", *keep]
+
+
+def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
+    """Run (or submit) every rung in turn through `main`, then write the ladder's report. A rung
+    whose jobs failed leaves the others to run; the report marks what is missing."""
+    base, other = args.protocol, other_protocol(presets, args.protocol)
+    failed = []
+    for name, variants, _ in ladder(presets, rungs_for(presets), base):
+        rung = rung_argv(argv, out, name, variants, base, other, args.variants)
+        if rung is None:
+            continue
+        print(f"\n== ladder rung {name}: python {Path(sys.argv[0]).name} {shlex.join(rung)}")
+        try:
+            main(rung)
+        except SystemExit as e:
+            if e.code not in (0, None, 1):  # 1: some of its jobs failed, and the rest goes on
+                raise
+            failed.append(name)
+    summary = write_ladder(out / "ladder", presets, base, args.seeds)
+    if failed:
+        raise JobsFailed(f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them")
+    return summary
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _per_seed(m: dict, variant: str) -> dict[int, dict]:
+    """Each seed's measures of one model of one rung's metrics.json."""
+    out = {}
+    for r in m["models"].get(variant, {}).get("runs", []):
+        a = r.get("analysis") or {}
+        out[r["seed"]] = {
+            "best_val_acc": r["best_val_acc"], "final_val_acc": r["final_val_acc"], "best_epoch": r["best_epoch"],
+            "epoch1_train_acc": r["history"][0]["train_acc"],
+            "effective_rank": (a.get("rank") or {}).get("effective_rank"),
+            "engram_ari": (a.get("engram") or {}).get("ari"),
+            "random_ari": ((a.get("random_compressor") or {}).get("summary") or {}).get("ari", {}).get("mean"),
+        }
+    return out
+
+
+def _read(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int]) -> dict:
+    """ladder.json: per rung, what it changes, its command and completeness, and per model each
+    measure's mean ± std over seeds and its difference from the base rung (paired by seed)."""
+    rungs = ladder(presets, rungs_for(presets), base)
+    runs = {name: _read(root / name) for name, _, _ in rungs}
+    base_seeds = {v: _per_seed(runs["base"], v) for v in VARIANTS} if runs["base"] else {}
+    out = {"base": base, "other": other_protocol(presets, base), "seeds": seeds, "rungs": []}
+    for name, variants, fields in rungs:
+        m = runs[name]
+        entry = {"rung": name, "changes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()},
+                 "variants": list(variants), "command": m["command"] if m else None,
+                 "complete": bool(m and m.get("complete")), "models": {}}
+        for v in variants:
+            mine = _per_seed(m, v) if m else {}
+            if not mine:
+                continue
+            row = {}
+            for key, _, _ in MEASURES:
+                vals = {s: x[key] for s, x in mine.items() if x[key] is not None}
+                if not vals:
+                    continue
+                row[key] = mean_ci(list(vals.values()))
+                ref = {s: x[key] for s, x in base_seeds.get(v, {}).items() if x[key] is not None}
+                both = [s for s in vals if s in ref]
+                if name != "base" and both:
+                    t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"))
+                    row[key]["vs_base"] = {"seeds": both, **t}
+            entry["models"][v] = row
+        out["rungs"].append(entry)
+    return out
+
+
+def moves(stat: dict) -> bool:
+    """A rung moves a measure beyond seed noise: the paired t-test against the base rejects no change
+    at 5 % (its 95 % interval excludes 0). Equal differences on every seed give no test, so no claim."""
+    vs = stat.get("vs_base") or {}
+    return vs.get("p") is not None and vs["p"] < ALPHA
+
+
+def ladder_markdown(s: dict) -> str:
+    lines = [f"# Which difference does what: from `{s['base']}` to `{s['other']}`, one difference at a time", ""]
+    done = [r for r in s["rungs"] if r["complete"]]
+    if len(done) < len(s["rungs"]):
+        lines += [f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished "
+                  f"({', '.join(r['rung'] for r in s['rungs'] if not r['complete'])} to go or unfinished).", ""]
+    lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` and "
+              "`other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, with its "
+              "95 % t-interval; **bold**: beyond seed noise (paired t-test, p < 0.05; undefined when every seed gives the same "
+              "difference).", ""]
+    for r in s["rungs"]:
+        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "nothing (the base)"
+        lines.append(f"- `{r['rung']}`: {changes}" + ("" if r["command"] else " (not run yet)"))
+    lines.append("")
+    for v in VARIANTS:
+        rows = [r for r in s["rungs"] if v in r["models"]]
+        if not rows:
+            continue
+        keys = [(k, label, d) for k, label, d in MEASURES if any(k in r["models"][v] for r in rows)]
+        lines += [f"## {LABELS[v]}", "", "| Rung | " + " | ".join(label for _, label, _ in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for r in rows:
+            cells = []
+            for k, _, d in keys:
+                st = r["models"][v].get(k)
+                if st is None:
+                    cells.append("–")
+                    continue
+                cell = f"{_f(st['mean'], d)}" + (f" ± {st['std']:.{d}f}" if st.get("std") is not None else "")
+                vs = st.get("vs_base")
+                if vs and vs["delta"].get("ci"):
+                    ci = vs["delta"]["ci"]
+                    delta = f"Δ {vs['delta']['mean']:+.{d}f} [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
+                    cell += f"<br>{'**' + delta + '**' if moves(st) else delta}"
+                cells.append(cell)
+            lines.append(f"| `{r['rung']}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    movers = [(r["rung"], v, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
+              if k in r["models"][v] and moves(r["models"][v][k])]
+    lines += ["## What moves beyond seed noise", ""]
+    lines += [f"- `{rung}` moves {LABELS[v]}'s {label}" for rung, v, label in movers] or ["- nothing yet"]
+    lines += ["", "![validation curves of every rung](ladder.png)", "", "Commands:", ""]
+    lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
+    return "\n".join(lines) + "\n"
+
+
+def ladder_figure(root: Path, s: dict):
+    """Validation accuracy per epoch of every rung (mean over seeds), one panel per model."""
+    plt = _pyplot()
+    panels = [v for v in VARIANTS if any(v in r["models"] for r in s["rungs"])]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, v in zip(axes[0], panels):
+        for i, r in enumerate(s["rungs"]):
+            m = _read(root / r["rung"])
+            data = curve_data(m, v, "val_acc") if m and v in m.get("models", {}) else None
+            if data is None:
+                continue
+            x, mean, _ = data
+            style = "-" if r["rung"] not in ("base", "other") else "--"
+            colour = COLOURS[v] if r["rung"] == "base" else cmap(i % 10)
+            ax.plot(x, mean, style, marker="o", ms=3, color=colour, label=r["rung"], linewidth=2.2 if style == "--" else 1.4)
+        ax.set_title(f"{LABELS[v]}: validation accuracy (%)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"ladder from {s['base']} to {s['other']}: mean over seeds; dashed = the two ends")
+    fig.tight_layout()
+    return fig
+
+
+def write_ladder(root: Path, presets: dict, base: str, seeds: list[int]) -> dict:
+    s = ladder_summary(root, presets, base, seeds)
+    write_json(root / "ladder.json", s)
+    write_atomic(root / "LADDER.md", ladder_markdown(s))
+    if any(r["models"] for r in s["rungs"]):
+        save_figure(ladder_figure(root, s), root / "ladder.png")
+    print(f"wrote {root}/LADDER.md, ladder.json, ladder.png")
+    return s

@@ -1,0 +1,126 @@
+"""--variants and the ladder: a rung's preset differs from the base in exactly its fields; a run of
+fewer variants says so and reports the hypotheses it cannot test as not run; a shortened ladder
+runs end to end into LADDER.md, ladder.json and ladder.png; the report names the rungs that move a
+figure beyond seed noise, and no others."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+
+import pytest
+
+import experiment
+import experiment_7b as e7
+import ladder
+import protocols
+from protocols import BIG, BIG_RUNGS, SMALL, SMALL_RUNGS
+
+TINY = ["--no-progress", "--max-train", "64", "--max-eval", "40", "--batch-size", "16", "--d-model", "32", "--layers", "1",
+        "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+
+
+def differing(a, b) -> set[str]:
+    return {f.name for f in dataclasses.fields(a) if f.name != "name" and getattr(a, f.name) != getattr(b, f.name)}
+
+
+@pytest.mark.parametrize("presets, rungs", [(SMALL, SMALL_RUNGS), (BIG, BIG_RUNGS)])
+@pytest.mark.parametrize("base", ["written", "published"])
+def test_each_rung_differs_from_the_base_in_exactly_its_fields(presets, rungs, base):
+    other = presets[protocols.other_protocol(presets, base)]
+    steps = protocols.ladder(presets, rungs, base)
+    assert [n for n, _, _ in steps] == ["base", *(r.name for r in rungs), "other"]
+    covered = set()
+    for rung in rungs:
+        preset, fields = protocols.rung_preset(presets, rungs, base, rung.name)
+        assert differing(preset, presets[base]) == set(fields) == set(rung.fields) & differing(other, presets[base]), rung
+        assert all(getattr(preset, f) == getattr(other, f) for f in fields)
+        assert fields, f"{rung.name} changes nothing between the two readings"
+        covered |= set(fields)
+    # the rungs together are every difference: the far end is the other protocol, field for field
+    assert covered == differing(other, presets[base])
+    far, _ = protocols.rung_preset(presets, rungs, base, "other")
+    assert differing(far, other) == set() and protocols.rung_preset(presets, rungs, base, "base")[0] == presets[base]
+
+
+def test_a_rung_from_the_command_line_is_recorded_as_its_overrides():
+    args = experiment.parse_args(["--rung", "attention", "--set", "lm_weight=0.3"])
+    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    assert overrides == {"causal": False, "lm_weight": 0.3} and not preset.causal and preset.name == "written"
+    args = e7.parse_args(["--protocol", "published", "--rung", "precision"])
+    assert protocols.resolve(BIG, args, e7.PRESET_FLAGS)[1] == {"autocast": True}
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--rung", "pooling"])  # a 7B rung is not a small one
+
+
+def test_rung_argv_replaces_the_ladder_flags_with_the_rungs_own(tmp_path):
+    argv = ["--ladder", "--data-dir", "D", "--out", "O", "--variants", "sentiment_only", "dual_engram", "--seeds", "42", "43",
+            "--protocol", "written"]
+    got = ladder.rung_argv(argv, tmp_path, "attention", ("sentiment_only", "dual_head"), "written", "published",
+                           ["sentiment_only", "dual_engram"])
+    assert got == ["--protocol", "written", "--rung", "attention", "--data-dir", "D", "--seeds", "42", "43",
+                   "--out", str(tmp_path / "ladder" / "attention"), "--variants", "sentiment_only"]
+    far = ladder.rung_argv(argv, tmp_path, "other", protocols.ALL, "written", "published", list(protocols.ALL))
+    assert far[:2] == ["--protocol", "published"] and "--rung" not in far
+    assert ladder.rung_argv(argv, tmp_path, "loss_weights", ("dual_head",), "written", "published", ["sentiment_only"]) is None
+
+
+def test_a_run_of_one_variant_says_so_and_reports_the_hypotheses_as_not_run(sst2_small, tmp_path):
+    out = tmp_path / "one"
+    m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--variants", "dual_head", *TINY])
+    assert m["variants"] == ["dual_head"] and list(m["models"]) == ["dual_head"] and m["complete"]
+    assert m["hypotheses"] == {} and set(m["hypotheses_not_run"]) == {"H1", "H2"}
+    assert "sentiment_only" in m["hypotheses_not_run"]["H1"] and "dual_engram" in m["hypotheses_not_run"]["H2"]
+    report = (out / "REPORT.md").read_text()
+    assert "- H1: not run: needs sentiment_only, which this run does not train (--variants)." in report
+    assert not (out / "checkpoints" / "seed42" / "sentiment_only").exists()
+
+
+def test_a_shortened_ladder_runs_every_rung_into_its_report(sst2_small, tmp_path):
+    out = tmp_path / "run"
+    summary = experiment.main(["--ladder", "--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1",
+                               "--seeds", "42", "43", *TINY])
+    root = out / "ladder"
+    names = ["base", *(r.name for r in SMALL_RUNGS), "other"]
+    assert [r["rung"] for r in summary["rungs"]] == names and all(r["complete"] for r in summary["rungs"])
+    assert json.loads((root / "ladder.json").read_text()) == json.loads(json.dumps(summary))
+    assert (root / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+    for r in summary["rungs"]:
+        m = json.loads((root / r["rung"] / "metrics.json").read_text())
+        assert m["variants"] == [v for v in protocols.ALL if v in r["variants"]] == list(r["models"])
+        assert m["seeds"] == [42, 43] and m["command"] == r["command"]
+        # each rung is an ordinary run: its own command line names its rung and folder
+        words = shlex.split(m["command"])
+        assert words[words.index("--out") + 1] == str(root / r["rung"])
+        assert (m["protocol"] == "published") == (r["rung"] == "other")
+        assert m["overrides"] == {"batch_size": 16, **({} if r["rung"] in ("base", "other") else r["changes"])}
+    head = next(r for r in summary["rungs"] if r["rung"] == "head")
+    assert list(head["models"]) == ["sentiment_only"]
+    stat = head["models"]["sentiment_only"]["best_val_acc"]
+    assert stat["n"] == 2 and stat["vs_base"]["seeds"] == [42, 43]
+    text = (root / "LADDER.md").read_text()
+    assert text.startswith("# Which difference does what: from `written` to `published`")
+    assert "| `head` |" in text and "## What moves beyond seed noise" in text and "Incomplete" not in text
+
+
+def test_the_report_names_exactly_the_rungs_that_move_a_figure():
+    def stat(deltas):
+        from metrics import delta_test
+
+        return {"mean": 80.0, "std": 1.0, "vs_base": {"seeds": [1, 2, 3], **delta_test(deltas, [0.0] * len(deltas))}}
+
+    s = {"base": "written", "other": "published", "seeds": [1, 2, 3], "rungs": [
+        {"rung": "base", "changes": {}, "variants": ["sentiment_only"], "command": "c0", "complete": True,
+         "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}}},
+        {"rung": "attention", "changes": {"causal": False}, "variants": ["sentiment_only"], "command": "c1", "complete": True,
+         "models": {"sentiment_only": {"best_val_acc": stat([-2.1, -1.9, -2.0])}}},  # moves: p < 0.05
+        {"rung": "head", "changes": {"head": "mlp"}, "variants": ["sentiment_only"], "command": "c2", "complete": True,
+         "models": {"sentiment_only": {"best_val_acc": stat([1.0, -1.0, 0.5])}}},  # noise
+        {"rung": "blocks", "changes": {"d_ff": 256}, "variants": ["sentiment_only"], "command": None, "complete": False,
+         "models": {"sentiment_only": {"best_val_acc": stat([2.0, 2.0, 2.0])}}},  # the same on every seed: no test
+    ]}
+    text = ladder.ladder_markdown(s)
+    moved = text.split("## What moves beyond seed noise")[1].split("![")[0]
+    assert "`attention` moves Model 1: Sentiment Only's best val (%)" in moved
+    assert "`head`" not in moved and "`blocks`" not in moved
+    assert "**Δ -2.00 [" in text and "> **Incomplete ladder**: 3 of 4 rungs finished (blocks to go or unfinished)." in text
