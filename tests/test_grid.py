@@ -104,19 +104,21 @@ def test_local_executor_two_jobs_at_once_gives_the_serial_numbers(serial, sst2_2
     assert "6 jobs: 6 finished" in capsys.readouterr().out
 
 
-def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_ends_identical(
-        serial, sst2_2k, tmp_path, monkeypatch):
+def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_ends_identical(sst2_2k, tmp_path, monkeypatch):
     """submitit's local executor sends USR2 before the job's time limit: the job checkpoints at the
-    next step boundary, submitit requeues it, and it resumes mid-epoch, as many times as it takes."""
-    monkeypatch.setattr(launch, "LOCAL_TIMEOUT_MIN", 0.2)  # 12 s a try ...
-    monkeypatch.setattr(launch, "LOCAL_SIGNAL_DELAY_S", 6)  # ... with USR2 after 6 s
+    next step boundary, submitit requeues it, and it resumes mid-epoch, as many times as it takes.
+    20 epochs of ~1.5 s against 30 s tries whose USR2 comes after 18 s: two or three tries."""
+    long = ["--seeds", "42", "--variants", "dual_head", "--epochs", "20"]
+    reference = experiment.main(args_of(sst2_2k, tmp_path / "uninterrupted", *long))
+    monkeypatch.setattr(launch, "LOCAL_TIMEOUT_MIN", 0.5)  # 30 s a try ...
+    monkeypatch.setattr(launch, "LOCAL_SIGNAL_DELAY_S", 12)  # ... with USR2 after 18 s
     out = tmp_path / "timeout"
-    m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "--variants", "dual_head", "--executor", "local"))
-    assert m["complete"]
-    logs = "".join(p.read_text() for p in (out / "jobs").glob("*_log.*"))
-    assert "SIGUSR2 received: stopping after the current step" in logs
-    assert "stopped at step" in logs and "resuming after step" in logs and "Requeued job" in logs
-    assert runs_of(out, 42) == {"dual_head": runs_of(serial, 42)["dual_head"]}
+    m = experiment.main(args_of(sst2_2k, out, *long, "--executor", "local"))
+    assert m["complete"] and reference["complete"]
+    logs = "".join(p.read_text() for p in sorted((out / "jobs").glob("*_log.*")))
+    assert "SIGUSR2 received: stopping after the current step" in logs and "Requeued job" in logs
+    assert "stopped at step" in logs and "resuming after step" in logs  # mid-epoch, both ways
+    assert comparable(out) == comparable(tmp_path / "uninterrupted")
 
 
 def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_command_finishes_it(
@@ -154,6 +156,36 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
     assert "running 1 job(s)" in capsys.readouterr().out
     assert "resuming after epoch" in "".join(p.read_text() for p in (out / "jobs").glob("*_log.out"))
     assert runs_of(out, 42) == runs_of(serial, 42)
+
+
+def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground process group: the submitter stops waiting,
+    the jobs (in their own sessions) go on and finish, and the same command later runs the rest."""
+    import sys
+
+    out = tmp_path / "ctrlc"
+    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2")
+    root = Path(experiment.__file__).parent
+    proc = subprocess.Popen([sys.executable, "experiment.py", *argv], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_for(lambda: all(record(out, j).get("state") == "running" for j in ("seed42-sentiment_only", "seed42-dual_head")),
+                 120, "two jobs running")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
+                           "1 not started; watch them with: python experiment.py ") and last.endswith(
+        "--status; rerun the command to start the rest")
+    # the two jobs were not stopped: they finish on their own
+    wait_for(lambda: all(record(out, j).get("state") == "finished" for j in ("seed42-sentiment_only", "seed42-dual_head")),
+             180, "the running jobs to finish")
+    m = experiment.main(argv)
+    assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
 
 
 def test_report_only_rewrites_the_outputs_from_the_finished_jobs_and_trains_nothing(serial, sst2_2k, tmp_path, monkeypatch):
