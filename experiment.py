@@ -19,8 +19,7 @@ from files import check_writable
 from metrics import data_source, device_name, machine, run_header, versions
 from models import VARIANTS, SmallConfig, build_small_model
 from protocols import ladder_names, SMALL, SMALL_STUDY, parse_with_preset, preset_help, resolve
-from ladder import run_ladder
-from study import read_metrics, run_and_report, show_status
+from study import before_data, read_metrics, run_and_report
 from training import Built, Recipe
 
 DEFAULT_EPOCHS = 8
@@ -115,12 +114,9 @@ def run(args, argv) -> dict:
     preset, overrides = resolve(SMALL, args, PRESET_FLAGS)
     validate(args)
     out = check_writable(args.out or default_out(OUT, args.protocol))
-    if args.ladder:
-        return run_ladder(main, argv, args, SMALL, out)
-    if args.status:
-        return show_status(out, args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    done = before_data(main, argv, args, SMALL, out)
+    if done is not None:
+        return done
     device = resolve_device(args.device)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)

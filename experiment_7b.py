@@ -23,8 +23,7 @@ from protocols import ladder_names, BIG, BIG_STUDY, SMALL_STUDY, parse_with_pres
 from dry_run import dry_run
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    quiet_libraries, resolve_model_source)
-from ladder import run_ladder
-from study import read_metrics, run_and_report, show_status
+from study import before_data, read_metrics, run_and_report
 from training import Built, Recipe
 
 DEFAULT_EPOCHS = 3
@@ -222,12 +221,9 @@ def run(args, argv):
     if args.dry_run:
         return dry_run(args, device, preset, make_builder)
     out = check_writable(args.out or default_out(OUT, args.protocol))
-    if args.ladder:
-        return run_ladder(main, argv, args, BIG, out)
-    if args.status:
-        return show_status(out, args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    done = before_data(main, argv, args, BIG, out)
+    if done is not None:
+        return done
     model_path = resolve_model_source(args.model, args.cache_dir)
     data = load_sst2(args.data_dir)
     extra = parse_extra_eval(args.extra_eval)

@@ -191,6 +191,21 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
     return m
 
 
+def before_data(main, argv: list[str], args, presets: dict, out: Path) -> dict | None:
+    """What a command does before it loads any data: the ladder (every rung is this same command
+    line again, through `main`) or --status, whose result is returned; else None, with torch's
+    thread count set, and the run goes on."""
+    if args.ladder:
+        from ladder import run_ladder
+
+        return run_ladder(main, argv, args, presets, out)
+    if args.status:
+        return show_status(out, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return None
+
+
 def show_status(out: Path, args) -> dict:
     """--status: the grid's jobs as a table, without starting anything."""
     from grid import status_table

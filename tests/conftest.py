@@ -44,20 +44,18 @@ def on_training_step(monkeypatch, variant: str, step: int, action) -> None:
     monkeypatch.setattr(training, "run_batch", wrapped)
 
 
-@pytest.fixture(scope="session")
-def sst2_small(tmp_path_factory) -> Path:
-    """A few hundred real SST-2 rows in the GLUE layout (generated rows if the shared copy is absent)."""
-    out = tmp_path_factory.mktemp("sst2_small")
+def sst2_rows(out: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
+    """The first rows of the shared real SST-2 in the GLUE layout (generated rows if it is absent)."""
     if SST2.is_dir():
-        for name, n in (("train.tsv", 320), ("dev.tsv", 96)):
+        for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
             lines = (SST2 / name).read_text().split("\n")
             (out / name).write_text("\n".join(lines[: n + 1]) + "\n")
     else:
         import random
 
-        rng = random.Random(0)
+        rng = random.Random(seed)
         good, bad = "good great fine lovely superb".split(), "bad awful dull poor boring".split()
-        for name, n in (("train.tsv", 320), ("dev.tsv", 96)):
+        for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
             rows = []
             for _ in range(n):
                 label = rng.randrange(2)
@@ -65,6 +63,12 @@ def sst2_small(tmp_path_factory) -> Path:
                 rows.append((" ".join(words), label))
             write_tsv(out / name, rows)
     return out
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory) -> Path:
+    """A few hundred real SST-2 rows in the GLUE layout (generated rows if the shared copy is absent)."""
+    return sst2_rows(tmp_path_factory.mktemp("sst2_small"), 320, 96)
 
 
 @pytest.fixture(scope="session")

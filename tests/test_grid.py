@@ -20,7 +20,7 @@ import pytest
 
 import experiment
 import launch
-from tests.conftest import SST2, comparable, write_tsv
+from tests.conftest import comparable, sst2_rows
 
 FLAGS = ["--epochs", "3", "--no-progress", "--max-eval", "40", "--batch-size", "16", "--d-model", "32", "--layers", "1",
          "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
@@ -30,20 +30,7 @@ FLAGS = ["--epochs", "3", "--no-progress", "--max-eval", "40", "--batch-size", "
 def sst2_2k(tmp_path_factory) -> Path:
     """2,000 training rows (an epoch of a few seconds: long enough to be interrupted in) and 96
     validation rows."""
-    out = tmp_path_factory.mktemp("sst2_2k")
-    if SST2.is_dir():
-        for name, n in (("train.tsv", 2000), ("dev.tsv", 96)):
-            lines = (SST2 / name).read_text().split("\n")
-            (out / name).write_text("\n".join(lines[: n + 1]) + "\n")
-    else:
-        import random
-
-        rng = random.Random(1)
-        words = "good great fine lovely bad awful dull poor film plot cast story".split()
-        for name, n in (("train.tsv", 2000), ("dev.tsv", 96)):
-            write_tsv(out / name, [(" ".join(rng.choice(words) for _ in range(rng.randrange(3, 12))), i % 2)
-                                   for i in range(n)])
-    return out
+    return sst2_rows(tmp_path_factory.mktemp("sst2_2k"), 2000, 96, seed=1)
 
 
 def args_of(data, out, *extra):
