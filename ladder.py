@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cli import JobsFailed
+from cli import Interrupted, JobsFailed
 from files import save_figure, write_atomic, write_json
 from figures import COLOURS, _pyplot, curve_data
 from metrics import delta_test
@@ -59,12 +59,16 @@ def rung_argv(argv: list[str], out: Path, name: str, variants: tuple[str, ...], 
 
 def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
     """Run (or submit) every rung in turn through `main`, then write the ladder's report. A rung
-    whose jobs failed leaves the others to run; the report marks what is missing."""
+    whose jobs failed leaves the others to run; the report marks what is missing. A stop (Ctrl-C,
+    a time limit) writes the report of what has finished before it ends the ladder; --report-only
+    rewrites the reports of the rungs already started and trains nothing."""
     base, other = args.protocol, other_protocol(presets, args.protocol)
+    command = f"python {Path(sys.argv[0]).name} {shlex.join(argv)}"
+    report = lambda: write_ladder(out / "ladder", presets, base, args.seeds, args.variants, command)  # noqa: E731
     failed = []
     for name, variants, _ in ladder(presets, rungs_for(presets), base):
         rung = rung_argv(argv, out, name, variants, base, other, args.variants)
-        if rung is None:
+        if rung is None or (args.report_only and not started(out / "ladder" / name)):
             continue
         print(f"\n== ladder rung {name}: python {Path(sys.argv[0]).name} {shlex.join(rung)}")
         try:
@@ -73,10 +77,18 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
             if e.code not in (0, None, 1):  # 1: some of its jobs failed, and the rest goes on
                 raise
             failed.append(name)
-    summary = write_ladder(out / "ladder", presets, base, args.seeds)
+        except Interrupted:
+            report()
+            raise
+    summary = report()
     if failed:
         raise JobsFailed(f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them")
     return summary
+
+
+def started(folder: Path) -> bool:
+    """Whether a rung has anything to report: outputs or checkpoints of an earlier run."""
+    return (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir()
 
 
 # ----------------------------------------------------------------------------- the report
@@ -104,20 +116,27 @@ def _read(folder: Path) -> dict | None:
         return None
 
 
-def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int]) -> dict:
-    """ladder.json: per rung, what it changes, its command and completeness, and per model each
-    measure's mean ± std over seeds and its difference from the base rung (paired by seed)."""
+def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None) -> dict:
+    """ladder.json: per rung, what it changes, its command, which of its jobs (the rung's models that
+    were asked for, times the seeds) have not finished, and per model each measure's mean ± std over
+    seeds and its difference from the base rung (paired by seed)."""
     rungs = ladder(presets, rungs_for(presets), base)
     runs = {name: _read(root / name) for name, _, _ in rungs}
     base_seeds = {v: _per_seed(runs["base"], v) for v in VARIANTS} if runs["base"] else {}
-    out = {"base": base, "other": other_protocol(presets, base), "seeds": seeds, "rungs": []}
+    out = {"base": base, "other": other_protocol(presets, base), "seeds": seeds, "command": command, "rungs": []}
     for name, variants, fields in rungs:
         m = runs[name]
+        asked = [v for v in VARIANTS if v in variants and v in wanted]
+        if not asked:
+            continue
+        cells = {v: _per_seed(m, v) if m else {} for v in asked}
+        missing = {v: [s for s in seeds if s not in cells[v]] for v in asked}
         entry = {"rung": name, "changes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()},
-                 "variants": list(variants), "command": m["command"] if m else None,
-                 "complete": bool(m and m.get("complete")), "models": {}}
-        for v in variants:
-            mine = _per_seed(m, v) if m else {}
+                 "variants": asked, "command": m["command"] if m else None,
+                 "rerun": (m.get("jobs") or {}).get("rerun") if m else None,
+                 "missing": {v: s for v, s in missing.items() if s}, "complete": not any(missing.values()), "models": {}}
+        for v in asked:
+            mine = {s: x for s, x in cells[v].items() if s in seeds}
             if not mine:
                 continue
             row = {}
@@ -145,10 +164,14 @@ def moves(stat: dict) -> bool:
 
 def ladder_markdown(s: dict) -> str:
     lines = [f"# Which difference does what: from `{s['base']}` to `{s['other']}`, one difference at a time", ""]
+    if s.get("command"):
+        lines += [f"Made by `{s['command']}`; the same command with `--resume` runs whatever is missing.", ""]
     done = [r for r in s["rungs"] if r["complete"]]
     if len(done) < len(s["rungs"]):
-        lines += [f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished "
-                  f"({', '.join(r['rung'] for r in s['rungs'] if not r['complete'])} to go or unfinished).", ""]
+        todo = "; ".join(f"`{r['rung']}`: " + (", ".join(f"{v} seed{'s' * (len(x) > 1)} {' '.join(map(str, x))}"
+                                                        for v, x in r.get("missing", {}).items()) or "unfinished")
+                         for r in s["rungs"] if not r["complete"])
+        lines += [f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished. Not finished yet: {todo}.", ""]
     lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` and "
               "`other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, with its "
               "95 % t-interval; **bold**: beyond seed noise (paired t-test, p < 0.05; undefined when every seed gives the same "
@@ -184,8 +207,9 @@ def ladder_markdown(s: dict) -> str:
               if k in r["models"][v] and moves(r["models"][v][k])]
     lines += ["## What moves beyond seed noise", ""]
     lines += [f"- `{rung}` moves {LABELS[v]}'s {label}" for rung, v, label in movers] or ["- nothing yet"]
-    lines += ["", "![validation curves of every rung](ladder.png)", "", "Commands:", ""]
-    lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
+    lines += ["", "![validation curves of every rung](ladder.png)", "",
+              "Each rung's own command (an ordinary run; rerun as it stands, it finishes what is missing):", ""]
+    lines += [f"- `{r['rung']}`: `{r.get('rerun') or r['command']}`" for r in s["rungs"] if r["command"]]
     return "\n".join(lines) + "\n"
 
 
@@ -214,8 +238,8 @@ def ladder_figure(root: Path, s: dict):
     return fig
 
 
-def write_ladder(root: Path, presets: dict, base: str, seeds: list[int]) -> dict:
-    s = ladder_summary(root, presets, base, seeds)
+def write_ladder(root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None) -> dict:
+    s = ladder_summary(root, presets, base, seeds, wanted, command)
     write_json(root / "ladder.json", s)
     write_atomic(root / "LADDER.md", ladder_markdown(s))
     if any(r["models"] for r in s["rungs"]):

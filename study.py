@@ -5,6 +5,7 @@ processes or Slurm jobs, each of them this same code with --job."""
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import time
@@ -134,9 +135,10 @@ class Outputs:
 def jobs_summary(rows: list[dict], header: dict) -> dict:
     """The grid in metrics.json: how many jobs finished, which failed and why, and the command that
     runs what is missing (the same command: a rerun skips the finished jobs)."""
-    command = header["command"]
-    if header["config"].get("executor", "serial") == "serial" and "--resume" not in command.split():
-        command += " --resume"
+    words = [w for w in shlex.split(header["command"]) if w != "--report-only"]  # a rewrite of the outputs trains nothing
+    if header["config"].get("executor", "serial") == "serial" and "--resume" not in words:
+        words.append("--resume")
+    command = shlex.join(words)
     return {"total": len(rows), "finished": sum(r["state"] == "finished" for r in rows),
             "states": {r["job"]: r["state"] for r in rows},
             "failed": [{k: r[k] for k in ("job", "error", "log", "job_id", "host")} for r in rows if r["state"] == "failed"],

@@ -123,4 +123,50 @@ def test_the_report_names_exactly_the_rungs_that_move_a_figure():
     moved = text.split("## What moves beyond seed noise")[1].split("![")[0]
     assert "`attention` moves Model 1: Sentiment Only's best val (%)" in moved
     assert "`head`" not in moved and "`blocks`" not in moved
-    assert "**Δ -2.00 [" in text and "> **Incomplete ladder**: 3 of 4 rungs finished (blocks to go or unfinished)." in text
+    assert "**Δ -2.00 [" in text and "> **Incomplete ladder**: 3 of 4 rungs finished. Not finished yet: `blocks`: unfinished." in text
+
+
+def test_a_rung_short_of_models_or_seeds_is_incomplete_and_says_what_is_missing(sst2_small, tmp_path):
+    out = tmp_path / "run"
+    # the attention rung with one of its two models and one of two seeds, as a stopped ladder leaves it
+    experiment.main(["--rung", "attention", "--data-dir", str(sst2_small), "--out", str(out / "ladder" / "attention"),
+                     "--epochs", "1", "--seeds", "42", "--variants", "sentiment_only", *TINY])
+    s = ladder.ladder_summary(out / "ladder", SMALL, "written", [42, 43], wanted=["sentiment_only", "dual_head"])
+    rung = next(r for r in s["rungs"] if r["rung"] == "attention")
+    assert rung["variants"] == ["sentiment_only", "dual_head"] and not rung["complete"]
+    assert rung["missing"] == {"sentiment_only": [43], "dual_head": [42, 43]}
+    assert "--rung attention" in rung["rerun"] and rung["rerun"].endswith("--resume")
+    assert [r["rung"] for r in s["rungs"]] == ["base", "vocabulary", "attention", "blocks", "head", "loss_weights",
+                                               "optimiser", "other"]  # engram: dual_engram was not asked for
+    text = ladder.ladder_markdown(s)
+    assert "`attention`: sentiment_only seed 43, dual_head seeds 42 43" in text
+    assert "`base`: sentiment_only seeds 42 43, dual_head seeds 42 43" in text
+
+
+def test_a_stopped_ladder_writes_its_report_and_report_only_trains_nothing(tmp_path):
+    import types
+
+    from cli import Interrupted
+
+    calls = []
+
+    def main(argv):
+        name = argv[argv.index("--out") + 1].rsplit("/", 1)[-1]
+        calls.append(name)
+        (tmp_path / "ladder" / name / "checkpoints").mkdir(parents=True)
+        if name == "vocabulary":
+            raise Interrupted("SIGINT during epoch 2", 2)
+
+    args = types.SimpleNamespace(protocol="written", variants=list(protocols.ALL), seeds=[42], report_only=False)
+    with pytest.raises(Interrupted):
+        ladder.run_ladder(main, ["--ladder", "--out", str(tmp_path)], args, SMALL, tmp_path)
+    assert calls == ["base", "vocabulary"]
+    text = (tmp_path / "ladder" / "LADDER.md").read_text()
+    assert "**Incomplete ladder**: 0 of 9 rungs finished" in text and "`attention`: sentiment_only seed 42" in text
+    assert json.loads((tmp_path / "ladder" / "ladder.json").read_text())["command"].endswith("--ladder --out " + str(tmp_path))
+    calls.clear()
+    args.report_only = True
+    (tmp_path / "ladder" / "vocabulary" / "checkpoints").rmdir()
+    ladder.run_ladder(lambda argv: calls.append(argv[argv.index("--out") + 1].rsplit("/", 1)[-1]),
+                      ["--ladder", "--report-only"], args, SMALL, tmp_path)
+    assert calls == ["base"]  # only the rungs already started are rewritten
