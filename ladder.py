@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cli import Interrupted, JobsFailed
 from files import save_figure, write_atomic, write_json
-from figures import COLOURS, _pyplot, curve_data
+from figures import COLOURS, _pyplot, curve_data, wrapped
 from metrics import delta_test
 from models import VARIANTS
 from protocols import ladder, other_protocol, rungs_for
@@ -63,7 +63,8 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
     a time limit) writes the report of what has finished before it ends the ladder; --report-only
     rewrites the reports of the rungs already started and trains nothing."""
     base, other = args.protocol, other_protocol(presets, args.protocol)
-    command = f"python {Path(sys.argv[0]).name} {shlex.join(argv)}"
+    # the command that trains the ladder: a --report-only rewrite renders what that command made
+    command = f"python {Path(sys.argv[0]).name} {shlex.join(a for a in argv if a != '--report-only')}"
     report = lambda: write_ladder(out / "ladder", presets, base, args.seeds, args.variants, command)  # noqa: E731
     failed = []
     for name, variants, _ in ladder(presets, rungs_for(presets), base):
@@ -233,7 +234,8 @@ def ladder_figure(root: Path, s: dict):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"ladder from {s['base']} to {s['other']}: mean over seeds; dashed = the two ends")
+    fig.suptitle(wrapped(f"ladder from {s['base']} to {s['other']}: mean over seeds; dashed = the two ends",
+                         fig.get_figwidth()))
     fig.tight_layout()
     return fig
 

@@ -170,3 +170,23 @@ def test_a_stopped_ladder_writes_its_report_and_report_only_trains_nothing(tmp_p
     ladder.run_ladder(lambda argv: calls.append(argv[argv.index("--out") + 1].rsplit("/", 1)[-1]),
                       ["--ladder", "--report-only"], args, SMALL, tmp_path)
     assert calls == ["base"]  # only the rungs already started are rewritten
+    assert json.loads((tmp_path / "ladder" / "ladder.json").read_text())["command"].endswith(" --ladder")
+
+
+def test_the_ladder_figure_of_one_model_keeps_its_title_inside(tmp_path):
+    """A ladder of Model 1 alone is one narrow panel: its title once ran off both edges."""
+    import matplotlib.pyplot as plt
+
+    runs = [{"history": [{"val_acc": 70.0 + e + s} for e in range(3)]} for s in range(2)]
+    for name in ("base", "blocks"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"models": {"sentiment_only": {"runs": runs}}}))
+    s = {"base": "written", "other": "published", "rungs": [{"rung": n, "models": {"sentiment_only": {}}} for n in ("base", "blocks")]}
+    fig = ladder.ladder_figure(tmp_path, s)
+    try:
+        fig.canvas.draw()
+        assert len(fig.axes) == 1 and [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["base", "blocks"]
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    finally:
+        plt.close(fig)
