@@ -7,9 +7,9 @@ interval over the seeds both have, paired by seed.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
-import sys
 from pathlib import Path
 
 from cli import Interrupted, JobsFailed
@@ -60,18 +60,22 @@ def rung_argv(argv: list[str], out: Path, name: str, variants: tuple[str, ...], 
 def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
     """Run (or submit) every rung in turn through `main`, then write the ladder's report. A rung
     whose jobs failed leaves the others to run; the report marks what is missing. A stop (Ctrl-C,
-    a time limit) writes the report of what has finished before it ends the ladder; --report-only
-    rewrites the reports of the rungs already started and trains nothing."""
+    a time limit) writes the report of what has finished before it ends the ladder. --report-only
+    writes only the ladder's report: each rung's own outputs are rewritten by each of its jobs as
+    it finishes (or by the rung's own command with --report-only)."""
     base, other = args.protocol, other_protocol(presets, args.protocol)
     # the command that trains the ladder: a --report-only rewrite renders what that command made
-    command = f"python {Path(sys.argv[0]).name} {shlex.join(a for a in argv if a != '--report-only')}"
+    script = Path(inspect.getfile(main)).name  # experiment.py or experiment_7b.py, however it was started
+    command = f"python {script} {shlex.join(a for a in argv if a != '--report-only')}"
     report = lambda: write_ladder(out / "ladder", presets, base, args.seeds, args.variants, command)  # noqa: E731
+    if args.report_only:
+        return report()
     failed = []
     for name, variants, _ in ladder(presets, rungs_for(presets), base):
         rung = rung_argv(argv, out, name, variants, base, other, args.variants)
-        if rung is None or (args.report_only and not started(out / "ladder" / name)):
+        if rung is None:
             continue
-        print(f"\n== ladder rung {name}: python {Path(sys.argv[0]).name} {shlex.join(rung)}")
+        print(f"\n== ladder rung {name}: python {script} {shlex.join(rung)}")
         try:
             main(rung)
         except SystemExit as e:
@@ -85,11 +89,6 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
     if failed:
         raise JobsFailed(f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them")
     return summary
-
-
-def started(folder: Path) -> bool:
-    """Whether a rung has anything to report: outputs or checkpoints of an earlier run."""
-    return (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir()
 
 
 # ----------------------------------------------------------------------------- the report
@@ -118,10 +117,12 @@ def _read(folder: Path) -> dict | None:
 
 
 def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None) -> dict:
-    """ladder.json: per rung, what it changes, its command, which of its jobs (the rung's models that
-    were asked for, times the seeds) have not finished, and per model each measure's mean ± std over
-    seeds and its difference from the base rung (paired by seed)."""
+    """ladder.json: per rung, what it changes, the command the ladder runs for it and the one that
+    wrote its outputs, which of its jobs (the rung's models that were asked for, times the seeds)
+    have not finished, and per model each measure's mean ± std over seeds and its difference from
+    the base rung (paired by seed). `command` is the ladder's own command line."""
     rungs = ladder(presets, rungs_for(presets), base)
+    words = shlex.split(command) if command else []
     runs = {name: _read(root / name) for name, _, _ in rungs}
     base_seeds = {v: _per_seed(runs["base"], v) for v in VARIANTS} if runs["base"] else {}
     out = {"base": base, "other": other_protocol(presets, base), "seeds": seeds, "command": command, "rungs": []}
@@ -133,8 +134,9 @@ def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wante
         cells = {v: _per_seed(m, v) if m else {} for v in asked}
         missing = {v: [s for s in seeds if s not in cells[v]] for v in asked}
         entry = {"rung": name, "changes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()},
-                 "variants": asked, "command": m["command"] if m else None,
-                 "rerun": (m.get("jobs") or {}).get("rerun") if m else None,
+                 "variants": asked, "made_by": m["command"] if m else None,
+                 "command": (shlex.join(words[:2] + rung_argv(words[2:], root.parent, name, variants, base, out["other"], wanted))
+                             if words else m["command"] if m else None),
                  "missing": {v: s for v, s in missing.items() if s}, "complete": not any(missing.values()), "models": {}}
         for v in asked:
             mine = {s: x for s, x in cells[v].items() if s in seeds}
@@ -179,7 +181,7 @@ def ladder_markdown(s: dict) -> str:
               "difference).", ""]
     for r in s["rungs"]:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "nothing (the base)"
-        lines.append(f"- `{r['rung']}`: {changes}" + ("" if r["command"] else " (not run yet)"))
+        lines.append(f"- `{r['rung']}`: {changes}" + ("" if r.get("made_by") else " (not run yet)"))
     lines.append("")
     for v in VARIANTS:
         rows = [r for r in s["rungs"] if v in r["models"]]
@@ -209,8 +211,8 @@ def ladder_markdown(s: dict) -> str:
     lines += ["## What moves beyond seed noise", ""]
     lines += [f"- `{rung}` moves {LABELS[v]}'s {label}" for rung, v, label in movers] or ["- nothing yet"]
     lines += ["", "![validation curves of every rung](ladder.png)", "",
-              "Each rung's own command (an ordinary run; rerun as it stands, it finishes what is missing):", ""]
-    lines += [f"- `{r['rung']}`: `{r.get('rerun') or r['command']}`" for r in s["rungs"] if r["command"]]
+              "Each rung's own command, as the ladder runs it (an ordinary run: with `--resume` it finishes what is missing):", ""]
+    lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
     return "\n".join(lines) + "\n"
 
 

@@ -88,7 +88,7 @@ def test_a_shortened_ladder_runs_every_rung_into_its_report(sst2_small, tmp_path
     for r in summary["rungs"]:
         m = json.loads((root / r["rung"] / "metrics.json").read_text())
         assert m["variants"] == [v for v in protocols.ALL if v in r["variants"]] == list(r["models"])
-        assert m["seeds"] == [42, 43] and m["command"] == r["command"]
+        assert m["seeds"] == [42, 43] and m["command"] == r["command"] == r["made_by"]
         # each rung is an ordinary run: its own command line names its rung and folder
         words = shlex.split(m["command"])
         assert words[words.index("--out") + 1] == str(root / r["rung"])
@@ -131,11 +131,16 @@ def test_a_rung_short_of_models_or_seeds_is_incomplete_and_says_what_is_missing(
     # the attention rung with one of its two models and one of two seeds, as a stopped ladder leaves it
     experiment.main(["--rung", "attention", "--data-dir", str(sst2_small), "--out", str(out / "ladder" / "attention"),
                      "--epochs", "1", "--seeds", "42", "--variants", "sentiment_only", *TINY])
-    s = ladder.ladder_summary(out / "ladder", SMALL, "written", [42, 43], wanted=["sentiment_only", "dual_head"])
+    s = ladder.ladder_summary(out / "ladder", SMALL, "written", [42, 43], wanted=["sentiment_only", "dual_head"],
+                              command=f"python experiment.py --ladder --out {out} --seeds 42 43 --variants sentiment_only dual_head")
     rung = next(r for r in s["rungs"] if r["rung"] == "attention")
     assert rung["variants"] == ["sentiment_only", "dual_head"] and not rung["complete"]
     assert rung["missing"] == {"sentiment_only": [43], "dual_head": [42, 43]}
-    assert "--rung attention" in rung["rerun"] and rung["rerun"].endswith("--resume")
+    # what wrote its outputs, and what the ladder runs for it (which finishes it, with --resume)
+    assert rung["made_by"].endswith("--seeds 42 --variants sentiment_only " + shlex.join(TINY))
+    assert rung["command"] == (f"python experiment.py --protocol written --rung attention --seeds 42 43 "
+                               f"--out {out / 'ladder' / 'attention'} --variants sentiment_only dual_head")
+    assert next(r for r in s["rungs"] if r["rung"] == "blocks")["made_by"] is None
     assert [r["rung"] for r in s["rungs"]] == ["base", "vocabulary", "attention", "blocks", "head", "loss_weights",
                                                "optimiser", "other"]  # engram: dual_engram was not asked for
     text = ladder.ladder_markdown(s)
@@ -143,7 +148,7 @@ def test_a_rung_short_of_models_or_seeds_is_incomplete_and_says_what_is_missing(
     assert "`base`: sentiment_only seeds 42 43, dual_head seeds 42 43" in text
 
 
-def test_a_stopped_ladder_writes_its_report_and_report_only_trains_nothing(tmp_path):
+def test_a_stopped_ladder_writes_its_report_and_report_only_writes_only_that(tmp_path):
     import types
 
     from cli import Interrupted
@@ -166,10 +171,9 @@ def test_a_stopped_ladder_writes_its_report_and_report_only_trains_nothing(tmp_p
     assert json.loads((tmp_path / "ladder" / "ladder.json").read_text())["command"].endswith("--ladder --out " + str(tmp_path))
     calls.clear()
     args.report_only = True
-    (tmp_path / "ladder" / "vocabulary" / "checkpoints").rmdir()
-    ladder.run_ladder(lambda argv: calls.append(argv[argv.index("--out") + 1].rsplit("/", 1)[-1]),
-                      ["--ladder", "--report-only"], args, SMALL, tmp_path)
-    assert calls == ["base"]  # only the rungs already started are rewritten
+    (tmp_path / "ladder" / "LADDER.md").unlink()
+    ladder.run_ladder(main, ["--ladder", "--report-only"], args, SMALL, tmp_path)
+    assert calls == [] and (tmp_path / "ladder" / "LADDER.md").is_file()  # the ladder's report alone: no rung is run
     assert json.loads((tmp_path / "ladder" / "ladder.json").read_text())["command"].endswith(" --ladder")
 
 
