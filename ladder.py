@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cli import Interrupted, JobsFailed
 from files import save_figure, write_atomic, write_json
-from figures import COLOURS, _pyplot, curve_data, wrapped
+from figures import _pyplot, curve_data, wrapped
 from metrics import delta_test
 from models import VARIANTS
 from protocols import ladder, other_protocol, rungs_for
@@ -230,7 +230,7 @@ def ladder_figure(root: Path, s: dict):
                 continue
             x, mean, _ = data
             style = "-" if r["rung"] not in ("base", "other") else "--"
-            colour = COLOURS[v] if r["rung"] == "base" else cmap(i % 10)
+            colour = "black" if r["rung"] == "base" else cmap(i % 10)  # a model's own colour would repeat a rung's
             ax.plot(x, mean, style, marker="o", ms=3, color=colour, label=r["rung"], linewidth=2.2 if style == "--" else 1.4)
         ax.set_title(f"{LABELS[v]}: validation accuracy (%)")
         ax.set_xlabel("epoch")
