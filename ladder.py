@@ -3,7 +3,8 @@ at a time. Each rung is an ordinary run (the script's own command line with `--r
 `--protocol OTHER` for the far end) in OUT/ladder/<rung>/, resumable and reportable on its own and
 run by whatever executor runs a study. LADDER.md, ladder.json and ladder.png set every rung beside
 the base: per model, mean ± std over seeds, and each rung's difference from the base with a 95 %
-interval over the seeds both have, paired by seed.
+interval over the seeds both have, paired by seed; and the study's H1 (Model 2 − Model 1, accuracy
+and effective rank) re-tested on every rung that trains both.
 """
 from __future__ import annotations
 
@@ -154,8 +155,19 @@ def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wante
                     t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"))
                     row[key]["vs_base"] = {"seeds": both, **t}
             entry["models"][v] = row
+        entry["lm_head"] = lm_head_effect(m) if m else None
         out["rungs"].append(entry)
     return out
+
+
+def lm_head_effect(m: dict) -> dict | None:
+    """The study's H1 and its rank explanation on one rung (Model 2 − Model 1, paired by seed, over
+    the rung's own seeds), from the rung's metrics.json; None when the rung did not train both."""
+    h1, rank = m.get("hypotheses", {}).get("H1"), (m.get("rank_test") or {}).get("effective_rank")
+    if not h1:
+        return None
+    return {"seeds": [r["seed"] for r in h1["per_seed"]], "final_val_acc": {"delta": h1["delta_final"], "p": h1["p"]},
+            "best_val_acc": {"delta": h1["delta_best"]}, "effective_rank": rank and {"delta": rank["delta"], "p": rank["p"]}}
 
 
 def moves(stat: dict) -> bool:
@@ -206,6 +218,7 @@ def ladder_markdown(s: dict) -> str:
                 cells.append(cell)
             lines.append(f"| `{r['rung']}` | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += lm_head_markdown(s)
     movers = [(r["rung"], v, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
               if k in r["models"][v] and moves(r["models"][v][k])]
     lines += ["## What moves beyond seed noise", ""]
@@ -214,6 +227,30 @@ def ladder_markdown(s: dict) -> str:
               "Each rung's own command, as the ladder runs it (an ordinary run: with `--resume` it finishes what is missing):", ""]
     lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
     return "\n".join(lines) + "\n"
+
+
+def _delta(d: dict, digits: int) -> str:
+    """Δ mean [95 % CI], bold when its test rejects no change at 5 %."""
+    ci = d["delta"].get("ci")
+    text = f"{d['delta']['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+    return f"**{text}**" if d.get("p") is not None and d["p"] < ALPHA else text
+
+
+def lm_head_markdown(s: dict) -> list[str]:
+    """The LM head's effect re-tested on every rung that trains Models 1 and 2: which rung removes it."""
+    rows = [r for r in s["rungs"] if r.get("lm_head")]
+    if not rows:
+        return []
+    lines = ["## The LM head on each rung", "",
+             "The study's H1 and its rank explanation on every rung that trains Models 1 and 2: Model 2 − Model 1, paired "
+             "by seed over the rung's seeds, with the 95 % t-interval; **bold**: beyond seed noise (p < 0.05; best val "
+             "is not tested).", "", "| Rung | seeds | final val Δ (points) | best val Δ (points) | effective rank Δ |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        e = r["lm_head"]
+        lines.append(f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(e['final_val_acc'], 2)} | {_delta(e['best_val_acc'], 2)} | "
+                     + (_delta(e["effective_rank"], 1) if e.get("effective_rank") else "–") + " |")
+    return lines + [""]
 
 
 def ladder_figure(root: Path, s: dict):

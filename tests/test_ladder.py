@@ -101,6 +101,13 @@ def test_a_shortened_ladder_runs_every_rung_into_its_report(sst2_small, tmp_path
     text = (root / "LADDER.md").read_text()
     assert text.startswith("# Which difference does what: from `written` to `published`")
     assert "| `head` |" in text and "## What moves beyond seed noise" in text and "Incomplete" not in text
+    # the LM head re-tested on every rung that trains Models 1 and 2, and on no other
+    both = {r["rung"] for r in summary["rungs"] if {"sentiment_only", "dual_head"} <= set(r["variants"])}
+    assert both == {"base", "vocabulary", "attention", "blocks", "optimiser", "other"}
+    assert {r["rung"] for r in summary["rungs"] if r["lm_head"]} == both
+    assert all(r["lm_head"]["seeds"] == [42, 43] for r in summary["rungs"] if r["lm_head"])
+    table = text.split("## The LM head on each rung")[1].split("## What moves")[0]
+    assert "| `attention` | 2 |" in table and "`head`" not in table and "`loss_weights`" not in table
 
 
 def test_the_report_names_exactly_the_rungs_that_move_a_figure():
@@ -119,7 +126,12 @@ def test_the_report_names_exactly_the_rungs_that_move_a_figure():
         {"rung": "blocks", "changes": {"d_ff": 256}, "variants": ["sentiment_only"], "command": None, "complete": False,
          "models": {"sentiment_only": {"best_val_acc": stat([2.0, 2.0, 2.0])}}},  # the same on every seed: no test
     ]}
+    from stats import mean_ci
+
+    s["rungs"][1]["lm_head"] = {"seeds": [1, 2, 3], "final_val_acc": {"delta": mean_ci([1.1, 0.9, 1.0]), "p": 0.01},
+                                "best_val_acc": {"delta": mean_ci([0.5, -0.5, 0.0])}, "effective_rank": None}
     text = ladder.ladder_markdown(s)
+    assert "| `attention` | 3 | **+1.00 [" in text and "| +0.00 [-1.24, +1.24] | – |" in text  # best val: never bold
     moved = text.split("## What moves beyond seed noise")[1].split("![")[0]
     assert "`attention` moves Model 1: Sentiment Only's best val (%)" in moved
     assert "`head`" not in moved and "`blocks`" not in moved
