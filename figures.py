@@ -6,7 +6,7 @@ import textwrap
 
 import numpy as np
 
-from metrics import subject
+from metrics import setting, subject
 from models import VARIANTS
 
 COLOURS = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
@@ -75,7 +75,7 @@ def learning_curves(metrics: dict, panels: list[tuple[str, list[tuple[str, str]]
         axes[0][0].text(0.5, 0.5, "no finished variant yet", ha="center", va="center")
         axes[0][0].set_axis_off()
     band = f"mean of {n_seeds} seeds, band = ± 1 std across seeds" if n_seeds > 1 else "one seed"
-    fig.suptitle(wrapped(f"{subject(metrics)} ({metrics.get('protocol', 'written')}): learning curves ({band}); "
+    fig.suptitle(wrapped(f"{subject(metrics)} ({setting(metrics)}): learning curves ({band}); "
                          "dashed = the study's published run", fig.get_figwidth()))
     fig.tight_layout()
     return fig

@@ -28,6 +28,14 @@ def subject(m: dict) -> str:
     return "small transformers" if m["scale"] == "small" or not model else Path(str(model)).name
 
 
+def setting(m: dict) -> str:
+    """The protocol a run used, for titles, with what it changed: "written", "written, rung engram
+    (engram_feedback=False)", "written (lm_weight=0.3)": a rung's figure must not read as its base's."""
+    rung = (m.get("config") or {}).get("rung")
+    changed = ", ".join(f"{k}={v}" for k, v in (m.get("overrides") or {}).items())
+    return m.get("protocol", "written") + (f", rung {rung}" if rung else "") + (f" ({changed})" if changed else "")
+
+
 def user_argv(argv: list[str]) -> list[str]:
     """The command line as the user typed it: without the --job an executor adds to start one job."""
     out, skip = [], False

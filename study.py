@@ -20,7 +20,7 @@ from cli import Interrupted, NonFiniteLoss, UsageError, check_stop
 from figures import engram_clusters, learning_curves
 from files import FolderLock, save_figure, write_atomic, write_json, write_npz
 from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
-from metrics import build_metrics, predictions, subject
+from metrics import build_metrics, predictions, setting, subject
 from training import Recipe, train_variant
 
 OUTPUTS = ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png")
@@ -95,7 +95,7 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
         drawn["engram_seed"] = first
         a = load_arrays(out, first, "dual_engram")
         e = results[first]["dual_engram"]["analysis"]["engram"]
-        title = (f"engrams of {subject(header)}, protocol {header['protocol']} (seed {first}): "
+        title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
                  f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
         save_figure(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first),
                     out / "engram_clusters.png")
@@ -189,7 +189,9 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         writer.write(tolerant=True)
     m = writer.write(final=args.job is None)
     if args.job is None:
-        print(f"wrote {out}/" + ", ".join(OUTPUTS))
+        drawn = m.get("models", {})
+        figures = {"learning_curves.png": bool(drawn), "engram_clusters.png": "dual_engram" in drawn}
+        print(f"wrote {out}/" + ", ".join(o for o in OUTPUTS if figures.get(o, True)))  # the figures it drew, no others
     return m
 
 

@@ -261,6 +261,22 @@ def test_figure_titles_name_the_model_that_was_trained(scale, config, title):
         plt.close(fig)
 
 
+def test_a_figure_title_names_the_settings_a_run_changed():
+    """A ladder rung's figures once read "(written)", like its base's."""
+    import matplotlib.pyplot as plt
+
+    m = {"scale": "small", "config": {"rung": "engram"}, "protocol": "written", "models": {},
+         "overrides": {"engram_injection": "concat", "engram_feedback": False}}
+    assert metrics.setting(m) == "written, rung engram (engram_injection=concat, engram_feedback=False)"
+    assert metrics.setting({"protocol": "published", "config": {"rung": None}, "overrides": {}}) == "published"
+    assert metrics.setting({"protocol": "written", "config": {}, "overrides": {"lm_weight": 0.3}}) == "written (lm_weight=0.3)"
+    fig = figures.learning_curves(m, [("validation accuracy (%)", [("val_acc", "val")])], {})
+    try:
+        assert " ".join(fig._suptitle.get_text().split()).startswith(f"small transformers ({metrics.setting(m)}): ")
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.parametrize("model", [None, "/models/SmolLM2-135M-Instruct.Q4_1.gguf"])
 def test_figure_titles_fit_inside_the_figure(model):
     """The published run's title ("... (published): learning curves (mean of 5 seeds, band = ...);

@@ -65,7 +65,7 @@ def test_rung_argv_replaces_the_ladder_flags_with_the_rungs_own(tmp_path):
     assert ladder.rung_argv(argv, tmp_path, "loss_weights", ("dual_head",), "written", "published", ["sentiment_only"]) is None
 
 
-def test_a_run_of_one_variant_says_so_and_reports_the_hypotheses_as_not_run(sst2_small, tmp_path):
+def test_a_run_of_one_variant_says_so_and_reports_the_hypotheses_as_not_run(sst2_small, tmp_path, capsys):
     out = tmp_path / "one"
     m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--variants", "dual_head", *TINY])
     assert m["variants"] == ["dual_head"] and list(m["models"]) == ["dual_head"] and m["complete"]
@@ -74,6 +74,10 @@ def test_a_run_of_one_variant_says_so_and_reports_the_hypotheses_as_not_run(sst2
     report = (out / "REPORT.md").read_text()
     assert "- H1: not run: needs sentiment_only, which this run does not train (--variants)." in report
     assert not (out / "checkpoints" / "seed42" / "sentiment_only").exists()
+    # it names the figures it drew: no Model 3, no engram figure
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"wrote {out}/")]
+    assert wrote == [f"wrote {out}/metrics.json, predictions.json, REPORT.md, learning_curves.png"]
+    assert not (out / "engram_clusters.png").exists()
 
 
 def test_a_shortened_ladder_runs_every_rung_into_its_report(sst2_small, tmp_path):
