@@ -159,6 +159,14 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         done_steps, partial = state.pop("step", 0), state.pop("partial", None)
         where = f"step {done_steps} of epoch {start_epoch}" if done_steps else f"epoch {start_epoch - 1}"
         print(f"[{variant} seed {seed}] resuming after {where} from {ckpt}")
+
+    def stop_position(epoch: int, step: int, sums: dict, seconds: float) -> None:
+        """A checkpoint `step` steps into `epoch` (its running sums and every random state), so
+        that a stop loses nothing trained."""
+        now = {**state, "partial": {"sums": sums, "seconds": seconds}}
+        saved = save_checkpoint(ckpt, epoch - 1, model, opt, built.scheduler, built.scaler, now, step=step)
+        print(f"[{variant} seed {seed}] stopped at step {step} of epoch {epoch}: checkpoint {saved}")
+
     model.train()
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -170,13 +178,13 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         batches = epoch_batches(len(train), bs, seed, epoch, recipe.drop_last)
         bar = _progress(batches[skip:], recipe, f"{variant} s{seed} e{epoch}/{recipe.epochs}")
         for step, idx in enumerate(bar, start=skip + 1):
-            if STOP and (step - 1) % accum == 0 and step > 1:
-                # a stop request (Ctrl-C, SIGTERM, a preemption) at an optimizer-step boundary: keep
-                # the position in the epoch and every random state, so nothing trained is lost
-                state_now = {**state, "partial": {"sums": sums, "seconds": elapsed + time.perf_counter() - t0}}
-                saved = save_checkpoint(ckpt, epoch - 1, model, opt, built.scheduler, built.scaler, state_now, step=step - 1)
-                print(f"[{variant} seed {seed}] stopped at step {step - 1} of epoch {epoch}: checkpoint {saved}")
-            check_stop(f"{variant} seed {seed}, epoch {epoch}, step {step}")
+            if STOP and (step - 1) % accum == 0:
+                # a stop request (Ctrl-C, SIGTERM, a preemption) waits for an optimizer-step boundary
+                # (mid-accumulation the gradients of the group's first batches are not in any
+                # checkpoint); at step 1 the last epoch's checkpoint already holds everything
+                if step > 1:
+                    stop_position(epoch, step - 1, sums, elapsed + time.perf_counter() - t0)
+                check_stop(f"{variant} seed {seed}, epoch {epoch}, step {step}")
             ids, mask, labels = collate(train, idx, recipe.device)
             with autocast(recipe.device, built.autocast_dtype):
                 out = run_batch(model, ids, mask, labels, mode=recipe.train_mode)
@@ -201,6 +209,11 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
             sums["n"] += len(idx)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.3f}", acc=f"{100 * sums['correct'] / sums['n']:.1f}")
+        if STOP and skip < len(batches):
+            # every step is done, the evaluation not yet (at 7B it takes minutes, longer than a
+            # preemption's grace): keep the trained epoch; a resume skips straight to its evaluation
+            stop_position(epoch, len(batches), sums, elapsed + time.perf_counter() - t0)
+            check_stop(f"{variant} seed {seed}, epoch {epoch}, before its evaluation")
         if built.scheduler is not None and built.scheduler_per == "epoch":
             built.scheduler.step()
         train_seconds = elapsed + time.perf_counter() - t0

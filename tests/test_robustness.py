@@ -284,16 +284,19 @@ def test_a_second_signal_while_a_stop_is_pending_stops_at_once(capsys):
         STOP.handler(signal.SIGINT, None)
 
 
-def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baseline, sst2_small, tmp_path, monkeypatch, capfd):
-    """A real SIGTERM, sent to this process during dual_head's epoch 2, step 2 (4 steps an epoch):
-    the run stops before step 3 with a mid-epoch checkpoint (the position in the epoch and every
-    random state), keeps sentiment_only, and continues from there to exactly the baseline."""
+@pytest.mark.parametrize("after, where", [(2, "step 3"), (4, "before its evaluation")])
+def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(after, where, baseline, sst2_small, tmp_path,
+                                                                         monkeypatch, capfd):
+    """A real SIGTERM, sent to this process during dual_head's epoch 2 (4 steps an epoch) after
+    step 2, or after its last step: the run stops before the next step, or before the epoch's
+    evaluation, with a mid-epoch checkpoint (the position in the epoch and every random state),
+    keeps sentiment_only, and continues from there to exactly the baseline."""
     out = tmp_path / "run"
     def send_sigterm(_):
         assert signal.getsignal(signal.SIGTERM) == STOP.handler  # else the signal would end pytest
         os.kill(os.getpid(), signal.SIGTERM)
 
-    on_training_step(monkeypatch, "dual_head", 4 + 2, send_sigterm)
+    on_training_step(monkeypatch, "dual_head", 4 + after, send_sigterm)
     capfd.readouterr()
     with pytest.raises(SystemExit) as e:
         run_small(sst2_small, out)
@@ -302,22 +305,83 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(baselin
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    assert last == (f"stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 1 finished job(s) and "
-                    f"checkpoint {folder / 'epoch_002_step_000002'}; continue with: "
+    assert last == (f"stopped: SIGTERM during dual_head seed 42, epoch 2, {where}; kept 1 finished job(s) and "
+                    f"checkpoint {folder / f'epoch_002_step_{after:06d}'}; continue with: "
                     f"python experiment.py {shlex.join(argv(sst2_small, out))} --resume")
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == "SIGTERM" and list(m["models"]) == ["sentiment_only"]
-    assert [p.name for p in complete_checkpoints(folder)] == ["epoch_002_step_000002", "epoch_001"]
-    state = checkpoints.read_checkpoint(folder / "epoch_002_step_000002")["state"]
-    assert (state["epoch"], state["step"], state["partial"]["sums"]["steps"]) == (1, 2, 2)
+    assert [p.name for p in complete_checkpoints(folder)] == [f"epoch_002_step_{after:06d}", "epoch_001"]
+    state = checkpoints.read_checkpoint(folder / f"epoch_002_step_{after:06d}")["state"]
+    assert (state["epoch"], state["step"], state["partial"]["sums"]["steps"]) == (1, after, after)
     assert no_lock_left(out)
     monkeypatch.undo()
     command = shlex.split(last.split("continue with: ", 1)[1])
     capfd.readouterr()
     m = experiment.main(command[2:])
-    assert "[dual_head seed 42] resuming after step 2 of epoch 2" in capfd.readouterr().out
+    assert f"[dual_head seed 42] resuming after step {after} of epoch 2" in capfd.readouterr().out
     assert m["complete"] and m["stopped"] is None
     assert comparable(out) == comparable(baseline)
+
+
+def test_a_signal_during_an_evaluation_stops_at_the_next_epochs_first_step(baseline, sst2_small, tmp_path, monkeypatch, capfd):
+    """A SIGTERM while epoch 2 of dual_head is evaluated: the evaluation and the epoch's checkpoint
+    finish, the run stops before epoch 3's first step, and the resume starts epoch 3."""
+    import training
+
+    real, seen = training.evaluate, {"n": 0}
+
+    def evaluate(model, *a, **k):
+        if model.variant == "dual_head":
+            seen["n"] += 1
+            if seen["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out)
+    assert e.value.code == 143
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM during dual_head seed 42, epoch 3, step 1; kept 1 finished job(s) and "
+                           f"checkpoint {folder / 'epoch_002'}; "), last
+    monkeypatch.undo()
+    m = run_small(sst2_small, out, "--resume")
+    assert "[dual_head seed 42] resuming after epoch 2 from" in capfd.readouterr().out
+    assert m["complete"] and comparable(out) == comparable(baseline)
+
+
+def test_a_signal_mid_accumulation_waits_for_the_optimizer_step_and_resume_ends_equal(tiny_qwen, sst2_small, tmp_path,
+                                                                                     monkeypatch, capfd):
+    """Two batches per optimizer step (the 7B path accumulates): a SIGTERM after epoch 2's first
+    batch must not stop before its second (that batch's gradients are in no checkpoint): the run
+    trains it, steps, checkpoints after step 2 and ends equal to an uninterrupted run."""
+    import experiment_7b
+
+    def run_7b(out, *extra):
+        return experiment_7b.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(out),
+                                   "--variants", "dual_head", "--set", "accum_steps=2", "--batch-size", "8",
+                                   "--max-train", "32", "--max-eval", "16", "--epochs", "2", "--no-progress",
+                                   "--small-results", str(tmp_path / "none.json"), *extra])
+
+    reference = run_7b(tmp_path / "uninterrupted")
+    out = tmp_path / "run"
+    on_training_step(monkeypatch, "dual_head", 4 + 1, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as e:
+        run_7b(out)
+    assert e.value.code == 143
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 0 finished job(s) and "
+                           f"checkpoint {folder / 'epoch_002_step_000002'}; "), last
+    state = checkpoints.read_checkpoint(folder / "epoch_002_step_000002")["state"]
+    assert (state["epoch"], state["step"], state["partial"]["sums"]["steps"]) == (1, 2, 2)
+    monkeypatch.undo()
+    m = run_7b(out, "--resume")
+    assert "[dual_head seed 42] resuming after step 2 of epoch 2" in capfd.readouterr().out
+    assert m["complete"] and reference["complete"]
+    assert comparable(out) == comparable(tmp_path / "uninterrupted")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
