@@ -212,9 +212,7 @@ def ladder_markdown(s: dict) -> str:
                 cell = f"{_f(st['mean'], d)}" + (f" ± {st['std']:.{d}f}" if st.get("std") is not None else "")
                 vs = st.get("vs_base")
                 if vs and vs["delta"].get("ci"):
-                    ci = vs["delta"]["ci"]
-                    delta = f"Δ {vs['delta']['mean']:+.{d}f} [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
-                    cell += f"<br>{'**' + delta + '**' if moves(st) else delta}"
+                    cell += "<br>" + _delta(vs, d, "Δ ")
                 cells.append(cell)
             lines.append(f"| `{r['rung']}` | " + " | ".join(cells) + " |")
         lines.append("")
@@ -229,10 +227,11 @@ def ladder_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _delta(d: dict, digits: int) -> str:
-    """Δ mean [95 % CI], bold when its test rejects no change at 5 %."""
+def _delta(d: dict, digits: int, prefix: str = "") -> str:
+    """A paired difference {delta, p} as "mean [95 % CI]", bold when its test rejects no change at
+    5 % (for a rung's vs_base, exactly when moves() says so)."""
     ci = d["delta"].get("ci")
-    text = f"{d['delta']['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+    text = prefix + f"{d['delta']['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
     return f"**{text}**" if d.get("p") is not None and d["p"] < ALPHA else text
 
 
