@@ -181,15 +181,26 @@ def engram_section(m: dict, study_engram: dict) -> list[str]:
     return lines
 
 
+def engram_trains(m: dict) -> bool:
+    """Whether any loss reaches Model 3's compressor: not when the preset never feeds an engram
+    back (the small published reading: the engram passed in is always zero)."""
+    return (m.get("preset") or {}).get("engram_feedback", True)
+
+
 def control_section(m: dict) -> list[str]:
     e = m["engram"]
     rc, pk = e["random_compressor"], e["pooled_kmeans"]
+    trains = engram_trains(m)
+    own = "trained engram" if trains else "never-trained engram"
     lines = ["### Control: is the organisation the engram's, or the pooled state's?", "",
-             f"The same measures on the same pooled validation states of Model 3: its trained compressor; {rc['draws']} "
+             ("" if trains else "Under this preset no engram is ever fed back (the engram passed in is always zero), so no "
+              "loss reaches Model 3's compressor: its engram is a random projection of the pooled states, one more draw "
+              "of the control's kind, with this seed's initialisation. ") +
+             f"The same measures on the same pooled validation states of Model 3: its {'trained' if trains else 'own'} compressor; {rc['draws']} "
              "freshly initialised, never trained compressors of the same shape (mean ± std [min, max] over all draws of all "
              "seeds); and K-Means on the pooled states themselves. Probe = 5-fold logistic regression.", "",
              "| Features | " + " | ".join(r[0] for r in ENGRAM_ROWS) + " | Probe accuracy (%) |", "|---|" + "---|" * (len(ENGRAM_ROWS) + 1)]
-    lines.append("| Trained engram | " + " | ".join(_msd(e[k], d, s) for _, k, d, s in ENGRAM_ROWS) +
+    lines.append(f"| {own.capitalize()} | " + " | ".join(_msd(e[k], d, s) for _, k, d, s in ENGRAM_ROWS) +
                  f" | {_msd(e['trained_probe_accuracy'], 1, 100)} |")
     lines.append("| Untrained compressor | " + " | ".join(
         f"{_msd(rc[k], d, s)} [{rc[k]['min'] * s:.{d}f}, {rc[k]['max'] * s:.{d}f}]" for _, k, d, s in ENGRAM_ROWS) +
@@ -199,20 +210,20 @@ def control_section(m: dict) -> list[str]:
     above = [a for a in e["above_random"] if a["above"]]
     n = len(e["above_random"])
     if len(above) == n:
-        words = f"in every seed ({n} of {n}) the trained engram's ARI lies above all of that seed's random draws"
+        words = f"in every seed ({n} of {n}) the {own}'s ARI lies above all of that seed's random draws"
     elif not above:
-        words = f"in no seed (0 of {n}) does the trained engram's ARI rise above that seed's random draws"
+        words = f"in no seed (0 of {n}) does the {own}'s ARI rise above that seed's random draws"
     else:
-        words = f"in {len(above)} of {n} seeds the trained engram's ARI lies above all of that seed's random draws"
+        words = f"in {len(above)} of {n} seeds the {own}'s ARI lies above all of that seed's random draws"
     better = len(above) == n
-    lines += ["", f"**Does the trained engram separate sentiment better than a random projection?** "
-                  f"{'Yes' if better else 'No'}: {words} (trained ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
+    lines += ["", f"**Does the {own} separate sentiment better than a random projection?** "
+                  f"{'Yes' if better else 'No'}: {words} ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
                   f"pooled state {_msd(pk['ari'], 3)}).", ""]
-    return lines + tail_lines(e)
+    return lines + tail_lines(e, own)
 
 
-def tail_lines(e: dict) -> list[str]:
-    """How often an untrained compressor reaches the study's ARI, and the trained engram's."""
+def tail_lines(e: dict, own: str) -> list[str]:
+    """How often an untrained compressor reaches the study's ARI, and Model 3's own engram's."""
     t = e.get("random_tail")
     if not t:
         return []
@@ -221,7 +232,7 @@ def tail_lines(e: dict) -> list[str]:
                         for x in t["per_seed"])
     return [f"**How often does a random projection reach the study's ARI ({t['threshold']:g})?** {t['at_or_above']} of "
             f"{t['draws']:,} untrained compressors ({100 * t['fraction']:.2f} %; {per}); the largest ARI of any draw is "
-            f"{t['max']:.3f}. Untrained compressors reaching the trained engram's own ARI: {trained}. "
+            f"{t['max']:.3f}. Untrained compressors reaching the {own}'s own ARI: {trained}. "
             f"({t['draws'] // len(t['per_seed'])} draws a seed, on the pooled states as `arrays.npz` keeps them, float16.)", ""]
 
 
@@ -381,8 +392,8 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
     if ew and ep:
         lines += ["", "| Engram (Model 3) | Written | Published | Study |", "|---|---|---|---|"]
         for name, key, digits, scale in ENGRAM_ROWS[:2]:
-            lines.append(f"| {name}, trained compressor | {_msd(ew[key], digits, scale)} | {_msd(ep[key], digits, scale)} | "
-                         f"{_f(s['engram'].get(key), digits)} |")
+            own = [_msd(x["engram"][key], digits, scale) + ("" if engram_trains(x) else " (never trained)") for x in (w, p)]
+            lines.append(f"| {name}, Model 3's own compressor | {own[0]} | {own[1]} | {_f(s['engram'].get(key), digits)} |")
             if "random_compressor" in ew and "random_compressor" in ep:
                 lines.append(f"| {name}, untrained compressors | {_msd(ew['random_compressor'][key], digits, scale)} | "
                              f"{_msd(ep['random_compressor'][key], digits, scale)} | – |")

@@ -629,7 +629,7 @@ def test_e2e_arrays_report_and_figures(e2e):
             else:
                 assert "engrams" not in z.files
     report = (out / "REPORT.md").read_text()
-    for needle in ("Untrained compressor", "Effective rank", "Held-out sets", "random projection"):
+    for needle in ("| Trained engram |", "Untrained compressor", "Effective rank", "Held-out sets", "random projection"):
         assert needle in report, needle
     for png in ("engram_clusters.png", "learning_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

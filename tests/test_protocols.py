@@ -220,6 +220,11 @@ def test_published_small_run_never_trains_the_compressor(published_small_run):
     other = torch.tanh(torch.from_numpy(pooled.astype(np.float32)) @ w0.flip(0).T + b0.flip(0)).numpy()
     assert not np.allclose(engrams, other, atol=1e-2)
     assert m["models"]["dual_engram"]["runs"][0]["analysis"]["ablation"]["base"] == "zero"
+    # ... and the report calls it what it is, not a trained engram
+    report = (out / "REPORT.md").read_text()
+    assert "| Never-trained engram |" in report and "so no loss reaches Model 3's compressor" in report
+    assert "**Does the never-trained engram separate sentiment better than a random projection?**" in report
+    assert "trained engram" not in report.lower().replace("never-trained engram", "")
 
 
 def test_published_small_schedule_steps_once_per_epoch_to_zero(published_small_run):
@@ -582,6 +587,7 @@ def test_as_written_vs_as_run_sets_both_protocols_beside_the_study(published_sma
     _, pub, _ = published_small_run
     written = copy.deepcopy(pub)
     written.update(protocol="written", command="python experiment.py --seeds 42 43", seeds=[42, 43], complete=False)
+    written["preset"]["engram_feedback"] = True  # the written reading trains its compressor
     for v in written["models"].values():
         v["best_val_acc"]["mean"] = 12.34  # a number the published run cannot have
     text = "\n".join(reporting.protocols_section(pub, written))
@@ -591,6 +597,8 @@ def test_as_written_vs_as_run_sets_both_protocols_beside_the_study(published_sma
     row = next(ln for ln in text.splitlines() if ln.startswith("| Model 1: Sentiment Only"))
     assert row.split(" | ")[1].startswith("12.34") and "| 80.28 |" in row  # written, then the study's best
     assert "| H1 (dual_head - sentiment_only) |" in text and "untrained compressors" in text
+    ari = next(ln for ln in text.splitlines() if ln.startswith("| ARI, Model 3's own compressor |")).split(" | ")
+    assert "never trained" not in ari[1] and ari[2].endswith(" (never trained)")  # written trains it, published never
     # the same protocol on both sides, or an older metrics file, gives no section
     assert reporting.protocols_section(pub, pub) == []
     other_model = copy.deepcopy(written)
