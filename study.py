@@ -79,6 +79,13 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
     return result
 
 
+def outputs_of(m: dict) -> list[str]:
+    """The files write_outputs leaves for these metrics: each figure only once it has something to
+    draw (the learning curves a finished model, the engram figure a finished Model 3)."""
+    drawable = {"learning_curves.png": bool(m["models"]), "engram_clusters.png": "dual_engram" in m["models"]}
+    return [o for o in OUTPUTS if drawable.get(o, True)]
+
+
 def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict, study: dict, panels,
                   report_fn, stopped: str | None = None, drawn: dict | None = None) -> dict:
     """metrics.json, predictions.json, learning_curves.png, engram_clusters.png and REPORT.md, each
@@ -87,18 +94,20 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
     m = build_metrics(results, labels, complete, header, study, stopped)
     write_json(out / "metrics.json", m)
     write_json(out / "predictions.json", predictions(results, labels))
-    if m["models"]:
+    outputs = outputs_of(m)
+    if "learning_curves.png" in outputs:
         save_figure(learning_curves(m, panels, study.get("curves", {})), out / "learning_curves.png")
-    first = next((s for s in m["seeds"] if "dual_engram" in results.get(s, {})), None)
     drawn = {} if drawn is None else drawn
-    if first is not None and (drawn.get("engram_seed") != first or not (out / "engram_clusters.png").is_file()):
-        drawn["engram_seed"] = first
-        a = load_arrays(out, first, "dual_engram")
-        e = results[first]["dual_engram"]["analysis"]["engram"]
-        title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
-                 f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
-        save_figure(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first),
-                    out / "engram_clusters.png")
+    if "engram_clusters.png" in outputs:  # the first seed's (in --seeds order) whose Model 3 has finished
+        first = next(s for s in m["seeds"] if "dual_engram" in results.get(s, {}))
+        if drawn.get("engram_seed") != first or not (out / "engram_clusters.png").is_file():
+            drawn["engram_seed"] = first
+            a = load_arrays(out, first, "dual_engram")
+            e = results[first]["dual_engram"]["analysis"]["engram"]
+            title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
+                     f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
+            save_figure(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first),
+                        out / "engram_clusters.png")
     write_atomic(out / "REPORT.md", report_fn(m))
     return m
 
@@ -189,9 +198,7 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         writer.write(tolerant=True)
     m = writer.write(final=args.job is None)
     if args.job is None:
-        drawn = m.get("models", {})
-        figures = {"learning_curves.png": bool(drawn), "engram_clusters.png": "dual_engram" in drawn}
-        print(f"wrote {out}/" + ", ".join(o for o in OUTPUTS if figures.get(o, True)))  # the figures it drew, no others
+        print(f"wrote {out}/" + ", ".join(outputs_of(m)))  # the figures it drew, no others
     return m
 
 
