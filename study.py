@@ -82,7 +82,8 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
 def outputs_of(m: dict) -> list[str]:
     """The files write_outputs leaves for these metrics: each figure only once it has something to
     draw (the learning curves a finished model, the engram figure a finished Model 3)."""
-    drawable = {"learning_curves.png": bool(m["models"]), "engram_clusters.png": "dual_engram" in m["models"]}
+    models = m.get("models") or {}
+    drawable = {"learning_curves.png": bool(models), "engram_clusters.png": "dual_engram" in models}
     return [o for o in OUTPUTS if drawable.get(o, True)]
 
 
