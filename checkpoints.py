@@ -32,12 +32,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def rng_state() -> tuple[dict, dict]:
-    """(tensors, json) capturing the Python, NumPy, torch and CUDA generators."""
+def rng_state(device: torch.device | None = None) -> tuple[dict, dict]:
+    """(tensors, json) capturing the Python, NumPy and torch generators and, when training on a
+    GPU, that GPU's generator (only that one: a resume may see fewer GPUs, or another one)."""
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
+    if device is not None and device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     py = random.getstate()
@@ -45,15 +45,23 @@ def rng_state() -> tuple[dict, dict]:
     return tensors, meta
 
 
-def set_rng_state(tensors: dict, meta: dict) -> None:
+def set_rng_state(tensors: dict, meta: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if device is not None and device.type == "cuda":
+        # "cuda": the training GPU's; "cuda<i>": every GPU's, as older checkpoints kept them
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = tensors.get("cuda", tensors.get(f"cuda{index}", tensors.get("cuda0")))
+        if saved is not None:
+            torch.cuda.set_rng_state(saved, device)
     v, state, gauss = meta["python"]
     random.setstate((v, tuple(state), gauss))
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def training_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's trainable parameters live (the GPU it trains on, or the CPU)."""
+    return next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- save, read, load
@@ -119,7 +127,7 @@ def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scale
     if scaler is not None:
         train_state["scaler"] = scaler.state_dict()
     torch.save(train_state, tmp / "train_state.pt")
-    rng_tensors, rng_meta = rng_state()
+    rng_tensors, rng_meta = rng_state(training_device(model))
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "step": step, "rng": rng_meta}, allow_nan=False))
     (tmp / MARKER).write_text("ok\n")
@@ -157,9 +165,11 @@ def _apply(ck: dict, path: Path, model, optimizer, scheduler, scaler) -> dict:
     optimizer.load_state_dict(ck["train_state"]["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(ck["train_state"]["scheduler"])
-    if scaler is not None:
+    if scaler is not None and "scaler" in ck["train_state"]:
         scaler.load_state_dict(ck["train_state"]["scaler"])
-    set_rng_state(ck["rng"], ck["rng_meta"])
+    elif scaler is not None:  # made without a loss scaler (on bf16 or fp32): this one starts fresh
+        print(f"note: checkpoint {path} has no loss-scaler state; the scaler starts at its initial scale", file=sys.stderr)
+    set_rng_state(ck["rng"], ck["rng_meta"], training_device(model))
     return ck["state"]
 
 
@@ -195,8 +205,10 @@ def read_result(path: Path, label: str) -> dict | None:
 
 # settings a resumed run may change: where and how it runs, and which jobs of the grid (seeds and
 # variants may be added); never what a job computes
-RESUME_FREE = ("resume", "no_progress", "seeds", "variants", "out", "device", "executor", "jobs", "status", "report_only",
-               "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job", "ladder")
+# (threads too: each result records its own, and the same seed gives the same numbers only at one thread count)
+RESUME_FREE = ("resume", "no_progress", "seeds", "variants", "out", "device", "executor", "jobs", "threads", "status",
+               "report_only", "overwrite", "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job",
+               "ladder")
 
 
 def live_job_locks(ckpt_root: Path) -> list[str]:
@@ -216,14 +228,30 @@ def live_job_locks(ckpt_root: Path) -> list[str]:
     return held
 
 
-def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool) -> None:
-    """A fresh run clears old checkpoints, unless a job of that folder is still running; a resumed
-    one only continues checkpoints made with the same settings (seeds and variants may be added)."""
+def finished_jobs(ckpt_root: Path) -> list[str]:
+    """seed<S>/<variant> of every job of this folder with a result."""
+    return sorted(f"{r.parent.parent.name}/{r.parent.name}" for r in ckpt_root.glob("seed*/*/result.json"))
+
+
+def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite: bool = False) -> None:
+    """A fresh run starts its folder over, unless a job of that folder is still running, and never
+    deletes a finished job's result unless told to (--overwrite); a resumed one only continues
+    checkpoints made with the same settings (seeds and variants may be added)."""
     if not resume:
         held = live_job_locks(ckpt_root)
         if held:
             raise UsageError(f"{ckpt_root.parent} is in use by jobs still running: {', '.join(held)}; wait for them, stop "
                              "them, or pass another --out")
+        done = finished_jobs(ckpt_root)
+        if done and not overwrite:
+            raise UsageError(f"{ckpt_root.parent} holds {len(done)} finished job(s) ({', '.join(done[:4])}"
+                             f"{', ...' if len(done) > 4 else ''}); continue them with --resume, delete them with --overwrite, "
+                             "or pass another --out")
+        if done:
+            print(f"--overwrite: deleting the {len(done)} finished job(s) and every checkpoint in {ckpt_root}", file=sys.stderr)
+        elif complete_checkpoints_below(ckpt_root):
+            print(f"note: starting over: the unfinished jobs' checkpoints in {ckpt_root} are removed "
+                  "(--resume continues them)", file=sys.stderr)
         shutil.rmtree(ckpt_root, ignore_errors=True)
     path = ckpt_root / "run.json"
     mine = {k: v for k, v in settings.items() if k not in RESUME_FREE}
@@ -233,8 +261,13 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool) -> None:
         except (OSError, ValueError):
             raise UsageError(f"{path} cannot be read, so the settings of its checkpoints are unknown; "
                              "run without --resume to start over") from None
+        theirs = {k: v for k, v in theirs.items() if k not in RESUME_FREE}  # written before a setting was freed
         diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
         if diff:
             raise UsageError(f"checkpoints in {ckpt_root} were made with other settings ({'; '.join(diff)}); "
                              "resume with the same flags, or run without --resume to start over")
     write_json(path, mine)
+
+
+def complete_checkpoints_below(ckpt_root: Path) -> bool:
+    return any(complete_checkpoints(f) for f in ckpt_root.glob("seed*/*") if f.is_dir())

@@ -32,9 +32,11 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """Set by the SIGINT / SIGTERM handler; the training loop polls it after every step, so a
-    checkpoint or an output file being written is never cut in half. A second signal while a stop
-    is pending raises KeyboardInterrupt at once (for a user who really wants out now)."""
+    """Set by the SIGINT / SIGTERM handler; the training loop, the evaluation and the analysis poll
+    it between batches, so a checkpoint or an output file being written is never cut in half. A
+    second Ctrl-C (SIGINT) while a stop is pending raises KeyboardInterrupt at once (for a user who
+    really wants out now). Any other second signal only repeats the request: Slurm sends SIGTERM
+    at a time limit whose USR2 came first, and the job must still save its checkpoint and exit."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -48,10 +50,14 @@ class StopRequest:
 
     def handler(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print(f"\n{signal.Signals(signum).name} received while stopping: still stopping after the current step",
+                  file=sys.stderr, flush=True)
+            return
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: stopping after the current step "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
 
 STOP = StopRequest()
@@ -132,8 +138,9 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
     """A parser with the flags both experiments share, grouped as the help shows them, with the
     given scale's defaults. Unknown flags are errors (argparse exits with status 2). Settings a
     protocol fixes default to None here and are filled from the preset (see protocols.py)."""
+    # allow_abbrev=False: `--proto published` is an error, not --protocol (the ladder rewrites flags by name)
     p = argparse.ArgumentParser(prog=prog, description=description + " Defaults are the study's settings.",
-                                formatter_class=HelpFormatter)
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--protocol", choices=protocols, default=protocols[0],
                    help="written: the system the study's write-up describes; published: the study's code as it was "
                         "run (see README, 'As written vs as run'). Explicit flags override the preset")
@@ -174,6 +181,9 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
     o.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
                         "the one in progress restarts after its last complete epoch")
+    o.add_argument("--overwrite", action="store_true",
+                   help="a fresh run (no --resume) over a folder with finished jobs deletes their results; without this "
+                        "flag it is refused")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
     o.add_argument("--compare", type=Path, default=None, metavar="METRICS_JSON",
                    help=f"metrics.json of this scale's run under the other protocol, for the report's 'As written vs as run' "
@@ -184,8 +194,9 @@ def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr
                    help="serial: every job in turn in this process; local: --jobs at once on this machine (submitit); "
                         "slurm: one Slurm job array (submitit). Rerunning a local or slurm command submits only the jobs "
                         "without a result")
-    x.add_argument("--jobs", type=positive_int, default=1,
-                   help="jobs at once (local: processes on this machine, at most one per GPU; slurm: the array's parallelism)")
+    x.add_argument("--jobs", type=positive_int, default=None,
+                   help="jobs at once (local: processes on this machine, at most one per GPU, default 1; slurm: the "
+                        "array's parallelism, default the whole grid)")
     x.add_argument("--status", action="store_true", help="print the grid's jobs (finished, running, pending, failed, "
                                                          "not started) and exit; starts nothing")
     x.add_argument("--report-only", action="store_true", help="rewrite every output from the finished jobs; trains nothing")
@@ -240,24 +251,36 @@ def validate_execution(args) -> None:
     if args.executor == "slurm" and args.slurm_time is None and not (args.status or args.report_only):
         raise UsageError("--executor slurm needs --slurm-time MINUTES: Slurm's and submitit's default limits are minutes "
                          "and would stop a job long before it ends")
-    if args.jobs > 1 and args.executor == "serial":
+    if (args.jobs or 1) > 1 and args.executor == "serial":
         raise UsageError(f"--jobs {args.jobs} needs --executor local or slurm (serial runs one job at a time)")
+    if args.ladder and args.rung:
+        raise UsageError(f"--ladder runs every rung itself; drop --rung {args.rung} (or drop --ladder to run that one rung)")
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite starts over and --resume continues: pass one of them")
     if args.executor == "local" and args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        args.threads = max(1, (os.cpu_count() or 1) // (args.jobs or 1))
+
+
+_DEPTH = [0]  # cli_main calls in progress: the ladder runs each rung through main() inside its own
 
 
 def cli_main(parse_args, run, argv=None):
     """Parse, run, and turn bad input into one line on stderr and exit status 2, and a stop
-    request into one line and exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+    request into one line and exit status 128 + signal (130 for SIGINT, 143 for SIGTERM). Only the
+    outermost call installs the signal handlers and clears the stop request: a signal that lands
+    between two rungs of a ladder (each a nested call) is kept, not dropped."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    STOP.signum = None
+    outer = _DEPTH[0] == 0
     previous = {}
-    try:
-        for sig in STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, STOP.handler)
-    except ValueError:  # not the main thread (e.g. a test runner's worker): no handlers
-        previous = {}
+    if outer:
+        STOP.signum = None
+        try:
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, STOP.handler)
+        except ValueError:  # not the main thread (e.g. a test runner's worker): no handlers
+            previous = {}
+    _DEPTH[0] += 1
     try:
         return run(args, argv)
     except (UsageError, NonFiniteLoss) as e:
@@ -270,9 +293,11 @@ def cli_main(parse_args, run, argv=None):
         print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        STOP.signum = None
+        _DEPTH[0] -= 1
+        if outer:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            STOP.signum = None
 
 
 def resolve_device(name: str):

@@ -52,13 +52,18 @@ def write_npz(path, arrays: dict) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def save_figure(fig, path) -> None:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (and closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig, path) -> None:
+    write_atomic(path, figure_png(fig))
 
 
 def check_writable(folder) -> Path:
@@ -76,13 +81,21 @@ def check_writable(folder) -> Path:
 
 
 def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine. A zombie (ended, not yet reaped: in a container
+    whose PID 1 does not reap, an orphaned job's process stays one) counts as ended."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # it ended just now; or there is no /proc (macOS), where kill(pid, 0) must do
+        return not Path("/proc").is_dir()
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class FolderLock:
@@ -94,14 +107,25 @@ class FolderLock:
     short-lived "outputs" lock on the output folder, which waits (`wait_s`) instead of refusing. A
     lock whose process is gone (killed, machine restarted) is taken over with a note; so is one
     held by an earlier run of the same Slurm job (same job id, fewer restarts: a requeued job,
-    maybe on another host). A live one is refused in one line naming it."""
+    maybe on another host), and, with `stale_s`, one held by another host that this process has
+    seen unchanged for `stale_s` seconds (a short lock whose holder died on its node: no clock of
+    another machine is trusted). A live one is refused in one line naming it.
 
-    def __init__(self, folder: Path, name: str = "run", command: str = "", wait_s: float = 0.0, who: dict | None = None):
+    Taking over is atomic: a takeover holds a guard file (an exclusive create) while it checks
+    that the lock is still the stale one it judged, removes it and creates its own, so of several
+    processes taking over one stale lock exactly one wins. A release removes only its own lock."""
+
+    GUARD_STALE_S = 30.0  # a takeover guard older than this was left by a process that died in it
+
+    def __init__(self, folder: Path, name: str = "run", command: str = "", wait_s: float = 0.0, who: dict | None = None,
+                 stale_s: float | None = None):
         self.path = Path(folder) / f".lock-{name}.json"
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        self.wait_s = wait_s
+        self.wait_s, self.stale_s = wait_s, stale_s
         self.who = who or {}  # extra identity: slurm_job_id and restarts (grid.identity)
         self.held = False
+        self._mine: bytes | None = None  # the record this process wrote, which release() compares
+        self._seen: dict[bytes, float] = {}  # another host's lock record -> when this process first saw it
 
     def _record(self) -> bytes:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -115,27 +139,57 @@ class FolderLock:
     def _try_create(self) -> bool:
         """The record is written to a temporary file first and hard-linked into place, so the lock
         file never exists half-written (another run would take a half-written one for stale)."""
+        record = self._record()
         fd, tmp = tempfile.mkstemp(prefix=".lock-tmp.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(self._record())
+                f.write(record)
             os.link(tmp, self.path)  # atomic, and fails if the lock exists
-            return True
+            created = True
         except FileExistsError:
-            return False
+            created = False
         except OSError:  # a filesystem without hard links: an exclusive create, written at once
-            return self._create_exclusive()
+            created = self._create_exclusive(record)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        if created:
+            self._mine, self.held = record, True
+        return created
 
-    def _create_exclusive(self) -> bool:
+    def _create_exclusive(self, record: bytes) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as f:
-            f.write(self._record())
+            f.write(record)
         return True
+
+    def _take_over(self, stale: bytes) -> bool:
+        """Replace the lock if it still holds `stale`; False if another process is taking it over
+        or has already replaced it (then the caller looks at the lock again)."""
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > self.GUARD_STALE_S:
+                    guard.unlink(missing_ok=True)  # its owner died mid-takeover
+            except OSError:
+                pass
+            return False
+        os.close(fd)
+        try:
+            try:
+                current = self.path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            if current is not None and current != stale:
+                return False  # released and taken again, or taken over by another process already
+            self.path.unlink(missing_ok=True)
+            return self._try_create()
+        finally:
+            guard.unlink(missing_ok=True)
 
     def acquire(self) -> "FolderLock":
         deadline = time.monotonic() + self.wait_s
@@ -149,35 +203,53 @@ class FolderLock:
 
     def _acquire(self) -> "FolderLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a stale lock is removed and the exclusive create tried again
+        for _ in range(3):  # a stale lock is taken over, or the exclusive create tried again
             if self._try_create():
-                self.held = True
                 return self
             try:
-                holder = json.loads(self.path.read_text())
+                raw = self.path.read_bytes()
+            except FileNotFoundError:
+                continue  # released in between: try again
+            except OSError:
+                raw = b""
+            try:
+                holder = json.loads(raw)
                 pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 holder, pid, host = {}, None, None  # unreadable: a write cut short
-            if pid is not None and self._requeued_from(holder):
-                print(f"note: taking over the lock {self.path} from Slurm job {holder['slurm_job_id']}'s earlier run "
-                      f"(pid {pid} on {host}; requeued since)", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
-            if pid is not None and host != socket.gethostname():
-                raise UsageError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('started')} "
-                                 f"(`{holder.get('command')}`); if that run is gone, delete {self.path}")
-            if pid is not None and alive(pid) and pid != os.getpid():
-                raise UsageError(f"{self.path.parent} is in use by a run still going (pid {pid}, since "
-                                 f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out "
-                                 f"(if that pid now belongs to another program, delete {self.path})")
-            what = f"pid {pid}, no longer running" if pid is not None else "unreadable"
-            print(f"note: taking over the lock {self.path} left by an earlier run ({what})", file=sys.stderr)
-            self.path.unlink(missing_ok=True)
+            note = self._stale(holder, pid, host, raw)
+            if note and self._take_over(raw):
+                print(f"note: taking over the lock {self.path} {note}", file=sys.stderr)
+                return self
         raise UsageError(f"could not lock {self.path.parent}; another run keeps taking it")
 
+    def _stale(self, holder: dict, pid: int | None, host: str | None, raw: bytes) -> str | None:
+        """Why the lock in `raw` may be taken over (the note's words), or a UsageError naming its
+        live holder."""
+        if pid is None:
+            return "left by an earlier run (unreadable)"
+        if self._requeued_from(holder):
+            return f"from Slurm job {holder['slurm_job_id']}'s earlier run (pid {pid} on {host}; requeued since)"
+        if host != socket.gethostname():
+            first = self._seen.setdefault(raw, time.monotonic())
+            if self.stale_s is not None and time.monotonic() - first >= self.stale_s:
+                return f"left by pid {pid} on {host} (unchanged for {self.stale_s:.0f} s: that run is taken for gone)"
+            raise UsageError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('started')} "
+                             f"(`{holder.get('command')}`); if that run is gone, delete {self.path}")
+        if alive(pid) and pid != os.getpid():
+            raise UsageError(f"{self.path.parent} is in use by a run still going (pid {pid}, since "
+                             f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out "
+                             f"(if that pid now belongs to another program, delete {self.path})")
+        return f"left by an earlier run (pid {pid}, no longer running)"
+
     def release(self) -> None:
+        """Remove the lock if it is still this process's own (never one another process took over)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            try:
+                if self.path.read_bytes() == self._mine:
+                    self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
             self.held = False
 
     def __enter__(self) -> "FolderLock":

@@ -41,9 +41,21 @@ class Job:
     def folder(self, out: Path) -> Path:
         return Path(out) / "checkpoints" / f"seed{self.seed}" / self.variant
 
-    def finished(self, out: Path) -> bool:
+    def result_state(self, out: Path) -> str | None:
+        """"finished" (result.json reads back and arrays.npz exists), "unreadable" (result.json is
+        there but cannot be parsed: a cut copy; the job runs again and finishes from its
+        checkpoints), or None (no result)."""
         f = self.folder(out)
-        return (f / "result.json").is_file() and (f / "arrays.npz").is_file()
+        if not (f / "result.json").is_file():
+            return None
+        try:
+            json.loads((f / "result.json").read_text())
+        except (OSError, ValueError):
+            return "unreadable"
+        return "finished" if (f / "arrays.npz").is_file() else None
+
+    def finished(self, out: Path) -> bool:
+        return self.result_state(out) == "finished"
 
 
 def grid(seeds, variants) -> list[Job]:
@@ -109,21 +121,68 @@ def write_record(out: Path, job: Job, **fields) -> dict:
 # ----------------------------------------------------------------------------- states
 
 
-def slurm_states(ids: list[str]) -> dict[str, str]:
-    """squeue's state (PENDING, RUNNING, ...) of each Slurm job id still in the queue; {} without
-    squeue. (sacct would also know finished jobs, but needs accounting, which many clusters lack.)"""
+# squeue's states (%T) of a job that is still in the queue, as a job of the grid reads them
+SLURM_RUNNING = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING")
+SLURM_PENDING = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT")
+
+
+def expand_ids(text: str) -> list[str]:
+    """squeue's job ids, one element each: "7_[2-4,9%2]" (pending elements of an array that squeue
+    answers in one line without -r) -> 7_2, 7_3, 7_4, 7_9; "7_3" and "12" stay as they are."""
+    base, bracket, rest = text.partition("_[")
+    if not bracket:
+        return [text]
+    out = []
+    for part in rest.rstrip("]").split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def slurm_states(ids: list[str]) -> dict[str, str] | None:
+    """squeue's state (PENDING, RUNNING, ...) of each of the Slurm job ids still in the queue; a job
+    not in the answer has left the queue. None when squeue could not be asked (not installed,
+    no controller, a timeout): then nothing is known. (sacct would also know finished jobs, but
+    needs accounting, which many clusters lack.)"""
     if not ids:
         return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(sorted(set(ids)))], capture_output=True,
+        # -r: one line per array element (without it, pending elements come as one "7_[2-4]" line)
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted(set(ids)))], capture_output=True,
                              text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
+        return None
+    if out.returncode != 0:
+        # one id that Slurm has forgotten (left the queue a while ago) is an error, not an empty answer
+        return {} if "Invalid job id" in out.stderr else None
     states = {}
     for line in out.stdout.splitlines():
         jid, _, state = line.strip().partition(" ")
-        states[jid] = state
+        for one in expand_ids(jid):
+            states[one] = state.strip()
     return states
+
+
+def queue_state(rec: dict, queued: dict | None) -> str:
+    """Where a job's executor has it: "running", "pending" (waiting in a queue, or requeued),
+    "gone" (no longer in the queue, or its process has ended) or "unknown" (cannot be asked here:
+    squeue failed, or a local job of another host)."""
+    if rec.get("slurm_job_id"):
+        if queued is None:
+            return "unknown"
+        state = queued.get(str(rec["slurm_job_id"]))
+        return "gone" if state is None else "running" if state in SLURM_RUNNING else "pending" if state in SLURM_PENDING else "gone"
+    if rec.get("local_job_id"):  # submitit's local job id is its controller's pid, on the submitter's host
+        if rec.get("submit_host", rec.get("host")) != socket.gethostname():
+            return "unknown"
+        controller = alive(int(rec["local_job_id"]))
+        if rec.get("state") == "running":
+            return "running" if controller or alive(int(rec.get("pid", 0))) else "gone"
+        return "pending" if controller else "gone"
+    if rec.get("state") == "running" and rec.get("host") == socket.gethostname():  # a serial run's own process
+        return "running" if alive(int(rec.get("pid", 0))) else "gone"
+    return "unknown"
 
 
 def last_line(path) -> str | None:
@@ -137,39 +196,43 @@ def last_line(path) -> str | None:
 
 def job_states(out: Path, jobs: list[Job]) -> list[dict]:
     """One row per job: state (finished / running / pending / failed / stopped / not started), the
-    executor's job id, host, minutes, and for a failed job its error line and log."""
+    executor's job id, host, minutes, and for a failed job its error line and log. The result files
+    decide first: a record that claims more than they show (finished, but its result was removed)
+    is stale and ignored."""
     records = {j: read_record(out, j) for j in jobs}
     queued = slurm_states([r["slurm_job_id"] for r in records.values() if r.get("slurm_job_id")])
     rows = []
     for job in jobs:
         rec = records[job]
+        found = job.result_state(out)
+        if found is None and rec.get("state") == "finished":
+            rec = {}  # stale: the result it names is gone (the folder was cleared)
         row = {"job": job.name, "seed": job.seed, "variant": job.variant, "state": "not started",
-               "job_id": rec.get("slurm_job_id") or rec.get("local_job_id"), "host": rec.get("host"),
+               "job_id": rec.get("slurm_job_id") or rec.get("local_job_id"), "host": rec.get("host"), "gpu": rec.get("gpu"),
                "minutes": None, "error": None, "log": rec.get("log")}
-        if job.finished(out):
+        where = queue_state(rec, queued) if rec else "unknown"
+        if found == "finished":
             result = read_result(job.folder(out) / "result.json", job.label) or {}
             row.update(state="finished", minutes=result.get("seconds", 0) / 60)
+        elif found == "unreadable" and where not in ("running", "pending"):
+            row.update(state="failed", error="its result.json cannot be read; a rerun finishes it again from its checkpoints")
         elif rec:
             state = rec.get("state")
-            in_queue = queued.get(str(rec.get("slurm_job_id")))
             if state == "submitted":
-                state = {"RUNNING": "running", "PENDING": "pending"}.get(in_queue, "pending" if rec.get("slurm_job_id") is None
-                                                                          or in_queue else "failed")
+                state = {"running": "running", "gone": "failed"}.get(where, "pending")
                 if state == "failed":
-                    row["error"] = "left the queue without starting"
+                    row["error"] = ("left the queue without starting" if rec.get("slurm_job_id") else
+                                    "its process ended before training started (see its log)")
             elif state == "running":
-                gone = (rec.get("host") == socket.gethostname() and not alive(int(rec.get("pid", 0))))
-                if rec.get("slurm_job_id") and queued and in_queue is None:
-                    gone = True
-                if gone:
+                if where == "gone":
                     state = "failed"
                     row["error"] = "the process is gone without a result (killed, out of memory, node lost)"
                 else:
                     row["minutes"] = (time.time() - rec.get("started_at", time.time())) / 60
             elif state == "failed":
                 row["error"] = rec.get("error")
-            if state == "stopped" and in_queue in ("PENDING", "RUNNING", "REQUEUED"):
-                state = "pending"  # stopped for a requeue: Slurm runs it again
+            elif state == "stopped" and where in ("running", "pending"):
+                state = "pending"  # stopped for a requeue: the executor runs it again
             row["state"] = state
             if state == "failed" and not row["error"]:
                 row["error"] = last_line(rec["log"]) if rec.get("log") else None

@@ -13,7 +13,7 @@ import json
 import shlex
 from pathlib import Path
 
-from cli import Interrupted, JobsFailed
+from cli import Interrupted, JobsFailed, check_stop
 from files import save_figure, write_atomic, write_json
 from figures import _pyplot, curve_data, wrapped
 from metrics import delta_test
@@ -76,16 +76,21 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
         rung = rung_argv(argv, out, name, variants, base, other, args.variants)
         if rung is None:
             continue
-        print(f"\n== ladder rung {name}: python {script} {shlex.join(rung)}")
         try:
-            main(rung)
-        except SystemExit as e:
-            if e.code not in (0, None, 1):  # 1: some of its jobs failed, and the rest goes on
-                raise
-            failed.append(name)
-        except Interrupted:
+            check_stop(f"the ladder, before rung {name}")  # a signal between two rungs
+            print(f"\n== ladder rung {name}: python {script} {shlex.join(rung)}")
+            try:
+                main(rung)  # its own cli_main turns a stop into SystemExit(128 + signal), after one line
+            except SystemExit as e:
+                if isinstance(e.code, int) and e.code > 128:
+                    raise Interrupted(f"the ladder stopped in rung {name}", e.code - 128) from None
+                if e.code not in (0, None, 1):  # 1: some of its jobs failed, and the rest goes on
+                    raise
+                failed.append(name)
+        except Interrupted as e:
             report()
-            raise
+            raise Interrupted(f"{e}; {out / 'ladder' / 'LADDER.md'} names what is missing; continue with: {command}"
+                              + ("" if "--resume" in argv or getattr(args, "executor", "serial") != "serial" else " --resume"), e.signum) from None
     summary = report()
     if failed:
         raise JobsFailed(f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
-from grid import Job, job_states, status_table, write_record
+from grid import Job, job_states, read_record, status_table, write_record
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # a local job has no time limit worth the name (submitit's default is 2 min)
@@ -39,8 +39,9 @@ class GridJob:
     and --job. Checkpointable the submitit way (a `checkpoint` method): on USR2 it is requeued
     as it was submitted, and resumes from the checkpoint the training loop wrote."""
 
-    def __init__(self, script: str, argv: list[str], job: Job, cwd: str):
+    def __init__(self, script: str, argv: list[str], job: Job, cwd: str, gpu: str | None = None):
         self.script, self.argv, self.job, self.cwd = script, list(argv), job, cwd
+        self.gpu = gpu  # the GPU as the submitter's CUDA_VISIBLE_DEVICES names it (an index, a UUID, a MIG id)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -50,6 +51,8 @@ class GridJob:
     def __call__(self) -> dict:
         os.chdir(self.cwd)
         sys.path.insert(0, str(ROOT))
+        if self.gpu is not None:  # before anything starts CUDA, which reads it once
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.gpu
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         STOP_SIGNALS.append(signal.SIGUSR2)  # main() turns it into a stop at the next step boundary
         try:
@@ -119,7 +122,8 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
     import submitit
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
-    params = dict(time=args.slurm_time, job_name=f"engram-{out.resolve().name}", array_parallelism=args.jobs,
+    # the array runs as wide as the queue lets it, unless --jobs caps it (submitit's default is 1: %1)
+    params = dict(time=args.slurm_time, job_name=f"engram-{out.resolve().name}", array_parallelism=args.jobs or len(todo),
                   stderr_to_stdout=True, additional_parameters=dict(args.slurm_extra))
     if args.slurm_partition:
         params["partition"] = args.slurm_partition
@@ -134,45 +138,73 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
     except Exception as e:  # sbatch's own message (a wrong partition, an unknown option) in one line
         raise UsageError(f"sbatch refused the job array: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from None
     for job, sj in submitted:
-        write_record(out, job, state="submitted", slurm_job_id=sj.job_id, log=str(sj.paths.stdout), submitted_at=time.time(),
-                     error=None)
-    print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}; logs in {folder}/")
+        write_record(out, job, state="submitted", slurm_job_id=sj.job_id, local_job_id=None, gpu=None, log=str(sj.paths.stdout),
+                     submitted_at=time.time(), error=None)
+    print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
+          + (f", {args.jobs} at a time" if args.jobs else "") + f"; logs in {folder}/")
     print(f"watch them with: {header['command']} --status   (the last job to finish writes the complete report)")
     return {"submitted": [sj.job_id for _, sj in submitted]}
 
 
-def _gpus(args) -> list[int]:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (torch's ordinal i is the
+    i-th of that list; without it, the i-th GPU of the machine)."""
     import torch
 
-    if args.device == "cpu" or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return []
     n = torch.cuda.device_count()
-    if args.jobs > n:
-        raise UsageError(f"--jobs {args.jobs} exceeds the {n} GPU(s) of this machine: one job per GPU")
-    return list(range(n))
+    parent = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return parent[:n] if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(n)]
+
+
+def _gpus(args) -> list[str]:
+    if args.device == "cpu":
+        return []
+    gpus = visible_gpus()
+    if gpus and (args.jobs or 1) > len(gpus):
+        raise UsageError(f"--jobs {args.jobs} exceeds the {len(gpus)} GPU(s) of this machine: one job per GPU")
+    return gpus
+
+
+def _others_gpus(out: Path, jobs: list[Job], mine: set) -> set[str]:
+    """GPUs held by jobs of this grid that an earlier submitter started and that still run here."""
+    import socket
+
+    return {r["gpu"] for j, r in zip(jobs, job_states(out, jobs)) if j not in mine and r["state"] in ("running", "pending")
+            and r.get("gpu") is not None and read_record(out, j).get("submit_host") == socket.gethostname()}
 
 
 def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> dict:
-    """Run the jobs as local processes, --jobs at once, and wait for them."""
+    """Run the jobs as local processes, --jobs at once (one GPU each where there are GPUs, never one
+    that a job of an earlier submitter still holds), and wait for them."""
+    import socket
+
     import submitit
 
-    gpus = _gpus(args)
+    gpus, width = _gpus(args), args.jobs or 1
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
     executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, signal_delay_s=LOCAL_SIGNAL_DELAY_S)
-    queue, running, free = list(todo), {}, list(gpus)
-    print(f"running {len(todo)} job(s), {args.jobs} at a time, {args.threads} thread(s) each"
+    queue, running = list(todo), {}
+    print(f"running {len(todo)} job(s), {width} at a time, {args.threads} thread(s) each"
           + (f", one GPU each ({len(gpus)} here)" if gpus else "") + f"; logs in {folder}/")
+    checked, taken = 0.0, set()
     try:
         while queue or running:
-            while queue and len(running) < args.jobs:
-                job = queue.pop(0)
-                gpu = free.pop(0) if gpus else None
+            if queue and gpus and time.monotonic() - checked > 5:  # GPUs an earlier submitter's jobs hold
+                taken, checked = _others_gpus(out, jobs, set(running)), time.monotonic()
+            while queue and len(running) < width:
+                free = [g for g in gpus if g not in taken and g not in {gpu for _, gpu in running.values()}]
+                if gpus and not free:
+                    break  # every GPU busy: wait for one
+                job, gpu = queue.pop(0), (free[0] if gpus else None)
                 if gpu is not None:
-                    executor.update_parameters(gpus_per_node=1, visible_gpus=(gpu,))
+                    # submitit takes integers; GridJob sets the submitter's own name of the GPU (maybe a UUID)
+                    executor.update_parameters(gpus_per_node=1, visible_gpus=(int(gpu) if gpu.isdigit() else 0,))
                 with _own_sessions():
-                    sj = executor.submit(GridJob(script, argv, job, os.getcwd()))
-                write_record(out, job, state="submitted", local_job_id=sj.job_id, log=str(sj.paths.stderr),
-                             submitted_at=time.time(), error=None)
+                    sj = executor.submit(GridJob(script, argv, job, os.getcwd(), gpu))
+                write_record(out, job, state="submitted", local_job_id=sj.job_id, slurm_job_id=None, gpu=gpu,
+                             submit_host=socket.gethostname(), log=str(sj.paths.stderr), submitted_at=time.time(), error=None)
                 running[job] = (sj, gpu)
             time.sleep(0.5)
             if STOP:
@@ -180,20 +212,22 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
             for job, (sj, gpu) in list(running.items()):
                 if sj.done():
                     del running[job]
-                    if gpu is not None:
-                        free.append(gpu)
                     print(f"[{job.name}] {'finished' if job.finished(out) else 'ended without a result'}")
     except Interrupted as e:
         left = [j.name for j in running]
         raise Interrupted(f"{e}; {len(left)} job(s) keep running ({', '.join(left) or 'none'}), {len(queue)} not started; "
                           f"watch them with: {header['command']} --status; rerun the command to start the rest",
                           e.signum) from None
-    m = writer.write(final=True)
     rows = job_states(out, jobs)
-    failed = [r for r in rows if r["state"] != "finished"]
+    others = [r["job"] for r in rows if r["state"] in ("running", "pending")]  # an earlier submitter's, still going
+    m = writer.write(final=not others, tolerant=bool(others))
+    failed = [r for r in rows if r["state"] not in ("finished", "running", "pending")]
     if failed:
         print(status_table(rows), file=sys.stderr)
         raise JobsFailed(f"{len(failed)} of {len(rows)} job(s) did not finish (" + "; ".join(
             f"{r['job']}: {r['error'] or r['state']}" for r in failed) + f"); the others' results are kept; rerun what is "
             f"missing with: {header['command']}")
+    if others:
+        print(f"{len(others)} job(s) started by an earlier command still run ({', '.join(others)}); each rewrites the "
+              f"report when it finishes; watch them with: {header['command']} --status")
     return m

@@ -2,8 +2,11 @@
 machine), per-model summaries over seeds, the hypothesis tests, and the controls' summaries."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +64,7 @@ def run_header(scale: str, script: str, argv: list[str], args, default_epochs: i
         "preset": dataclasses.asdict(preset),
         "overrides": overrides,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "code": code_version(),
     }
 
 
@@ -92,6 +96,37 @@ def device_name(device) -> str:
     if device.type != "cuda":
         return f"{device} ({processor_name()}, {torch.get_num_threads()} threads)"
     return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The code that runs: a hash of the project's own sources (its top-level .py files; what a
+    resume compares), and in a git checkout the commit and whether those sources differ from it."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    out = {"sources": h.hexdigest()[:16], "commit": None, "dirty": None}
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            out["commit"] = head.stdout.strip()
+            st = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+            if st.returncode == 0:  # "dirty": a tracked top-level source differs from the commit
+                changed = [line[3:].strip() for line in st.stdout.splitlines()]
+                out["dirty"] = any(c.endswith(".py") and "/" not in c for c in changed)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
+def describe_code(code: dict | None) -> str:
+    """One code version in words: "sources 1a2b… (commit 3c4d5e6, edited)"."""
+    if not code:
+        return "unknown code (made before versions were recorded)"
+    commit = code.get("commit")
+    return f"sources {code['sources']}" + (f" (commit {commit[:7]}{', edited' if code.get('dirty') else ''})" if commit else "")
 
 
 def versions() -> dict:
@@ -274,6 +309,7 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
                for h, pair in HYPOTHESES.items() if not all(v in variants for v in pair)}
     return {
         **header,
+        **from_jobs(results),
         "variants": variants,
         "complete": complete,
         "stopped": stopped,
@@ -284,6 +320,28 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
         "rank_test": rank_test(models),
         "study": study,
     }
+
+
+def from_jobs(results: dict) -> dict:
+    """Device, compute dtype and peak GPU memory as the jobs recorded them (the process writing
+    the outputs may be a submitter on a login node): every distinct value, joined; the peak over
+    jobs; and the code versions the jobs ran under when they differ from one another."""
+    runs = [r for by_v in results.values() for r in by_v.values()]
+    machines = [r.get("machine") or {} for r in runs]
+    out = {}
+    names = sorted({x["device_name"] for x in machines if x.get("device_name")})
+    if names:
+        out["device"] = "; ".join(names)
+    dtypes = sorted({str((r.get("info") or {}).get("compute_dtype")) for r in runs if (r.get("info") or {}).get("compute_dtype")})
+    if dtypes:
+        out["compute_dtype"] = "; ".join(dtypes)
+    peaks = [x["peak_gpu_gib"] for x in machines if x.get("peak_gpu_gib") is not None]
+    if peaks:
+        out["peak_gpu_gib"] = max(peaks)
+    codes = {describe_code(c) for r in runs for c in (r.get("code") or [None])}
+    if len(codes) > 1:
+        out["code_versions"] = sorted(codes)
+    return out
 
 
 def predictions(results: dict, labels) -> dict:

@@ -65,6 +65,9 @@ def report_header(m: dict, title: str) -> list[str]:
                   f". Rerun what is missing (finished jobs are kept) with `{m['jobs']['rerun']}`.", ""]
     if m["shortened"]:
         lines += ["> **Shortened run** (fewer epochs or examples than the study): not comparable with the study's figures.", ""]
+    if m.get("code_versions"):
+        lines += [f"> **Trained under {len(m['code_versions'])} code versions** (a job resumed under edited code): "
+                  + "; ".join(m["code_versions"]) + ".", ""]
     mach = m.get("machine", {})
     lines += [
         f"Command: `{m['command']}`",

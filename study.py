@@ -18,7 +18,7 @@ from analysis import analyse, random_compressor_tail
 from checkpoints import latest_checkpoint, prepare_checkpoints, read_result
 from cli import Interrupted, NonFiniteLoss, UsageError, check_stop
 from figures import engram_clusters, learning_curves
-from files import FolderLock, save_figure, write_atomic, write_json, write_npz
+from files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
 from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
 from metrics import build_metrics, predictions, setting, subject
 from training import Recipe, train_variant
@@ -56,13 +56,16 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
     Resumes from the job's newest checkpoint (epoch or mid-epoch) if it has one."""
     folder = job.folder(out)
     who = identity()
+    built = None
     with FolderLock(folder, "job", command, who=who):
         write_record(out, job, state="running", started_at=time.time(), error=None, **who)
         try:
             check_stop(f"{job.label}, before training")
+            if recipe.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(recipe.device)
             result, built = train_variant(recipe, job.variant, job.seed, train, evals, folder, resume=True)
             result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, job.seed)
-            result["machine"] = {"host": who["host"], "threads": torch.get_num_threads()}
+            result["machine"] = job_machine(recipe.device, who)
             write_npz(folder / "arrays.npz", arrays)
             add_tail(folder, result, job.seed)
             write_json(folder / "result.json", result)  # last, and once: the job is finished when it exists
@@ -72,11 +75,33 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
         except BaseException as e:
             write_record(out, job, state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             raise
+        finally:
+            built = None  # the last reference: the collector can free the model now
+            free_memory(recipe.device)
         write_record(out, job, state="finished", ended_at=time.time())
-    del built
-    if recipe.device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
+
+
+def job_machine(device: torch.device, who: dict) -> dict:
+    """Where a job ran, kept in its result: metrics.json reads device, GPU and peak GPU memory from
+    the jobs, not from whichever process (a submitter, a login node) writes the outputs."""
+    from metrics import device_name
+
+    mine = {"host": who["host"], "threads": torch.get_num_threads(), "device": str(device), "device_name": device_name(device)}
+    if device.type == "cuda":
+        mine.update(gpu=torch.cuda.get_device_name(device), peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+    return mine
+
+
+def free_memory(device: torch.device) -> None:
+    """Give a finished (or failed) job's memory back before the next job builds its model: 4-bit
+    layers hold their weights in a reference cycle (Linear4bit <-> Params4bit) that only the cycle
+    collector frees, so empty_cache alone would keep the previous variant's base model."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def outputs_of(m: dict) -> list[str]:
@@ -88,52 +113,74 @@ def outputs_of(m: dict) -> list[str]:
 
 
 def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict, study: dict, panels,
-                  report_fn, stopped: str | None = None, drawn: dict | None = None) -> dict:
+                  report_fn, stopped: str | None = None, engram_png: tuple[bytes, dict] | None = None) -> dict:
     """metrics.json, predictions.json, learning_curves.png, engram_clusters.png and REPORT.md, each
-    written atomically. `report_fn(metrics)` returns the report's text. `drawn` remembers which
-    seed's engram figure is on disk, so its two t-SNEs are computed once per run, not per variant."""
+    written atomically. `report_fn(metrics)` returns the report's text. `engram_png` is the engram
+    figure drawn beforehand (engram_figure: outside the outputs lock), or None when the one on disk
+    is current."""
     m = build_metrics(results, labels, complete, header, study, stopped)
     write_json(out / "metrics.json", m)
     write_json(out / "predictions.json", predictions(results, labels))
     outputs = outputs_of(m)
     if "learning_curves.png" in outputs:
         save_figure(learning_curves(m, panels, study.get("curves", {})), out / "learning_curves.png")
-    drawn = {} if drawn is None else drawn
-    if "engram_clusters.png" in outputs:  # the first seed's (in --seeds order) whose Model 3 has finished
-        first = next(s for s in m["seeds"] if "dual_engram" in results.get(s, {}))
-        if drawn.get("engram_seed") != first or not (out / "engram_clusters.png").is_file():
-            drawn["engram_seed"] = first
-            a = load_arrays(out, first, "dual_engram")
-            e = results[first]["dual_engram"]["analysis"]["engram"]
-            title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
-                     f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
-            save_figure(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first),
-                        out / "engram_clusters.png")
+    if "engram_clusters.png" in outputs and engram_png is not None:
+        png, stamp = engram_png
+        write_atomic(out / "engram_clusters.png", png)
+        write_json(out / ENGRAM_STAMP, stamp)
     write_atomic(out / "REPORT.md", report_fn(m))
     return m
+
+
+ENGRAM_STAMP = ".engram_clusters.json"  # what the engram figure on disk shows: its seed, arrays and title
+
+
+def engram_figure(out: Path, results: dict, seeds: list[int], header: dict) -> tuple[bytes, dict] | None:
+    """The engram figure of the first seed (in --seeds order) whose Model 3 has finished, drawn
+    (two t-SNEs: seconds to minutes) only when the figure on disk shows something else: not once
+    per job. None when there is nothing to draw, or the one on disk is current."""
+    first = next((s for s in seeds if "dual_engram" in results.get(s, {})), None)
+    if first is None:
+        return None
+    arrays = out / "checkpoints" / f"seed{first}" / "dual_engram" / "arrays.npz"
+    e = results[first]["dual_engram"]["analysis"]["engram"]
+    title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
+             f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
+    st = arrays.stat()
+    stamp = {"seed": first, "arrays": [st.st_size, st.st_mtime_ns], "title": title}
+    try:
+        if (out / "engram_clusters.png").is_file() and json.loads((out / ENGRAM_STAMP).read_text()) == stamp:
+            return None
+    except (OSError, ValueError):
+        pass
+    a = load_arrays(out, first, "dual_engram")
+    return figure_png(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first)), stamp
 
 
 class Outputs:
     """Every output of a run, rebuilt from the grid's finished jobs on disk (whichever process or
     host ran them) under the output folder's short "outputs" lock."""
 
+    LOCK_WAIT_S = 600  # how long a writer waits for another's outputs lock
+    LOCK_STALE_S = 300  # another host's outputs lock unchanged this long: its writer died there
+
     def __init__(self, out: Path, jobs: list[Job], labels, header: dict, study: dict, panels, report_fn, recipe: Recipe):
         self.out, self.jobs, self.labels, self.header = out, jobs, labels, header
         self.study, self.panels, self.report_fn, self.recipe = study, panels, report_fn, recipe
-        self.drawn: dict = {}
 
     def write(self, final: bool = False, stopped: str | None = None, tolerant: bool = False) -> dict:
         """Rewrite the outputs. A write that fails mid-run (tolerant) is a warning: the finished
         jobs are kept in their folders, and the next write (at the latest the final one) tries again."""
-        if self.recipe.device.type == "cuda":
-            self.header["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.recipe.device) / 2**30
         try:
-            with FolderLock(self.out, "outputs", self.header["command"], wait_s=600):
+            seeds = list(dict.fromkeys(j.seed for j in self.jobs))
+            figure = engram_figure(self.out, finished_results(self.out, self.jobs), seeds, self.header)  # outside the lock
+            with FolderLock(self.out, "outputs", self.header["command"], wait_s=self.LOCK_WAIT_S, who=identity(),
+                            stale_s=self.LOCK_STALE_S):
                 results = finished_results(self.out, self.jobs)
                 header = {**self.header, "jobs": jobs_summary(job_states(self.out, self.jobs), self.header)}
                 complete = all(j.finished(self.out) for j in self.jobs)
                 return write_outputs(self.out, results, self.labels, complete, header, self.study, self.panels,
-                                     self.report_fn, stopped, self.drawn)
+                                     self.report_fn, stopped, figure)
         except Exception as e:
             if final and not tolerant:
                 raise
@@ -145,7 +192,8 @@ class Outputs:
 def jobs_summary(rows: list[dict], header: dict) -> dict:
     """The grid in metrics.json: how many jobs finished, which failed and why, and the command that
     runs what is missing (the same command: a rerun skips the finished jobs)."""
-    words = [w for w in shlex.split(header["command"]) if w != "--report-only"]  # a rewrite of the outputs trains nothing
+    # a rewrite of the outputs trains nothing, and a rerun must not delete what has finished since
+    words = [w for w in shlex.split(header["command"]) if w not in ("--report-only", "--overwrite")]
     if header["config"].get("executor", "serial") == "serial" and "--resume" not in words:
         words.append("--resume")
     command = shlex.join(words)
@@ -172,14 +220,15 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
     if args.executor != "serial" and args.job is None:
         import launch
 
-        prepare_checkpoints(ckpt_root, header["config"], resume=True)  # a grid always continues its folder
+        # a grid continues its folder (with --overwrite: starts it over first)
+        prepare_checkpoints(ckpt_root, header["config"], resume=not args.overwrite, overwrite=args.overwrite)
         return launch.submit(args, header, out, jobs, writer)
     mine = jobs if args.job is None else [parse_job(args.job, jobs)]
-    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None)
+    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None, overwrite=args.overwrite)
     command = header["command"]
     for job in mine:
-        if job.finished(out) and (args.resume or args.job is not None):
-            kept = read_result(job.folder(out) / "result.json", job.label)
+        if job.result_state(out) and (args.resume or args.job is not None):
+            kept = read_result(job.folder(out) / "result.json", job.label)  # unreadable: a warning, then it runs again
             if kept is not None:
                 print(f"[{job.variant} seed {job.seed}] finished in an earlier run; skipping")
                 with_tail(job.folder(out), kept, job.seed)
@@ -187,11 +236,15 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         try:
             run_job(job, recipe, train, evals, out, command)
         except Interrupted as e:
-            writer.write(stopped=signal.Signals(e.signum).name)
             last = latest_checkpoint(job.folder(out))
+            if args.job is not None:
+                # a job of an executor stops within its signal's grace: its checkpoint is saved, it exits at once
+                # (no outputs rewritten, no t-SNE, no lock waited for); the next job to finish rewrites them
+                raise Interrupted(f"{e}; kept " + (f"checkpoint {last}" if last else "no checkpoint yet"), e.signum) from None
+            writer.write(stopped=signal.Signals(e.signum).name)
             done = sum(j.finished(out) for j in jobs)
             kept = f"{done} finished job(s) and " + (f"checkpoint {last}" if last else f"no checkpoint of {job.variant} seed {job.seed} yet")
-            again = command + ("" if args.resume or args.job is not None else " --resume")
+            again = command.replace(" --overwrite", "") + ("" if args.resume else " --resume")
             raise Interrupted(f"{e}; kept {kept}; continue with: {again}", e.signum) from None
         except (UsageError, NonFiniteLoss):
             writer.write(tolerant=True)

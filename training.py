@@ -2,6 +2,7 @@
 evaluation after every epoch, and a checkpoint after every epoch."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from checkpoints import resume_from, save_checkpoint, seed_everything
-from cli import STOP, NonFiniteLoss, check_stop
+from checkpoints import resume_from, rng_state, save_checkpoint, seed_everything, set_rng_state
+from cli import STOP, Interrupted, NonFiniteLoss, check_stop
 from data import Encoded, collate, epoch_batches
 from engram import run_batch, run_single, sentiment_probabilities
+from metrics import code_version, describe_code
 from models import EngramModel, count_parameters
 
 
@@ -70,6 +72,7 @@ def evaluate(model: EngramModel, enc: Encoded, recipe: Recipe, autocast_dtype=No
     g = torch.Generator().manual_seed(seed)
     probs, sent_sum, lm_sum, lm_count, lm_means = [], 0.0, 0.0, 0, []
     for i in range(0, len(enc), bs):
+        check_stop(f"the evaluation of {model.variant}")  # minutes at 7B: a stop does not wait for its end
         ids, mask, labels = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
         with autocast(recipe.device, autocast_dtype):
             out = run_batch(model, ids, mask, labels, mode=mode or recipe.eval_mode, generator=g)
@@ -101,6 +104,7 @@ def zero_prefix_states(model: EngramModel, enc: Encoded, recipe: Recipe, autocas
     bs = recipe.batch_size(model.variant)
     pooled, engrams = [], []
     for i in range(0, len(enc), bs):
+        check_stop(f"the analysis of {model.variant}")
         ids, mask, _ = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
         with autocast(recipe.device, autocast_dtype):
             out = run_single(model, ids, mask, None)
@@ -150,7 +154,8 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     total, trainable = count_parameters(model)
     dtype = f"; compute dtype {built.info['compute_dtype']}" if "compute_dtype" in built.info else ""
     print(f"[{variant} seed {seed}] parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f} %){dtype}")
-    state = {"history": [], "best": None, "final": None, "seconds": 0.0}
+    code = code_version()
+    state = {"history": [], "best": None, "final": None, "seconds": 0.0, "code": [code]}
     start_epoch, done_steps, partial = 1, 0, None
     loaded = resume_from(ckpt, f"{variant} seed {seed}", model, opt, built.scheduler, built.scaler) if resume else None
     if loaded is not None:
@@ -159,6 +164,13 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         done_steps, partial = state.pop("step", 0), state.pop("partial", None)
         where = f"step {done_steps} of epoch {start_epoch}" if done_steps else f"epoch {start_epoch - 1}"
         print(f"[{variant} seed {seed}] resuming after {where} from {ckpt}")
+        # the code that made the checkpoint: a resume under other code goes on, and says so once here
+        # and in the result (state["code"] lists every version the job ran under; REPORT.md names them)
+        state["code"] = state.get("code") or [None]
+        if (state["code"][-1] or {}).get("sources") != code["sources"]:
+            print(f"note: {variant} seed {seed}: its checkpoint was made by {describe_code(state['code'][-1])}, this is "
+                  f"{describe_code(code)}; it continues, and its result names both", file=sys.stderr)
+            state["code"].append(code)
 
     def stop_position(epoch: int, step: int, sums: dict, seconds: float) -> None:
         """A checkpoint `step` steps into `epoch` (its running sums and every random state), so
@@ -214,10 +226,18 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
             # preemption's grace): keep the trained epoch; a resume skips straight to its evaluation
             stop_position(epoch, len(batches), sums, elapsed + time.perf_counter() - t0)
             check_stop(f"{variant} seed {seed}, epoch {epoch}, before its evaluation")
-        if built.scheduler is not None and built.scheduler_per == "epoch":
-            built.scheduler.step()
         train_seconds = elapsed + time.perf_counter() - t0
-        results = {name: evaluate(model, enc, recipe, built.autocast_dtype) for name, enc in evals.items()}
+        before = rng_state(recipe.device)  # the evaluation draws from no global generator; kept to be sure
+        try:
+            results = {name: evaluate(model, enc, recipe, built.autocast_dtype) for name, enc in evals.items()}
+        except Interrupted as e:
+            # a stop during the evaluation: the trained epoch is kept as the position after its last step
+            # (the state the evaluation started from); the resume evaluates it again
+            set_rng_state(*before, recipe.device)
+            stop_position(epoch, len(batches), sums, train_seconds)
+            raise Interrupted(f"{STOP.name} during {variant} seed {seed}, epoch {epoch}, its evaluation", e.signum) from None
+        if built.scheduler is not None and built.scheduler_per == "epoch":
+            built.scheduler.step()  # after the evaluation (which no learning rate touches): a stop in it saved the state before
         val = results["validation"]
         row = {
             "epoch": epoch,

@@ -323,9 +323,12 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(after, 
     assert comparable(out) == comparable(baseline)
 
 
-def test_a_signal_during_an_evaluation_stops_at_the_next_epochs_first_step(baseline, sst2_small, tmp_path, monkeypatch, capfd):
-    """A SIGTERM while epoch 2 of dual_head is evaluated: the evaluation and the epoch's checkpoint
-    finish, the run stops before epoch 3's first step, and the resume starts epoch 3."""
+def test_a_signal_during_an_evaluation_stops_it_keeps_the_trained_epoch_and_resume_ends_equal(baseline, sst2_small, tmp_path,
+                                                                                               monkeypatch, capfd):
+    """A SIGTERM while epoch 2 of dual_head is evaluated (at 7B: minutes, longer than a time limit's
+    grace): the evaluation stops at its next batch, the trained epoch is kept as the position after
+    its last step (before it stopped there only after the evaluation and the next epoch's first
+    step), and the resume evaluates epoch 2 again and ends equal to the baseline."""
     import training
 
     real, seen = training.evaluate, {"n": 0}
@@ -344,11 +347,42 @@ def test_a_signal_during_an_evaluation_stops_at_the_next_epochs_first_step(basel
     assert e.value.code == 143
     folder = out / "checkpoints" / "seed42" / "dual_head"
     last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("stopped: SIGTERM during dual_head seed 42, epoch 3, step 1; kept 1 finished job(s) and "
-                           f"checkpoint {folder / 'epoch_002'}; "), last
+    assert last.startswith("stopped: SIGTERM during dual_head seed 42, epoch 2, its evaluation; kept 1 finished job(s) and "
+                           f"checkpoint {folder / 'epoch_002_step_000004'}; "), last
+    state = checkpoints.read_checkpoint(folder / "epoch_002_step_000004")["state"]
+    assert (state["epoch"], state["step"], len(state["history"])) == (1, 4, 1)  # epoch 2 trained, not yet evaluated
     monkeypatch.undo()
     m = run_small(sst2_small, out, "--resume")
-    assert "[dual_head seed 42] resuming after epoch 2 from" in capfd.readouterr().out
+    assert "[dual_head seed 42] resuming after step 4 of epoch 2 from" in capfd.readouterr().out
+    assert m["complete"] and comparable(out) == comparable(baseline)
+
+
+def test_a_signal_during_the_analysis_stops_it_and_resume_only_analyses_again(baseline, sst2_small, tmp_path, monkeypatch,
+                                                                              capfd):
+    """After the last epoch the analysis runs (probes, controls, the zero-engram pass): a stop there
+    ends the job at once with its last epoch checkpointed; the resume trains nothing and analyses."""
+    import training
+
+    real = training.zero_prefix_states
+
+    def zero_prefix_states(model, *a, **k):
+        if model.variant == "dual_head":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(training, "zero_prefix_states", zero_prefix_states)
+    monkeypatch.setattr("analysis.zero_prefix_states", zero_prefix_states)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out)
+    assert e.value.code == 143
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    assert last.startswith("stopped: SIGTERM during the analysis of dual_head; kept 1 finished job(s) and "
+                           f"checkpoint {folder / 'epoch_003'}; "), last
+    monkeypatch.undo()
+    m = run_small(sst2_small, out, "--resume")
+    assert "[dual_head seed 42] resuming after epoch 3 from" in capfd.readouterr().out
     assert m["complete"] and comparable(out) == comparable(baseline)
 
 
