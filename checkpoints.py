@@ -262,7 +262,9 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite
             raise UsageError(f"{path} cannot be read, so the settings of its checkpoints are unknown; "
                              "run without --resume to start over") from None
         theirs = {k: v for k, v in theirs.items() if k not in RESUME_FREE}  # written before a setting was freed
-        diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
+        # a setting that did not exist when they were made counts as its default (off, unset)
+        diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
+                if theirs.get(k) != mine.get(k) and not (k not in theirs and mine.get(k) in (None, False))]
         if diff:
             raise UsageError(f"checkpoints in {ckpt_root} were made with other settings ({'; '.join(diff)}); "
                              "resume with the same flags, or run without --resume to start over")

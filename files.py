@@ -233,7 +233,7 @@ class FolderLock:
         if host != socket.gethostname():
             first = self._seen.setdefault(raw, time.monotonic())
             if self.stale_s is not None and time.monotonic() - first >= self.stale_s:
-                return f"left by pid {pid} on {host} (unchanged for {self.stale_s:.0f} s: that run is taken for gone)"
+                return f"left by pid {pid} on {host} (unchanged for {self.stale_s:g} s: that run is taken for gone)"
             raise UsageError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('started')} "
                              f"(`{holder.get('command')}`); if that run is gone, delete {self.path}")
         if alive(pid) and pid != os.getpid():

@@ -559,6 +559,7 @@ def test_extra_eval_does_not_change_training(e2e, sst2_small, tmp_path, monkeypa
 
     monkeypatch.setattr(study, "analyse", no_analysis)
     monkeypatch.setattr(study, "write_outputs", keep_results)
+    monkeypatch.setattr(study, "engram_figure", lambda *a, **k: None)
     experiment.main(["--data-dir", str(sst2_small), "--out", str(tmp_path / "plain"), *E2E])
     without = seen["results"][42]
     skip = {"seconds", "train_seconds", "extra"}

@@ -118,6 +118,49 @@ def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_e
     assert comparable(out) == comparable(tmp_path / "uninterrupted")
 
 
+SLOW_EVAL_SITE = """
+import os
+import signal
+
+if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):  # a job's process, not the submitter's nor submitit's controller
+    import training
+
+    real, seen = training.run_batch, {"n": 0}
+
+    def run_batch(model, *a, **k):
+        out = real(model, *a, **k)
+        if not model.training and model.variant == "dual_head":
+            seen["n"] += 1
+            marker = os.environ["USR2_MARKER"]
+            if seen["n"] == 4 and not os.path.exists(marker):  # epoch 2's evaluation, first batch; first try only
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGUSR2)  # as submitit's controller does before a time limit
+        return out
+
+    training.run_batch = run_batch
+"""
+
+
+def test_a_local_job_sent_usr2_during_its_evaluation_is_requeued_and_ends_identical(serial, sst2_2k, tmp_path, monkeypatch):
+    """At 7B an evaluation takes minutes: USR2 (the time limit is near) must not wait for its end,
+    nor lose the trained epoch. The job stops at the evaluation's next batch with the epoch kept
+    as the position after its last step, is requeued, evaluates that epoch again and ends equal."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_EVAL_SITE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("USR2_MARKER", str(tmp_path / "usr2-sent"))
+    out = tmp_path / "usr2"
+    m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "--variants", "dual_head", "--executor", "local"))
+    assert (tmp_path / "usr2-sent").exists() and m["complete"]
+    logs = "".join(p.read_text() for p in sorted((out / "jobs").glob("*_log.*")))
+    steps = -(-2000 // 16)  # the epoch's batches
+    assert "stopped: SIGUSR2 during dual_head seed 42, epoch 2, its evaluation" in logs
+    assert f"stopped at step {steps} of epoch 2: checkpoint" in logs and "Requeued job" in logs
+    assert f"resuming after step {steps} of epoch 2 from" in logs
+    assert runs_of(out, 42)["dual_head"] == runs_of(serial, 42)["dual_head"]
+
+
 def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_command_finishes_it(
         serial, sst2_2k, tmp_path, capsys):
     out = tmp_path / "killed"
@@ -155,7 +198,7 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
     assert runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path):
+def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path, capsys):
     """A terminal's Ctrl-C reaches the whole foreground process group: the submitter stops waiting,
     the jobs (in their own sessions) go on and finish, and the same command later runs the rest."""
     import sys
@@ -178,7 +221,14 @@ def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_w
     assert last.startswith("stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
                            "1 not started; watch them with: python experiment.py ") and last.endswith(
         "--status; rerun the command to start the rest")
-    # the two jobs were not stopped: they finish on their own
+    # the two jobs were not stopped. The same command, rerun while they still run, submits only the
+    # third, neither calls them failed nor exits 1, and leaves the report to whichever job ends last
+    assert all(record(out, j).get("state") == "running" for j in ("seed42-sentiment_only", "seed42-dual_head"))
+    capsys.readouterr()
+    experiment.main(argv)
+    said = capsys.readouterr().out
+    assert "2 job(s) already running or queued, not submitted again: seed42-sentiment_only, seed42-dual_head" in said
+    assert "running 1 job(s)" in said and "did not finish" not in said
     wait_for(lambda: all(record(out, j).get("state") == "finished" for j in ("seed42-sentiment_only", "seed42-dual_head")),
              180, "the running jobs to finish")
     m = experiment.main(argv)
@@ -227,10 +277,11 @@ def slurm():
 
 def test_a_slurm_job_array_requeued_mid_run_ends_equal_to_the_serial_run(slurm, serial, sst2_2k, tmp_path):
     out = tmp_path / "slurm"
-    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--executor", "slurm", "--jobs", "2", "--slurm-time", "20",
-                   "--slurm-cpus", "1")
+    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--executor", "slurm", "--slurm-time", "20", "--slurm-cpus", "1")
     submitted = experiment.main(argv)["submitted"]
     assert len(submitted) == 6 and len({j.split("_")[0] for j in submitted}) == 1  # one array
+    # as wide as the grid when --jobs is not given (submitit's own default, %1, would run one at a time)
+    assert "#SBATCH --array=0-5%6" in next((out / "jobs").glob("*submission*")).read_text()
     victim = "seed42-dual_head"
     folder = out / "checkpoints" / "seed42" / "dual_head"
     wait_for(lambda: record(out, victim).get("state") == "running" and (folder / "epoch_001").is_dir(), 300,
@@ -247,3 +298,45 @@ def test_a_slurm_job_array_requeued_mid_run_ends_equal_to_the_serial_run(slurm, 
     assert comparable(out) == comparable(serial)
     status = experiment.main([*argv, "--status"])
     assert [r["state"] for r in status["jobs"]] == ["finished"] * 6
+
+
+def squeue_ids(array: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", array], capture_output=True, text=True, timeout=30)
+    return sorted(out.stdout.split())
+
+
+def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_job_is_rerun_alone(slurm, serial, sst2_2k,
+                                                                                                  tmp_path, capsys):
+    """Three jobs, one at a time (--jobs 1): the two waiting are pending (squeue answers for them in
+    one line without -r), and a rerun submits nothing; a job killed while running (a lost node)
+    is failed, and a rerun submits it alone; the study ends with the serial run's numbers."""
+    out = tmp_path / "throttled"
+    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "slurm", "--jobs", "1", "--slurm-time", "20", "--slurm-cpus", "1")
+    submitted = experiment.main(argv)["submitted"]
+    array = submitted[0].split("_")[0]
+    script = next((out / "jobs").glob("*submission*")).read_text()
+    assert "#SBATCH --array=0-2%1" in script
+    wait_for(lambda: record(out, "seed42-sentiment_only").get("state") == "running", 300, "the first job to start")
+    status = experiment.main([*argv, "--status"])
+    assert [r["state"] for r in status["jobs"]] == ["running", "pending", "pending"]
+    capsys.readouterr()
+    experiment.main(argv)  # nothing is submitted twice
+    assert "nothing to submit: the rest is running or queued" in capsys.readouterr().out
+    assert squeue_ids(array) == sorted(submitted)
+    # a job killed while it trains: no chance to checkpoint or to write its record
+    victim = "seed42-sentiment_only"
+    wait_for(lambda: (out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_001").is_dir(), 300, "its first epoch")
+    subprocess.run(["scancel", "--signal=KILL", "--full", record(out, victim)["slurm_job_id"]], check=True, timeout=30)
+    wait_for(lambda: record(out, victim)["slurm_job_id"] not in squeue_ids(array), 120, "the killed job to leave the queue")
+    status = experiment.main([*argv, "--status"])
+    row = status["jobs"][0]
+    assert row["state"] == "failed" and row["error"].startswith("the process is gone"), row
+    capsys.readouterr()
+    again = experiment.main(argv)["submitted"]
+    assert len(again) == 1 and again[0] not in submitted
+    wait_for(lambda: not squeue_ids(array) and not squeue_ids(again[0].split("_")[0]), 900, "every job to leave the queue")
+    status = experiment.main([*argv, "--status"])
+    assert [r["state"] for r in status["jobs"]] == ["finished"] * 3
+    assert "resuming after epoch" in next((out / "jobs").glob(f"{again[0]}_*log.out")).read_text()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)

@@ -209,3 +209,64 @@ def test_the_ladder_figure_of_one_model_keeps_its_title_inside(tmp_path):
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
     finally:
         plt.close(fig)
+
+
+def test_a_ladder_stopped_with_sigint_through_the_real_main_writes_ladder_md_naming_what_is_missing(sst2_small, tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """Each rung runs through experiment.main, whose cli_main turns a stop into SystemExit(130):
+    the ladder must still write its report, and the stop must end the ladder (not the rung alone)."""
+    import os
+    import signal
+
+    from tests.conftest import on_training_step
+
+    out = tmp_path / "run"
+    argv = ["--ladder", "--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--variants", "sentiment_only",
+            *TINY]
+    # the second rung (vocabulary) is interrupted at its second step: the base has finished by then
+    on_training_step(monkeypatch, "sentiment_only", 4 + 2, lambda _: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit) as e:
+        experiment.main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stopped: the ladder stopped in rung vocabulary; ") and \
+        err[-1].endswith(f"continue with: python experiment.py {shlex.join(argv)} --resume"), err[-1]
+    text = (out / "ladder" / "LADDER.md").read_text()
+    assert "> **Incomplete ladder**: 1 of 7 rungs finished. Not finished yet: `vocabulary`: sentiment_only seed 42;" in text
+    assert not (out / "ladder" / "attention").exists()  # the stop ended the ladder
+    s = json.loads((out / "ladder" / "ladder.json").read_text())
+    assert [r["rung"] for r in s["rungs"] if r["complete"]] == ["base"]
+
+
+def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
+    """A rung is a cli_main inside the ladder's own: a signal that lands as a rung ends must still
+    stop the ladder before its next rung (a nested cli_main neither clears it nor swaps handlers)."""
+    import signal
+
+    import cli
+
+    def rung(args, argv):  # a rung whose last step has just finished when SIGTERM arrives
+        assert signal.getsignal(signal.SIGTERM) == cli.STOP.handler
+        cli.STOP.handler(signal.SIGTERM, None)
+        return "rung done"
+
+    def ladder_run(args, argv):
+        assert cli.cli_main(lambda a: a, rung, []) == "rung done"
+        assert cli.STOP.name == "SIGTERM"  # kept across the rung's own cli_main
+        cli.check_stop("the ladder, before rung vocabulary")
+
+    with pytest.raises(SystemExit) as e:
+        cli.cli_main(lambda a: a, ladder_run, [])
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped: SIGTERM during the ladder, before rung vocabulary"
+    assert not cli.STOP
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ladder", "--rung", "attention"], "--ladder runs every rung itself; drop --rung attention"),
+    (["--proto", "published"], "unrecognized arguments: --proto published"),
+])
+def test_a_ladder_with_a_rung_and_abbreviated_flags_are_refused(extra, message, sst2_small, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--data-dir", str(sst2_small), "--out", str(tmp_path / "x"), *TINY, *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""What a folder's finished results and checkpoints are owed: a fresh run never deletes a finished
+result unless told to; a resume may change where and how it runs (executor, jobs, threads) but
+not what it computes; every result and checkpoint names the code that made it, and a resume under
+other code says so; a checkpoint restores only the training GPU's generator, and one made without
+a loss scaler loads into a run that has one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import experiment
+import training
+from tests.conftest import on_training_step
+
+FLAGS = ["--epochs", "2", "--no-progress", "--max-train", "64", "--max-eval", "40", "--batch-size", "16",
+         "--d-model", "32", "--layers", "1", "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+
+
+def run(data, out, *extra):
+    return experiment.main(["--data-dir", str(data), "--out", str(out), *FLAGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(sst2_small, tmp_path_factory) -> Path:
+    """A finished run of Model 1 alone."""
+    out = tmp_path_factory.mktemp("finished")
+    assert run(sst2_small, out, "--variants", "sentiment_only")["complete"]
+    return out
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_over_finished_jobs_is_refused_in_one_line_and_deletes_nothing(finished, sst2_small, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    before = files_of(out)
+    with pytest.raises(SystemExit) as e:
+        run(sst2_small, out, "--variants", "sentiment_only")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert err == (f"error: {out} holds 1 finished job(s) (seed42/sentiment_only); continue them with --resume, delete "
+                   "them with --overwrite, or pass another --out")
+    assert files_of(out) == before
+    # --overwrite says so in one line, and starts over
+    m = run(sst2_small, out, "--variants", "sentiment_only", "--overwrite")
+    assert m["complete"] and "--overwrite" in m["command"] and "--overwrite" not in m["jobs"]["rerun"]
+    assert f"--overwrite: deleting the 1 finished job(s) and every checkpoint in {out / 'checkpoints'}" in capsys.readouterr().err
+
+
+def test_overwrite_and_resume_together_are_refused(sst2_small, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(sst2_small, tmp_path / "x", "--overwrite", "--resume")
+    assert e.value.code == 2 and "--overwrite starts over and --resume continues" in capsys.readouterr().err
+
+
+def test_a_resume_may_change_executor_jobs_and_threads_but_not_what_is_computed(tmp_path):
+    root = tmp_path / "checkpoints"
+    settings = {"lr": 3e-4, "executor": "serial", "jobs": None, "threads": None, "seeds": [42]}
+    checkpoints.prepare_checkpoints(root, settings, resume=False)
+    checkpoints.prepare_checkpoints(root, {**settings, "executor": "local", "jobs": 2, "threads": 1}, resume=True)
+    # a run.json written before threads was free (it names threads) still resumes
+    (root / "run.json").write_text(json.dumps({"lr": 3e-4, "threads": None}))
+    checkpoints.prepare_checkpoints(root, {**settings, "threads": 1}, resume=True)
+    # a setting that did not exist then, at its default, is no difference; a changed one is
+    checkpoints.prepare_checkpoints(root, {**settings, "tf32": False}, resume=True)
+    with pytest.raises(checkpoints.UsageError, match=r"lr: 0.0003 -> 0.001"):
+        checkpoints.prepare_checkpoints(root, {**settings, "lr": 1e-3}, resume=True)
+
+
+def test_results_and_checkpoints_name_their_code_and_a_resume_under_other_code_says_so(sst2_small, tmp_path, monkeypatch,
+                                                                                      capfd):
+    from metrics import code_version
+
+    here = code_version()
+    assert len(here["sources"]) == 16 and set(here) == {"sources", "commit", "dirty"}
+    out = tmp_path / "run"
+    on_training_step(monkeypatch, "sentiment_only", 6, lambda _: os.kill(os.getpid(), signal.SIGTERM))  # epoch 2, step 2
+    with pytest.raises(SystemExit):
+        run(sst2_small, out, "--variants", "sentiment_only")
+    folder = out / "checkpoints" / "seed42" / "sentiment_only"
+    saved = checkpoints.read_checkpoint(checkpoints.latest_checkpoint(folder))["state"]
+    assert saved["code"] == [here]
+    monkeypatch.undo()
+    edited = {**here, "sources": "0123456789abcdef", "dirty": True}
+    monkeypatch.setattr(training, "code_version", lambda: edited)
+    capfd.readouterr()
+    m = run(sst2_small, out, "--variants", "sentiment_only", "--resume")
+    err = capfd.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: sentiment_only seed 42: its checkpoint was made by")]
+    assert notes == [f"note: sentiment_only seed 42: its checkpoint was made by sources {here['sources']}"
+                     + (f" (commit {here['commit'][:7]}{', edited' if here['dirty'] else ''})" if here["commit"] else "")
+                     + ", this is sources 0123456789abcdef" + (f" (commit {here['commit'][:7]}, edited)" if here["commit"] else "")
+                     + "; it continues, and its result names both"]
+    result = json.loads((folder / "result.json").read_text())
+    assert result["code"] == [here, edited]
+    assert m["code"] == here and len(m["code_versions"]) == 2  # metrics.json: the writer's, and the jobs' two
+    assert "**Trained under 2 code versions**" in (out / "REPORT.md").read_text()
+
+
+def test_a_checkpoint_restores_only_the_training_gpus_generator(monkeypatch):
+    """Saved on a GPU, resumed where fewer GPUs are visible: one generator is kept and set (a list
+    of every GPU's raised IndexError); older checkpoints with cuda0..cudaN give the training one's."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: calls.append((state.tolist(), str(device))))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    tensors, meta = checkpoints.rng_state(torch.device("cuda", 3))
+    assert sorted(k for k in tensors if k.startswith("cuda")) == ["cuda"]
+    checkpoints.set_rng_state(tensors, meta, torch.device("cuda", 0))
+    assert calls == [([7], "cuda:0")]
+    old = {**{k: v for k, v in tensors.items() if k != "cuda"}, "cuda0": torch.tensor([1], dtype=torch.uint8),
+           "cuda1": torch.tensor([2], dtype=torch.uint8), "cuda2": torch.tensor([3], dtype=torch.uint8)}
+    calls.clear()
+    checkpoints.set_rng_state(old, meta, torch.device("cuda", 1))
+    assert calls == [([2], "cuda:1")]
+    calls.clear()
+    checkpoints.set_rng_state(tensors, meta, torch.device("cpu"))  # a CPU resume touches no GPU
+    assert calls == [] and "cuda" not in checkpoints.rng_state(torch.device("cpu"))[0]
+
+
+def test_a_checkpoint_without_a_scaler_state_loads_into_a_run_with_a_scaler(tmp_path, capsys):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoints.save_checkpoint(tmp_path, 1, model, opt, None, None, {"history": []})
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = checkpoints.resume_from(tmp_path, "x", model, opt, None, scaler)
+    assert state["epoch"] == 1 and scaler.get_scale() == 1024.0
+    assert "has no loss-scaler state; the scaler starts at its initial scale" in capsys.readouterr().err
+
+
+def test_metrics_take_device_dtype_and_gpu_memory_from_the_jobs_not_the_writer():
+    from metrics import from_jobs
+
+    def result(device, dtype, peak, code="a" * 16):
+        return {"machine": {"device_name": device, "peak_gpu_gib": peak}, "info": {"compute_dtype": dtype},
+                "code": [{"sources": code, "commit": None, "dirty": None}]}
+
+    results = {42: {"sentiment_only": result("cuda (NVIDIA H200)", "bfloat16", 9.5)},
+               43: {"sentiment_only": result("cuda (NVIDIA H200)", "bfloat16", 11.25), "dual_head": result("cuda (Tesla T4)", "float32", None)}}
+    got = from_jobs(results)
+    assert got == {"device": "cuda (NVIDIA H200); cuda (Tesla T4)", "compute_dtype": "bfloat16; float32", "peak_gpu_gib": 11.25}
+    results[43]["dual_head"]["code"].append({"sources": "b" * 16, "commit": None, "dirty": None})
+    assert from_jobs(results)["code_versions"] == ["sources " + "a" * 16, "sources " + "b" * 16]
+    assert from_jobs({}) == {}  # a writer with nothing finished keeps its own header
+
+
+def test_a_finished_jobs_model_is_freed_before_the_next_job_builds_its_own(sst2_small, tmp_path, monkeypatch):
+    """4-bit layers hold their weights in a reference cycle that only the cycle collector frees:
+    run_job collects after each job. A cycle is planted in the small model to stand in for it."""
+    import gc
+    import weakref
+
+    import study
+
+    refs, real = [], study.train_variant
+
+    def train_variant(*a, **k):
+        result, built = real(*a, **k)
+        built.model.cycle = [built.model]  # freed only by gc.collect()
+        refs.append(weakref.ref(built.model))
+        return result, built
+
+    monkeypatch.setattr(study, "train_variant", train_variant)
+    gc.disable()  # no automatic collection may stand in for the one under test
+    try:
+        run(sst2_small, tmp_path / "run", "--variants", "sentiment_only", "dual_head", "--epochs", "1")
+        assert len(refs) == 2 and [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
