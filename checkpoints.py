@@ -233,6 +233,16 @@ def finished_jobs(ckpt_root: Path) -> list[str]:
     return sorted(f"{r.parent.parent.name}/{r.parent.name}" for r in ckpt_root.glob("seed*/*/result.json"))
 
 
+def check_fresh(ckpt_root: Path, overwrite: bool) -> list[str]:
+    """The finished jobs a fresh run would delete; refused in one line unless --overwrite."""
+    done = finished_jobs(ckpt_root)
+    if done and not overwrite:
+        raise UsageError(f"{ckpt_root.parent} holds {len(done)} finished job(s) ({', '.join(done[:4])}"
+                         f"{', ...' if len(done) > 4 else ''}); continue them with --resume, delete them with --overwrite, "
+                         "or pass another --out")
+    return done
+
+
 def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite: bool = False) -> None:
     """A fresh run starts its folder over, unless a job of that folder is still running, and never
     deletes a finished job's result unless told to (--overwrite); a resumed one only continues
@@ -242,11 +252,7 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite
         if held:
             raise UsageError(f"{ckpt_root.parent} is in use by jobs still running: {', '.join(held)}; wait for them, stop "
                              "them, or pass another --out")
-        done = finished_jobs(ckpt_root)
-        if done and not overwrite:
-            raise UsageError(f"{ckpt_root.parent} holds {len(done)} finished job(s) ({', '.join(done[:4])}"
-                             f"{', ...' if len(done) > 4 else ''}); continue them with --resume, delete them with --overwrite, "
-                             "or pass another --out")
+        done = check_fresh(ckpt_root, overwrite)
         if done:
             print(f"--overwrite: deleting the {len(done)} finished job(s) and every checkpoint in {ckpt_root}", file=sys.stderr)
         elif complete_checkpoints_below(ckpt_root):

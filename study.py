@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from analysis import analyse, random_compressor_tail
-from checkpoints import latest_checkpoint, prepare_checkpoints, read_result
+from checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
 from cli import Interrupted, NonFiniteLoss, UsageError, check_stop
 from figures import engram_clusters, learning_curves
 from files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
@@ -266,6 +266,8 @@ def before_data(main, argv: list[str], args, presets: dict, out: Path) -> dict |
         return run_ladder(main, argv, args, presets, out)
     if args.status:
         return show_status(out, args)
+    if not (args.resume or args.report_only or args.job or args.executor != "serial"):
+        check_fresh(out / "checkpoints", args.overwrite)  # before any data is loaded or downloaded
     if args.threads:
         torch.set_num_threads(args.threads)
     return None
