@@ -198,7 +198,7 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
     assert runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path, capsys):
+def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path):
     """A terminal's Ctrl-C reaches the whole foreground process group: the submitter stops waiting,
     the jobs (in their own sessions) go on and finish, and the same command later runs the rest."""
     import sys
@@ -221,16 +221,39 @@ def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_w
     assert last.startswith("stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
                            "1 not started; watch them with: python experiment.py ") and last.endswith(
         "--status; rerun the command to start the rest")
-    # the two jobs were not stopped. The same command, rerun while they still run, submits only the
-    # third, neither calls them failed nor exits 1, and leaves the report to whichever job ends last
-    assert all(record(out, j).get("state") == "running" for j in ("seed42-sentiment_only", "seed42-dual_head"))
-    capsys.readouterr()
-    experiment.main(argv)
-    said = capsys.readouterr().out
-    assert "2 job(s) already running or queued, not submitted again: seed42-sentiment_only, seed42-dual_head" in said
-    assert "running 1 job(s)" in said and "did not finish" not in said
+    # the two jobs were not stopped: they finish on their own
     wait_for(lambda: all(record(out, j).get("state") == "finished" for j in ("seed42-sentiment_only", "seed42-dual_head")),
              180, "the running jobs to finish")
+    m = experiment.main(argv)
+    assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
+
+
+def test_rerunning_the_local_command_while_an_earlier_submitters_job_runs_leaves_it_be(serial, sst2_2k, tmp_path, capsys):
+    """An earlier submitter (stopped with Ctrl-C) left a job running: the same command runs only the
+    others, neither calls that one failed nor exits 1, and says it still runs; once it is gone
+    without a result, the next rerun runs it."""
+    import socket
+    import sys
+
+    out = tmp_path / "rerun"
+    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2")
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # that job's process
+    try:
+        here = socket.gethostname()
+        launch.write_record(out, launch.Job(42, "dual_engram"), state="running", local_job_id=str(stand_in.pid),
+                            pid=stand_in.pid, host=here, submit_host=here, started_at=time.time(), log=None)
+        capsys.readouterr()
+        m = experiment.main(argv)
+        said = capsys.readouterr().out
+        assert "1 job(s) already running or queued, not submitted again: seed42-dual_engram" in said
+        assert "running 2 job(s)" in said
+        assert "1 job(s) started by an earlier command still run (seed42-dual_engram)" in said
+        assert not m["complete"] and sorted(m["models"]) == ["dual_head", "sentiment_only"]
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    status = experiment.main([*argv, "--status"])
+    assert [r["state"] for r in status["jobs"]] == ["finished", "finished", "failed"]
     m = experiment.main(argv)
     assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
 
@@ -308,8 +331,9 @@ def squeue_ids(array: str) -> list[str]:
 def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_job_is_rerun_alone(slurm, serial, sst2_2k,
                                                                                                   tmp_path, capsys):
     """Three jobs, one at a time (--jobs 1): the two waiting are pending (squeue answers for them in
-    one line without -r), and a rerun submits nothing; a job killed while running (a lost node)
-    is failed, and a rerun submits it alone; the study ends with the serial run's numbers."""
+    one line without -r), and a rerun submits nothing; a job whose process is killed while it runs
+    is failed once Slurm has it out of the queue, and a rerun submits it alone; the study ends with
+    the serial run's numbers."""
     out = tmp_path / "throttled"
     argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "slurm", "--jobs", "1", "--slurm-time", "20", "--slurm-cpus", "1")
     submitted = experiment.main(argv)["submitted"]
@@ -323,10 +347,11 @@ def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_j
     experiment.main(argv)  # nothing is submitted twice
     assert "nothing to submit: the rest is running or queued" in capsys.readouterr().out
     assert squeue_ids(array) == sorted(submitted)
-    # a job killed while it trains: no chance to checkpoint or to write its record
+    # a job killed while it trains (out of memory, a lost node): no chance to checkpoint or to write its
+    # record. (scancel would not do: Slurm's SIGTERM reaches the job first, and it stops cleanly.)
     victim = "seed42-sentiment_only"
     wait_for(lambda: (out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_001").is_dir(), 300, "its first epoch")
-    subprocess.run(["scancel", "--signal=KILL", "--full", record(out, victim)["slurm_job_id"]], check=True, timeout=30)
+    os.kill(record(out, victim)["pid"], signal.SIGKILL)
     wait_for(lambda: record(out, victim)["slurm_job_id"] not in squeue_ids(array), 120, "the killed job to leave the queue")
     status = experiment.main([*argv, "--status"])
     row = status["jobs"][0]
