@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ CARD_16GB_GIB = 16376 / 1024
 # 11.7). Typically 0.3-0.6 GiB on Ampere/Ada GPUs; 0.5 GiB is taken. A display on the same card
 # (a desktop) takes more, which this cannot know.
 CUDA_CONTEXT_GIB = 0.5
+# what a row that runs out of GPU memory raises (torch.OutOfMemoryError is torch >= 2.5's name for it)
+OUT_OF_MEMORY = tuple({torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)})
 
 
 def _skeleton(config, compute_dtype: torch.dtype):
@@ -176,23 +179,44 @@ def peak_memory(device) -> tuple[int | None, int | None]:
 def dry_run_table(runs) -> str:
     """A markdown table of dry-run steps. Each run: variant, gradient_checkpointing, batch_size,
     max_length, seconds_per_step, peak_allocated_gib (or peak_gib) and peak_reserved_gib, both None
-    on the CPU, where memory is "n/a (CPU)". Ends with the line saying what "fits" assumed."""
+    on the CPU, where memory is "n/a (CPU)"; a run with `oom` true ran out of memory: "OOM" cells
+    (fits: "no" where the card is at least 16 GB, fits_16gb False). Ends with the line saying what
+    "fits" assumed."""
     lines = ["| Variant | Checkpointing | Batch × tokens | Seconds / step | Peak allocated (GiB) | Peak reserved (GiB) | "
              "Fits 16 GB (margin) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         alloc = r.get("peak_allocated_gib", r.get("peak_gib"))
         reserved = r.get("peak_reserved_gib")
-        if reserved is None:
-            mem = ["n/a (CPU)"] * 3
+        if r.get("oom"):
+            seconds, mem = "OOM", ["OOM", "OOM", "no (OOM)" if r.get("fits_16gb") is False else "OOM"]
+        elif reserved is None:
+            seconds, mem = f"{r['seconds_per_step']:.3f}", ["n/a (CPU)"] * 3
         else:
             ok, margin = fits(reserved * 2**30)
-            mem = ["–" if alloc is None else f"{alloc:.2f}", f"{reserved:.2f}",
-                   f"{'yes' if ok else 'no'} ({margin:+.2f} GiB)"]
+            seconds = f"{r['seconds_per_step']:.3f}"
+            mem = ["–" if alloc is None else f"{alloc:.2f}", f"{reserved:.2f}", f"{'yes' if ok else 'no'} ({margin:+.2f} GiB)"]
         lines.append(f"| {r['variant']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size']} × "
-                     f"{r['max_length']} | {r['seconds_per_step']:.3f} | " + " | ".join(mem) + " |")
+                     f"{r['max_length']} | {seconds} | " + " | ".join(mem) + " |")
     lines += ["", f"Fits: peak reserved + {CUDA_CONTEXT_GIB} GiB CUDA context ≤ {CARD_16GB_GIB:.2f} GiB "
               f"(an RTX 4080's 16,376 MiB); a display on the same card needs more."]
+    if any(r.get("oom") for r in runs):
+        lines.append("OOM: the row ran out of memory on this device; the rows after it ran on.")
     return "\n".join(lines)
+
+
+def free_memory(device) -> None:
+    """Free what a finished (or failed) row left: a 4-bit model is a reference cycle (each
+    Linear4bit and its Params4bit weight point at each other), so only the cycle collector frees
+    it; then the caching allocator's now unused blocks go back to the GPU."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def card_gib(device) -> float | None:
+    """The GPU's total memory in GiB; None on the CPU."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- the dry run
@@ -200,6 +224,9 @@ def dry_run_table(runs) -> str:
 
 def _time_steps(built, enc: Encoded, device: torch.device, steps: int) -> tuple[float, float]:
     """Seconds per optimizer step (after one warm-up step) and the last loss, on one fixed batch."""
+    # in training mode, as training.train_variant trains: from_pretrained (and random_causal_lm)
+    # leave the model in eval mode, where transformers skips gradient checkpointing altogether
+    built.model.train()
     times = []
     for step in range(steps + 1):
         if device.type == "cuda":
@@ -221,6 +248,21 @@ def _time_steps(built, enc: Encoded, device: torch.device, steps: int) -> tuple[
         if step:  # the first step warms up kernels and the allocator
             times.append(time.perf_counter() - t)
     return sum(times) / len(times), out.loss.item()
+
+
+def _one_row(build, variant: str, enc: Encoded, device: torch.device, steps: int) -> dict:
+    """Build one variant, time `steps` training steps on `enc`, and measure: the row's numbers.
+    The model lives only in this frame, so that it is garbage once the row ends, however it ends."""
+    built = build(variant, 0, steps + 1)
+    sec, loss = _time_steps(built, enc, device, steps)
+    allocated, reserved = peak_memory(device)
+    total, trainable = count_parameters(built.model)
+    row = {"oom": False, "seconds_per_step": sec, "loss": loss, "trainable_params": trainable, "total_params": total,
+           "peak_allocated_gib": None if allocated is None else allocated / 2**30,
+           "peak_reserved_gib": None if reserved is None else reserved / 2**30, "fits_16gb": None}
+    if reserved is not None:
+        row["fits_16gb"], row["margin_gib"] = fits(reserved)
+    return row
 
 
 def dry_run(args, device: torch.device, preset, make_builder) -> dict:
@@ -249,25 +291,26 @@ def dry_run(args, device: torch.device, preset, make_builder) -> dict:
         args.gradient_checkpointing = checkpointing
         build, _ = make_builder(args, device, source, preset)
         for variant in VARIANTS:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            built = build(variant, 0, args.dry_run_steps + 1)
             bs = preset.batch_for(variant)
             ids = torch.randint(0, vocab, (bs, args.max_length), generator=g)  # [bs,T] random tokens
-            sec, loss = _time_steps(built, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps)
-            allocated, reserved = peak_memory(device)
-            total, trainable = count_parameters(built.model)
-            run = {"variant": variant, "gradient_checkpointing": checkpointing, "batch_size": bs, "max_length": args.max_length,
-                   "seconds_per_step": sec, "loss": loss, "trainable_params": trainable, "total_params": total,
-                   "peak_allocated_gib": None if allocated is None else allocated / 2**30,
-                   "peak_reserved_gib": None if reserved is None else reserved / 2**30, "fits_16gb": None}
-            if reserved is not None:
-                run["fits_16gb"], run["margin_gib"] = fits(reserved)
-            report["runs"].append(run)
-            print(f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}] {sec:.3f} s/step at batch "
-                  f"{bs} x {args.max_length} tokens" + ("" if reserved is None else f"; peak reserved {reserved / 2**30:.2f} GiB"))
-            del built
+            row = {"variant": variant, "gradient_checkpointing": checkpointing, "batch_size": bs, "max_length": args.max_length}
+            label = f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}]"
+            free_memory(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                row.update(_one_row(build, variant, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps))
+                print(f"{label} {row['seconds_per_step']:.3f} s/step at batch {bs} x {args.max_length} tokens"
+                      + ("" if row["peak_reserved_gib"] is None else f"; peak reserved {row['peak_reserved_gib']:.2f} GiB"))
+            except OUT_OF_MEMORY as e:
+                # one row too big for this GPU must not lose the others: record it, free it, go on
+                gib = card_gib(device)
+                row.update(oom=True, seconds_per_step=None, loss=None, trainable_params=None, total_params=None,
+                           peak_allocated_gib=None, peak_reserved_gib=None,
+                           fits_16gb=False if gib is not None and gib >= CARD_16GB_GIB else None)
+                print(f"{label} out of memory at batch {bs} x {args.max_length} tokens ({str(e).splitlines()[0] if str(e) else ''})")
+            report["runs"].append(row)
+            free_memory(device)  # after the except clause: its traceback no longer holds the row's model
     report["table"] = dry_run_table(report["runs"])
     print(f"\nDry run, protocol {preset.name}, {report['device']}, compute dtype {report['compute_dtype']}:\n\n{report['table']}")
     return report

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from models import VARIANTS, count_parameters
 from protocols import ladder_names, BIG, BIG_STUDY, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from dry_run import dry_run
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
-                   quiet_libraries, resolve_model_source)
+                   precision_note, quiet_libraries, resolve_model_source, use_tf32)
 from study import before_data, read_metrics, run_and_report
 from training import Built, Recipe
 
@@ -47,6 +48,13 @@ def parse_args(argv):
                    help="where a --model .gguf file is dequantised to, once (default: $ENGRAM_CACHE/gguf or ~/.cache/engram-study/gguf)")
     m.add_argument("--no-4bit", dest="load_in_4bit", action="store_false",
                    help="load the base model unquantised (needs ~4x the memory); default: 4-bit NF4 with double quantisation")
+    # off is None, not False: run.json files made before this flag lack it, and a resume compares
+    # settings (checkpoints.prepare_checkpoints), where a missing key reads as None
+    m.add_argument("--tf32", action="store_true", default=None,
+                   help="let fp32 matmuls on a CUDA GPU (Ampere or newer) use TF32 tensor cores: faster where the decoder "
+                        "computes in fp32 (the published protocol, which runs without autocast), but TF32 rounds the "
+                        "inputs to a 10-bit mantissa, so the numbers change slightly; no effect on the CPU (default: off, "
+                        "PyTorch's default)")
     m.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank")
     m.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (scale = alpha / r)")
     m.add_argument("--lora-dropout", type=unit_interval, default=0.05, help="dropout on the LoRA input")
@@ -214,6 +222,9 @@ def run(args, argv):
     preset, overrides = resolve(BIG, args, PRESET_FLAGS)
     validate_common(args)
     device = resolve_device(args.device)
+    for note in (precision_note(device), use_tf32(args.tf32, device)):
+        if note:
+            print(note, file=sys.stderr)
     if args.load_in_4bit:
         check_bitsandbytes(device)
     if args.no_progress:

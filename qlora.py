@@ -24,12 +24,38 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def precision(device: torch.device) -> tuple[torch.dtype, bool]:
     """(compute dtype, needs a loss scaler): bf16 on GPUs with native bf16 (compute capability
-    >= 8.0), fp16 with a scaler on older GPUs, fp32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32, False
-    if torch.cuda.get_device_capability(device)[0] >= 8:
+    >= 8.0), fp32 on older GPUs and on the CPU; never a scaler. fp16 with a loss scaler is not
+    offered: Qwen2 / Qwen2.5's activations overflow fp16 (inf, then NaN losses; known upstream),
+    which a loss scaler, scaling only the gradients, cannot prevent (precision_note says so)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16, False
-    return torch.float16, True
+    return torch.float32, False
+
+
+def precision_note(device: torch.device) -> str | None:
+    """The one line a GPU without native bf16 gets: why it computes in fp32; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"note: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no native bf16, and "
+            "Qwen2/2.5 overflow in fp16, so the model computes in fp32: correct, slower, more activation memory "
+            "(--dry-run shows whether it fits)")
+
+
+def use_tf32(enabled: bool, device: torch.device) -> str | None:
+    """--tf32: fp32 matmuls (and cuDNN convolutions) on TF32 tensor cores (Ampere or newer). What
+    it is for: the `published` protocol runs the decoder without autocast, so its matmuls are fp32;
+    TF32 rounds their inputs to a 10-bit mantissa, so numbers change slightly. Process-wide, set
+    once at start. Returns the note line to print where it does nothing (the CPU), else None."""
+    if not enabled:
+        return None
+    if device.type != "cuda":
+        return "note: --tf32 has no effect on the CPU (TF32 is a CUDA tensor-core format); fp32 matmuls stay fp32"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return None
 
 
 def quiet_libraries() -> None:
@@ -131,12 +157,40 @@ def check_model_source(model: str) -> None:
         raise UsageError(f"{folder} holds {archs or 'an unknown architecture'}, not a causal LM (…ForCausalLM)")
 
 
+def _cause(e: BaseException) -> str:
+    """One line for an exception. bitsandbytes' own errors run to a page: its banner line (between
+    🚨 marks) and its "Original error:" line say what failed; other errors give their first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    banner = [line.strip("🚨 ") for line in lines if "🚨" in line]
+    original = [line for line in lines if line.startswith("Original error:")]
+    said = "; ".join(banner[:1] + original[:1]) or (lines[0] if lines else "")
+    return f"{type(e).__name__}: {said}" if said else type(e).__name__
+
+
 def check_bitsandbytes(device: torch.device) -> None:
+    """bitsandbytes imports, and quantises and dequantises one small matrix to NF4 on `device`:
+    where its CUDA library failed to load, the import still succeeds (bitsandbytes installs a
+    stand-in that raises only when a kernel is called, minutes later, inside the first model
+    load); this makes that one UsageError line now."""
+    advice = "pass --no-4bit, or install a bitsandbytes built for this device (pip install -U bitsandbytes)"
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes as bnb
     except Exception as e:
-        raise UsageError(f"4-bit loading needs bitsandbytes, which cannot run here ({type(e).__name__}: {e}); "
+        raise UsageError(f"4-bit loading needs bitsandbytes, which cannot run here ({_cause(e)}); "
                          "install bitsandbytes for this device, or pass --no-4bit") from None
+    try:
+        x = torch.linspace(-1, 1, 64 * 64, device=device).reshape(64, 64)  # [64,64], blocks of 64
+        q, state = bnb.functional.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+        back = bnb.functional.dequantize_4bit(q, state, quant_type="nf4")
+        # rounding to NF4 errs by at most half its widest gap between levels, 0.14 of a block's
+        # absmax (here at most 1): more is a broken kernel
+        error = float((back.float() - x).abs().max())
+    except Exception as e:
+        raise UsageError(f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot quantise to 4 bits on {device} "
+                         f"({_cause(e)}); {advice}") from None
+    if not error < 0.2:
+        raise UsageError(f"bitsandbytes {getattr(bnb, '__version__', '?')} quantises wrongly on {device} (NF4 round trip "
+                         f"off by {error:.3g}); {advice}")
 
 
 def load_tokenizer(model: str):

@@ -2,6 +2,7 @@
 quantisation on the CPU: no GPU, no network."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,117 @@ def test_long_inputs_are_truncated_at_max_length(tiny_qwen):
     long = " ".join(["a fine film"] * 100)
     enc = e7.encode_split(tok, Split([long, "dull"], [1, 0]), max_length=16)
     assert enc.lengths.tolist() == [16, len(tok("dull")["input_ids"])]
+
+
+def test_training_checkpoints_as_asked(tiny_qwen, sst2_small, tmp_path, monkeypatch):
+    """training.train_variant trains in training mode (from_pretrained leaves eval mode, where
+    transformers never checkpoints): with checkpointing the first decoder layer's MLP runs twice
+    per training batch (forward, then the recompute in backward), without it once. Evaluation and
+    analysis run without gradients and are not counted."""
+    calls = {}
+    real = e7.build_qlora_model
+
+    def build(args, *a, **k):
+        model = real(args, *a, **k)
+        key = args.gradient_checkpointing
+        mlp = model.backbone.lm.get_base_model().model.layers[0].mlp
+        # a pre-hook: the recompute stops inside the MLP once backward has what it needs
+        mlp.register_forward_pre_hook(lambda *_: calls.update({key: calls.get(key, 0) + torch.is_grad_enabled()}))
+        return model
+
+    monkeypatch.setattr(e7, "build_qlora_model", build)
+    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        e7.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(tmp_path / flag), "--max-train", "16",
+                 "--max-eval", "16", "--epochs", "1", "--variants", "sentiment_only", "--no-progress", flag,
+                 "--small-results", str(tmp_path / "none.json")])
+    batches = 16 // 8
+    assert calls == {True: 2 * batches, False: batches}
+
+
+def test_check_bitsandbytes_quantises_on_the_device():
+    qlora.check_bitsandbytes(torch.device("cpu"))  # the real NF4 round trip on the CPU
+
+
+def test_a_bitsandbytes_that_cannot_quantise_is_one_line(monkeypatch):
+    """bitsandbytes imports even when its CUDA library failed to load, and raises a page-long
+    error at the first kernel call: the check calls one and says why in one line."""
+    import bitsandbytes as bnb
+
+    def broken(*a, **k):  # what bitsandbytes' stand-in library raises, shortened
+        raise RuntimeError("\n🚨 CUDA SETUP ERROR: Missing dependency: libcudart.so.13 🚨\n\nCUDA 13.x runtime libraries were "
+                           "not found in the LD_LIBRARY_PATH.\n\nOriginal error: libcudart.so.13: cannot open shared object "
+                           "file: No such file or directory\n\n🔍 Run this command for detailed diagnostics:\npython -m bitsandbytes\n")
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", broken)
+    with pytest.raises(UsageError) as e:
+        qlora.check_bitsandbytes(torch.device("cpu"))
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot quantise to 4 bits on cpu" in msg and "--no-4bit" in msg
+    assert "Missing dependency: libcudart.so.13" in msg and "cannot open shared object file" in msg
+    # a kernel that runs but returns garbage
+    monkeypatch.undo()
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda q, state, **k: torch.zeros(64, 64))
+    with pytest.raises(UsageError, match=r"quantises wrongly on cpu \(NF4 round trip off by 1\).*--no-4bit"):
+        qlora.check_bitsandbytes(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_precision_never_fp16_on_older_gpus(monkeypatch, args, tiny_qwen, capability, dtype):
+    """A GPU without native bf16 (compute capability < 8) computes in fp32, without a loss scaler,
+    and says why in one line: Qwen2/2.5 overflow fp16, which a loss scaler cannot help."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda")
+    assert qlora.precision(cuda) == (dtype, False)
+    assert e7.make_builder(args, cuda, str(tiny_qwen))[1] == dtype
+    note = qlora.precision_note(cuda)
+    if dtype == torch.float32:
+        assert "\n" not in note and "Tesla T4" in note and "7.5" in note and "fp32" in note and "bf16" in note
+        assert "fp16" in note
+    else:
+        assert note is None
+    assert qlora.precision(torch.device("cpu")) == (torch.float32, False) and qlora.precision_note(torch.device("cpu")) is None
+
+
+def test_tf32_is_opt_in_and_a_note_on_the_cpu(monkeypatch, capsys):
+    assert not parse_args([]).tf32 and parse_args(["--tf32"]).tf32 is True
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--tf32" in help_text and "TF32" in help_text and "change slightly" in help_text and "default: off" in help_text
+    # on a CUDA device it turns TF32 on for matmuls and cuDNN (the flags are settable without a GPU;
+    # torch's backend objects refuse monkeypatch's undo, hence by hand)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert qlora.use_tf32(False, torch.device("cuda")) is None and not torch.backends.cuda.matmul.allow_tf32
+        assert qlora.use_tf32(True, torch.device("cuda")) is None
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    # on the CPU: nothing set, one note line, and the run goes on (recorded in the config as any flag)
+    before = torch.backends.cuda.matmul.allow_tf32
+    r = e7.main(["--dry-run", "tiny", "--batch-size", "4", "--max-length", "8", "--dry-run-steps", "1", "--tf32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "--tf32" in line] == [
+        "note: --tf32 has no effect on the CPU (TF32 is a CUDA tensor-core format); fp32 matmuls stay fp32"]
+    assert torch.backends.cuda.matmul.allow_tf32 == before and len(r["runs"]) == 6
+
+
+def test_runs_made_before_tf32_existed_still_resume(tmp_path):
+    """A resume compares the settings in run.json; one written before --tf32 existed lacks it and
+    must match a run without the flag, while a switch to --tf32 (other numbers) is refused."""
+    from checkpoints import prepare_checkpoints
+
+    def settings(*flags):
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(parse_args(list(flags))).items()}
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    old = settings()
+    del old["tf32"]
+    (ckpt / "run.json").write_text(json.dumps(old))
+    prepare_checkpoints(ckpt, settings(), resume=True)
+    with pytest.raises(UsageError, match="tf32: None -> True"):
+        prepare_checkpoints(ckpt, settings("--tf32"), resume=True)

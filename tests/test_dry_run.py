@@ -1,16 +1,21 @@
 """dry_run.py: a random causal LM built without a bf16 copy or a file, set up as from_pretrained sets
 up a real one (4-bit NF4 with double quantisation, or unquantised), and the dry run's report."""
+import collections
+import gc
 import shutil
 import struct
+import weakref
 from collections import namedtuple
 
 import pytest
 import torch
 
 import dry_run
+import experiment_7b as e7
 import qlora
 from cli import UsageError
 from dry_run import check_disk, disk_needed, dry_run_table, fits, parameter_count, random_causal_lm
+from models import VARIANTS
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
              vocab_size=512, max_position_embeddings=256)
@@ -197,3 +202,99 @@ def test_dry_run_table():
     assert lines[2] == f"| dual_engram | on | 16 × 128 | 1.235 | 10.50 | 12.00 | yes (+{16376 / 1024 - 0.5 - 12:.2f} GiB) |"
     assert lines[3].startswith("| dual_engram | off | 16 × 128 | 1.235 | 14.90 | 15.75 | no (-")
     assert "16,376 MiB" in lines[-1] and "0.5 GiB" in lines[-1]
+
+    oom = [{**run, "oom": True, "seconds_per_step": None, "peak_allocated_gib": None, "peak_reserved_gib": None, "fits_16gb": f}
+           for f in (False, None)]  # a card of 16 GB or more; a smaller card (or the CPU)
+    lines = dry_run_table(oom).splitlines()
+    assert lines[2] == "| dual_engram | on | 16 × 128 | OOM | OOM | OOM | no (OOM) |"
+    assert lines[3] == "| dual_engram | on | 16 × 128 | OOM | OOM | OOM | OOM |"
+    assert lines[-1].startswith("OOM: ") and "OOM" not in gpu
+
+
+# ----------------------------------------------------------------------------- the dry run's steps
+
+
+def tiny_dry_run(monkeypatch, on_build, steps=1, before_build=lambda: None):
+    """`experiment_7b.py --dry-run tiny` (batch 4 x 16 tokens) with before_build() called before
+    each variant is built and on_build(variant, checkpointing, built) after, before its steps."""
+    real = e7.make_builder
+
+    def make_builder(args, device, source, preset=None):
+        build, dtype = real(args, device, source, preset)
+        checkpointing = args.gradient_checkpointing
+
+        def wrapped(variant, seed, total_steps):
+            before_build()
+            built = build(variant, seed, total_steps)
+            on_build(variant, checkpointing, built)
+            return built
+
+        return wrapped, dtype
+
+    monkeypatch.setattr(e7, "make_builder", make_builder)
+    return e7.main(["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--no-progress",
+                    "--dry-run-steps", str(steps)])
+
+
+def test_dry_run_steps_train_with_checkpointing_on_and_off(monkeypatch):
+    """Checkpointing recomputes each decoder layer in backward, and transformers checkpoints only in
+    training mode (from_pretrained and random_causal_lm leave eval mode): the first layer's MLP runs
+    twice per step with it (forward, recompute), once without."""
+    calls = collections.Counter()
+
+    def on_build(variant, checkpointing, built):
+        mlp = built.model.backbone.lm.get_base_model().model.layers[0].mlp
+        # a pre-hook: the recompute stops inside the MLP once backward has what it needs, so a
+        # forward hook (run when forward returns) would never see it
+        mlp.register_forward_pre_hook(lambda *_, key=(variant, checkpointing): calls.update([key]))
+
+    steps = 2
+    tiny_dry_run(monkeypatch, on_build, steps)
+    for v in VARIANTS:
+        passes = 2 if v == "dual_engram" else 1  # the pair step runs its two halves one after the other
+        assert calls[(v, True)] == 2 * passes * (steps + 1), v  # timed steps + the warm-up step
+        assert calls[(v, False)] == passes * (steps + 1), v
+
+
+def test_an_out_of_memory_row_is_kept_as_oom_and_every_row_is_freed(monkeypatch):
+    """One row out of GPU memory (faked on the CPU: its first step raises torch's OutOfMemoryError)
+    is an "OOM" row; the rows after it still run; and every row's 4-bit model, a reference cycle
+    (Linear4bit <-> Params4bit), is freed by the dry run itself before the next row is built, also
+    the one that failed. Python's automatic cycle collection is off meanwhile, so that only the dry
+    run's own collection can free them. (The EngramModel itself goes with its last reference; its
+    4-bit layers, in their cycles, stay without a collection, holding their weights.)"""
+    import bitsandbytes as bnb
+
+    layers, doomed = [], weakref.WeakSet()
+    real = dry_run.run_batch
+
+    def before_build():
+        assert all(ref() is None for ref in layers), "the last row's 4-bit layers are still alive"
+
+    def on_build(variant, checkpointing, built):
+        layers.append(weakref.ref(next(m for m in built.model.modules() if isinstance(m, bnb.nn.Linear4bit))))
+        if (variant, checkpointing) == ("dual_head", True):
+            doomed.add(built.model)
+
+    def run_batch(model, *a, **k):
+        if model in doomed:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(dry_run, "run_batch", run_batch)
+    gc.collect()
+    gc.disable()
+    try:
+        r = tiny_dry_run(monkeypatch, on_build, before_build=before_build)
+        before_build()  # the last row's model too
+    finally:
+        gc.enable()
+    assert len(layers) == 6
+    rows = {(x["variant"], x["gradient_checkpointing"]): x for x in r["runs"]}
+    assert len(rows) == 6
+    bad = rows.pop(("dual_head", True))
+    assert bad["oom"] is True and bad["fits_16gb"] is None  # the CPU: no card size to judge by
+    assert bad["seconds_per_step"] is None and bad["peak_allocated_gib"] is None and bad["peak_reserved_gib"] is None
+    assert all(x["oom"] is False and x["seconds_per_step"] > 0 and x["loss"] > 0 for x in rows.values())
+    assert "| dual_head | on | 4 × 16 | OOM | OOM | OOM | OOM |" in r["table"]
+    assert "| dual_engram | on | 4 × 16 | " in r["table"] and r["table"].count("OOM |") == 4
