@@ -106,15 +106,18 @@ def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_e
     assert m["complete"] and reference["complete"]
     logs = "".join(p.read_text() for p in sorted((out / "jobs").glob("*_log.*")))
     assert "SIGUSR2 received: stopping after the current step" in logs and "Requeued job" in logs
-    # each stop resumes exactly where it checkpointed: mid-epoch (after a step, or after the last step
-    # before the evaluation) or, when the USR2 came during an evaluation, after that epoch
+    # each stop resumes exactly where it checkpointed: mid-epoch (after a step; after the last step,
+    # when the USR2 came before or during the evaluation), at an epoch's first step (the last epoch's
+    # checkpoint holds everything), or during the analysis after the last epoch (it analyses again)
     positions = re.findall(r"stopped at step (\d+) of epoch (\d+): checkpoint", logs)
     boundaries = re.findall(r"stopped: SIGUSR2 during dual_head seed 42, epoch (\d+), step 1(?!\d)", logs)
-    assert len(positions) + len(boundaries) == logs.count("stopped: SIGUSR2 during") > 0
+    analysed = logs.count("stopped: SIGUSR2 during the analysis of dual_head")
+    assert len(positions) + len(boundaries) + analysed == logs.count("stopped: SIGUSR2 during") > 0
     for step, epoch in positions:
         assert f"resuming after step {step} of epoch {epoch} from" in logs
     for epoch in boundaries:
         assert f"resuming after epoch {int(epoch) - 1} from" in logs
+    assert logs.count("resuming after epoch 20 from") >= analysed
     assert comparable(out) == comparable(tmp_path / "uninterrupted")
 
 
