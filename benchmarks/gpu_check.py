@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
+# the shared real SST-2 beside the checkout (this project's machines) or inside it (a device machine's copy)
+SST2 = next((d for d in (ROOT.parent / "shared" / "data" / "sst2", ROOT / "shared" / "data" / "sst2") if d.is_dir()),
+            ROOT.parent / "shared" / "data" / "sst2")
 LOG_LIMIT = 15 * 2**20  # bytes kept of a log (its end): what comes back from a device is at most 16 MiB a file
 # each step's own limit in seconds on a GPU; LIMIT_FACTOR times as long (default: 4 on the CPU)
 LIMITS = {"a": 150, "b_written": 75, "b_published": 75, "c": 90, "d": 90}
@@ -98,8 +100,8 @@ def pick_device(info: dict) -> str:
 
 
 def sst2_rows(out: Path, n_train: int, n_dev: int, seed: int = 0) -> str:
-    """GLUE-layout train.tsv and dev.tsv: the first rows of ../shared/data/sst2 where it exists
-    (not on a device machine: it does not travel), else generated rows (as tests/conftest.py)."""
+    """GLUE-layout train.tsv and dev.tsv: the first rows of the shared SST-2 where it exists, else
+    generated rows of both labels in turn (a device machine may have no copy of the data)."""
     out.mkdir(parents=True, exist_ok=True)
     if (SST2 / "train.tsv").is_file() and (SST2 / "dev.tsv").is_file():
         for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
@@ -110,8 +112,8 @@ def sst2_rows(out: Path, n_train: int, n_dev: int, seed: int = 0) -> str:
     good, bad = "good great fine lovely superb".split(), "bad awful dull poor boring".split()
     for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
         rows = ["sentence\tlabel"]
-        for _ in range(n):
-            label = rng.randrange(2)
+        for i in range(n):
+            label = i % 2  # alternating: any first rows hold both labels alike (the probes need 5 of each)
             rows.append(" ".join(rng.choice(good if label else bad) for _ in range(rng.randrange(2, 9))) + f"\t{label}")
         (out / name).write_text("\n".join(rows) + "\n")
     return "generated"
