@@ -126,6 +126,27 @@ def random_causal_lm(config, device, compute_dtype: torch.dtype, load_in_4bit: b
     return lm
 
 
+def save_tiny_qwen(folder, sentences: list[str]) -> None:
+    """A tiny random Qwen2 causal LM (seed 0) and a byte-level BPE tokenizer of
+    Qwen's kind (pad = eos = <|endoftext|>) trained on `sentences`, saved as a local model folder:
+    what the tests and benchmarks/gpu_check.py run the 7B path on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"], pad_token_id=0, eos_token_id=0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+
+
 def parameter_count(config) -> int:
     """Parameters of `config`'s causal LM (tied ones once), counted on a meta skeleton."""
     return sum(p.numel() for p in _skeleton(config, torch.float32).parameters())

@@ -120,28 +120,17 @@ def sst2_rows(out: Path, n_train: int, n_dev: int, seed: int = 0) -> str:
 
 
 def tiny_qwen(folder: Path, data: Path) -> None:
-    """A tiny random Qwen2 causal LM and a byte-level BPE tokenizer trained on the rows, saved as a
-    model folder (as tests/conftest.py's tiny_qwen fixture)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """A tiny random Qwen2 and its tokenizer trained on the rows, saved as a model folder (the one
+    the tests use: dry_run.save_tiny_qwen)."""
     from transformers.utils import logging as hf_logging
+
+    sys.path.insert(0, str(ROOT))
+    from dry_run import save_tiny_qwen
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar, in setup.log
     sentences = [line.split("\t")[0] for name in ("train.tsv", "dev.tsv")
                  for line in (data / name).read_text().split("\n")[1:] if line]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"], pad_token_id=0, eos_token_id=0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
+    save_tiny_qwen(folder, sentences)
 
 
 # ----------------------------------------------------------------------------- running a step

@@ -75,23 +75,10 @@ def sst2_small(tmp_path_factory) -> Path:
 def tiny_qwen(tmp_path_factory, sst2_small) -> Path:
     """A tiny random Qwen2 causal LM and a byte-level BPE tokenizer (Qwen's kind, pad = eos =
     <|endoftext|>) trained on the small rows, saved as a local model folder."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from dry_run import save_tiny_qwen
 
     folder = tmp_path_factory.mktemp("tiny_qwen")
     sentences = [line.split("\t")[0] for name in ("train.tsv", "dev.tsv")
                  for line in (sst2_small / name).read_text().split("\n")[1:] if line]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"], pad_token_id=0, eos_token_id=0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
+    save_tiny_qwen(folder, sentences)
     return folder
