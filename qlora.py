@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,11 @@ from models import EngramModel, HFBackbone, ModelSpec, mlp_sentiment_head
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# bitsandbytes 0.50's CPU backend, on a CPU with AVX512-BF16 (seen on an AMD EPYC), looks at import
+# (peft imports it) for an optional hub kernel package, `kernels`, and logs a warning on every run
+# when it is absent; that kernel only speeds up 4-bit matmuls on the CPU. Its errors still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def precision(device: torch.device) -> tuple[torch.dtype, bool]:

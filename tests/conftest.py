@@ -9,6 +9,12 @@ sys.path.insert(0, str(ROOT))
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
 
+def pytest_configure(config):
+    # torch deprecating its own API inside its own module (torch.utils.mkldnn, imported by torch.fx
+    # when peft loads): nothing this project calls, and hidden from users by Python's default filters
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 def write_tsv(path: Path, rows, header="sentence\tlabel") -> Path:
     path.write_text("\n".join([header, *(f"{s}\t{l}" for s, l in rows)]) + "\n")
     return path

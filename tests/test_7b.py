@@ -1,7 +1,10 @@
 """The 7B path on a tiny random Qwen2 model loaded through from_pretrained with real NF4
 quantisation on the CPU: no GPU, no network."""
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +133,20 @@ def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
     assert "| H1 delta, final epoch (points) |" in table and "/ +1.15 |" in table and "| +0.34 |" in table
     assert "| Engram ARI |" in table and "/ 0.2356 |" in table and "| 0.8331 |" in table
     assert "ARI of untrained compressors (control)" in table and "Effective rank of pooled states" in table
+
+
+def test_a_7b_run_prints_nothing_on_stderr_no_library_warning_either(tiny_qwen, sst2_small, tmp_path):
+    """A fresh process, as a user starts it: import-time warnings of the libraries (bitsandbytes'
+    CPU backend logs one on CPUs with AVX512-BF16 when the optional `kernels` package is absent)
+    are noise on every run. A short training run and a dry run, both with nothing on stderr."""
+    root = Path(e7.__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # Python's default filters, as a user has them
+    for argv in (["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--max-train", "16", "--max-eval", "16",
+                  "--epochs", "1", "--variants", "dual_engram", "--out", str(tmp_path / "out")],
+                 ["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--dry-run-steps", "1"]):
+        p = subprocess.run([sys.executable, "experiment_7b.py", *argv, "--no-progress"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
 
 
 def test_dry_run_tiny_shape_runs_every_variant(tmp_path):
