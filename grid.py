@@ -209,6 +209,7 @@ def job_states(out: Path, jobs: list[Job]) -> list[dict]:
             rec = {}  # stale: the result it names is gone (the folder was cleared)
         row = {"job": job.name, "seed": job.seed, "variant": job.variant, "state": "not started",
                "job_id": rec.get("slurm_job_id") or rec.get("local_job_id"), "host": rec.get("host"), "gpu": rec.get("gpu"),
+               "submit_host": rec.get("submit_host"),
                "minutes": None, "error": None, "log": rec.get("log")}
         where = queue_state(rec, queued) if rec else "unknown"
         if found == "finished":

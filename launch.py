@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
-from grid import Job, job_states, read_record, status_table, write_record
+from grid import Job, job_states, status_table, write_record
 
 ROOT = Path(__file__).resolve().parent
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # a local job has no time limit worth the name (submitit's default is 2 min)
@@ -172,7 +172,7 @@ def _others_gpus(out: Path, jobs: list[Job], mine: set) -> set[str]:
     import socket
 
     return {r["gpu"] for j, r in zip(jobs, job_states(out, jobs)) if j not in mine and r["state"] in ("running", "pending")
-            and r.get("gpu") is not None and read_record(out, j).get("submit_host") == socket.gethostname()}
+            and r["gpu"] is not None and r["submit_host"] == socket.gethostname()}
 
 
 def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> dict:
