@@ -94,7 +94,8 @@ def machine(device) -> dict:
 
 def device_name(device) -> str:
     if device.type != "cuda":
-        return f"{device} ({processor_name()}, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return f"{device} ({processor_name()}, {n} thread{'s' if n != 1 else ''})"
     return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
