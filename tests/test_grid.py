@@ -331,12 +331,12 @@ def squeue_ids(array: str) -> list[str]:
     return sorted(out.stdout.split())
 
 
-def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_job_is_rerun_alone(slurm, serial, sst2_2k,
-                                                                                                  tmp_path, capsys):
+def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_or_cancelled_job_is_rerun_alone(
+        slurm, serial, sst2_2k, tmp_path, capsys):
     """Three jobs, one at a time (--jobs 1): the two waiting are pending (squeue answers for them in
     one line without -r), and a rerun submits nothing; a job whose process is killed while it runs
-    is failed once Slurm has it out of the queue, and a rerun submits it alone; the study ends with
-    the serial run's numbers."""
+    is failed once Slurm has it out of the queue, and a rerun submits it alone; a job cancelled with
+    scancel is stopped, and a rerun submits it alone; the study ends with the serial run's numbers."""
     out = tmp_path / "throttled"
     argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "slurm", "--jobs", "1", "--slurm-time", "20", "--slurm-cpus", "1")
     submitted = experiment.main(argv)["submitted"]
@@ -362,9 +362,23 @@ def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_j
     capsys.readouterr()
     again = experiment.main(argv)["submitted"]
     assert len(again) == 1 and again[0] not in submitted
-    wait_for(lambda: not squeue_ids(array) and not squeue_ids(again[0].split("_")[0]), 900, "every job to leave the queue")
+    # scancel of the next running job: Slurm's SIGTERM reaches it first, it checkpoints and is "stopped";
+    # a rerun submits it alone, and it resumes from that checkpoint
+    cancelled = "seed42-dual_head"
+    wait_for(lambda: record(out, cancelled).get("state") == "running"
+             and (out / "checkpoints" / "seed42" / "dual_head" / "epoch_001").is_dir(), 300, "dual_head's first epoch")
+    cancelled_id = record(out, cancelled)["slurm_job_id"]
+    subprocess.run(["scancel", cancelled_id], check=True, timeout=30)
+    wait_for(lambda: cancelled_id not in squeue_ids(array), 120, "the cancelled job to leave the queue")
+    row = experiment.main([*argv, "--status"])["jobs"][1]
+    assert row["state"] == "stopped" and record(out, cancelled)["error"].startswith("SIGTERM"), (row, record(out, cancelled))
+    third = experiment.main(argv)["submitted"]
+    assert len(third) == 1 and third[0] not in submitted + again
+    arrays = [array, again[0].split("_")[0], third[0].split("_")[0]]
+    wait_for(lambda: not any(squeue_ids(a) for a in arrays), 900, "every job to leave the queue")
     status = experiment.main([*argv, "--status"])
     assert [r["state"] for r in status["jobs"]] == ["finished"] * 3
-    assert "resuming after epoch" in next((out / "jobs").glob(f"{again[0]}_*log.out")).read_text()
+    for rerun in (again[0], third[0]):
+        assert "resuming after" in next((out / "jobs").glob(f"{rerun}_*log.out")).read_text()
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
