@@ -3,6 +3,7 @@ exit codes, and the stop request that SIGINT / SIGTERM turn into a clean stop at
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -63,6 +64,16 @@ class StopRequest:
 STOP = StopRequest()
 # the signals that request a stop; a job under submitit adds SIGUSR2 (its time limit is near)
 STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM]
+
+
+def continue_command(command: str, executor: str = "serial") -> str:
+    """The command that continues a run: the same command line, less --report-only (a rewrite
+    trains nothing) and --overwrite (it would delete what has finished since), with --resume for a
+    serial run (a grid under an executor always continues its folder)."""
+    words = [w for w in shlex.split(command) if w not in ("--report-only", "--overwrite")]
+    if executor == "serial" and "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(words)
 
 
 def check_stop(where: str) -> None:

@@ -13,7 +13,7 @@ import json
 import shlex
 from pathlib import Path
 
-from cli import Interrupted, JobsFailed, check_stop
+from cli import Interrupted, JobsFailed, check_stop, continue_command
 from files import save_figure, write_atomic, write_json
 from figures import _pyplot, curve_data, wrapped
 from metrics import delta_test
@@ -89,8 +89,9 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
                 failed.append(name)
         except Interrupted as e:
             report()
-            raise Interrupted(f"{e}; {out / 'ladder' / 'LADDER.md'} names what is missing; continue with: {command}"
-                              + ("" if "--resume" in argv or getattr(args, "executor", "serial") != "serial" else " --resume"), e.signum) from None
+            again = continue_command(command, getattr(args, "executor", "serial"))
+            raise Interrupted(f"{e}; {out / 'ladder' / 'LADDER.md'} names what is missing; continue with: {again}",
+                              e.signum) from None
     summary = report()
     if failed:
         raise JobsFailed(f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them")

@@ -5,7 +5,6 @@ processes or Slurm jobs, each of them this same code with --job."""
 from __future__ import annotations
 
 import json
-import shlex
 import signal
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 
 from analysis import analyse, random_compressor_tail
 from checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
-from cli import Interrupted, NonFiniteLoss, UsageError, check_stop
+from cli import Interrupted, NonFiniteLoss, UsageError, check_stop, continue_command
 from figures import engram_clusters, learning_curves
 from files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
 from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
@@ -192,11 +191,7 @@ class Outputs:
 def jobs_summary(rows: list[dict], header: dict) -> dict:
     """The grid in metrics.json: how many jobs finished, which failed and why, and the command that
     runs what is missing (the same command: a rerun skips the finished jobs)."""
-    # a rewrite of the outputs trains nothing, and a rerun must not delete what has finished since
-    words = [w for w in shlex.split(header["command"]) if w not in ("--report-only", "--overwrite")]
-    if header["config"].get("executor", "serial") == "serial" and "--resume" not in words:
-        words.append("--resume")
-    command = shlex.join(words)
+    command = continue_command(header["command"], header["config"].get("executor", "serial"))
     return {"total": len(rows), "finished": sum(r["state"] == "finished" for r in rows),
             "states": {r["job"]: r["state"] for r in rows},
             "failed": [{k: r[k] for k in ("job", "error", "log", "job_id", "host")} for r in rows if r["state"] == "failed"],
@@ -244,8 +239,7 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
             writer.write(stopped=signal.Signals(e.signum).name)
             done = sum(j.finished(out) for j in jobs)
             kept = f"{done} finished job(s) and " + (f"checkpoint {last}" if last else f"no checkpoint of {job.variant} seed {job.seed} yet")
-            again = command.replace(" --overwrite", "") + ("" if args.resume else " --resume")
-            raise Interrupted(f"{e}; kept {kept}; continue with: {again}", e.signum) from None
+            raise Interrupted(f"{e}; kept {kept}; continue with: {continue_command(command)}", e.signum) from None
         except (UsageError, NonFiniteLoss):
             writer.write(tolerant=True)
             raise

@@ -57,6 +57,19 @@ def test_a_fresh_run_over_finished_jobs_is_refused_in_one_line_and_deletes_nothi
     assert f"--overwrite: deleting the 1 finished job(s) and every checkpoint in {out / 'checkpoints'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, executor, expected", [
+    ("python experiment.py --overwrite --seeds 42 43", "serial", "python experiment.py --seeds 42 43 --resume"),
+    ("python experiment.py --resume --report-only --out 'a b'", "serial", "python experiment.py --resume --out 'a b'"),
+    ("python experiment.py --ladder --overwrite --executor slurm", "slurm", "python experiment.py --ladder --executor slurm"),
+])
+def test_the_command_that_continues_a_run_never_overwrites_and_resumes_a_serial_run(command, executor, expected):
+    """Every "continue with" / "rerun" line (a stopped run, a stopped ladder, metrics.json's rerun):
+    with --overwrite kept it would be refused (--overwrite with --resume) or delete what finished."""
+    from cli import continue_command
+
+    assert continue_command(command, executor) == expected
+
+
 def test_overwrite_and_resume_together_are_refused(sst2_small, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(sst2_small, tmp_path / "x", "--overwrite", "--resume")
