@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from cli import UsageError
 from data import Encoded, collate
 from engram import run_batch
 from metrics import device_name
-from models import VARIANTS, count_parameters
+from models import VARIANTS, count_parameters, free_memory
 from qlora import bnb_config, load_tokenizer, precision, resolve_model_source
 
 # Qwen2.5-7B's shape (its config.json), for the dry run without a download; and a tiny one for tests.
@@ -223,15 +222,6 @@ def dry_run_table(runs) -> str:
     if any(r.get("oom") for r in runs):
         lines.append("OOM: the row ran out of memory on this device; the rows after it ran on.")
     return "\n".join(lines)
-
-
-def free_memory(device) -> None:
-    """Free what a finished (or failed) row left: a 4-bit model is a reference cycle (each
-    Linear4bit and its Params4bit weight point at each other), so only the cycle collector frees
-    it; then the caching allocator's now unused blocks go back to the GPU."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def card_gib(device) -> float | None:

@@ -244,6 +244,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def free_memory(device: torch.device) -> None:
+    """Give a finished (or failed) model's memory back before the next one is built: 4-bit layers
+    hold their weights in a reference cycle (each Linear4bit and its Params4bit point at each
+    other) that only the cycle collector frees, so empty_cache alone would keep the previous
+    variant's base model; then the caching allocator's unused blocks go back to the GPU."""
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def build_small_model(variant: str, cfg: SmallConfig, sent_weight: float = 0.5, lm_weight: float = 0.5) -> EngramModel:
     backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
     spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim, sent_weight=sent_weight,

@@ -19,7 +19,8 @@ from cli import Interrupted, NonFiniteLoss, UsageError, check_stop, continue_com
 from figures import engram_clusters, learning_curves
 from files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
 from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
-from metrics import build_metrics, predictions, setting, subject
+from metrics import build_metrics, device_name, predictions, setting, subject
+from models import free_memory
 from training import Recipe, train_variant
 
 OUTPUTS = ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png")
@@ -84,23 +85,10 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
 def job_machine(device: torch.device, who: dict) -> dict:
     """Where a job ran, kept in its result: metrics.json reads device, GPU and peak GPU memory from
     the jobs, not from whichever process (a submitter, a login node) writes the outputs."""
-    from metrics import device_name
-
     mine = {"host": who["host"], "threads": torch.get_num_threads(), "device": str(device), "device_name": device_name(device)}
     if device.type == "cuda":
         mine.update(gpu=torch.cuda.get_device_name(device), peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30)
     return mine
-
-
-def free_memory(device: torch.device) -> None:
-    """Give a finished (or failed) job's memory back before the next job builds its model: 4-bit
-    layers hold their weights in a reference cycle (Linear4bit <-> Params4bit) that only the cycle
-    collector frees, so empty_cache alone would keep the previous variant's base model."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def outputs_of(m: dict) -> list[str]:
