@@ -121,6 +121,7 @@ def claim(t: dict, digits: int = 2, unit: str = "") -> str:
         return f"different (adjusted p {_pv(t['p_adj'])})"
     eq = equivalent(t)
     if eq:
+        unit = " point" if unit == " points" and eq["margin"] == 1 else unit
         return f"equivalent within ±{eq['margin']:g}{unit} (TOST p {_pv(eq['p'])})"
     if t.get("reason"):
         return f"neither shown: {t['reason']}"

@@ -268,7 +268,7 @@ def ladder_markdown(s: dict) -> str:
               for rung, v, label, r, k in movers] or ["- nothing"]
     same = [(r, v, k, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
             if k in r["models"][v] and equal(r["models"][v][k])]
-    lines += ["", "## What is shown unchanged (TOST inside the margin)", ""]
+    lines += ["", "## What is shown unchanged (TOST p < 0.05 inside the measure's margin; TOST p unadjusted)", ""]
     lines += [f"- `{r['rung']}` leaves {LABELS[v]}'s {label} {claim(r['models'][v][k]['vs_base'])}" for r, v, k, label in same] \
         or ["- nothing: no rung is shown equivalent to the base on any measure at these seeds"]
     lines += ["", "![validation curves of every rung](ladder.png)", "",

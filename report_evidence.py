@@ -18,7 +18,7 @@ def declaration() -> list[str]:
             f"deltas, rank measures, held-out sets) is secondary, one {METHOD_NAMES[SECONDARY]} family. **Bold**, a verdict "
             f"other than inconclusive, and \"beyond seed noise\" mean an adjusted p < {ALPHA}, nothing else; \"no effect\" "
             "needs an equivalence test (paired TOST, margins fixed in code: ±1.0 point of accuracy and ± the study's own "
-            "effect).", ""]
+            "effect; TOST p is not adjusted).", ""]
 
 
 def pp(t: dict) -> str:
@@ -96,13 +96,13 @@ def hypothesis_section(m: dict) -> list[str]:
 
 
 def extra_section_tests(m: dict) -> list[str]:
-    lines = ["", "| Set | Hypothesis | Delta at the selected epoch [95 % CI] | p raw / BH | Verdict | Final-epoch delta [95 % CI] | "
-             "p raw / BH | Verdict |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["", "| Set | Hypothesis | Delta at the selected epoch [95 % CI] | p raw / BH | Verdict | MDE (80 %) | "
+             "Final-epoch delta [95 % CI] | p raw / BH | Verdict | MDE (80 %) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for h, d in m["hypotheses"].items():
         for k, e in d["extra"].items():
             a, f = e["at_best"], e["final"]
             lines.append(f"| {k} | {h} ({d['compare']}) | {a['delta']['mean']:+.2f} {_ci(a['delta'])} | {pp(a)} | {a['verdict']} | "
-                         f"{f['delta']['mean']:+.2f} {_ci(f['delta'])} | {pp(f)} | {f['verdict']} |")
+                         f"{_mde(a)} | {f['delta']['mean']:+.2f} {_ci(f['delta'])} | {pp(f)} | {f['verdict']} | {_mde(f)} |")
     return lines + [""]
 
 
@@ -167,7 +167,8 @@ def findings(m: dict) -> list[str]:
                  if need else "")
         lines.append(f"- **{h}, {d['verdict']}.** Effect of {WORDS[h]} on final-epoch validation accuracy over {runs}: "
                      f"{d['delta_final']['mean']:+.2f} points{ci}{boot} ({d['test']}, {_p_is(d)}, {adj}): "
-                     f"{claim(f, unit=' points')}. {study}{power}.")
+                     f"{claim(f, unit=' points')}" + (" (one seed: McNemar tests these sentences, not seed-to-seed "
+                                                       "variation)" if n == 1 else "") + f". {study}{power}.")
     t = m.get("rank_test")
     if t and "effective_rank" in t:
         er = t["effective_rank"]
