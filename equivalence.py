@@ -2,6 +2,7 @@
 ttost_paired, two one-sided tests) against margins fixed here, before any data are read; the
 smallest effect the seeds could detect at 80 % power (statsmodels TTestPower); and the seeds that
 detecting a given effect would need. A "no effect" sentence needs the equivalence test, not p > 0.05."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,15 @@ MARGINS = {
     "top1_share": 0.05,
     "ari": 0.05,
 }
-MARGIN_OF = {"best_val_acc": "accuracy", "final_val_acc": "accuracy", "epoch1_train_acc": "accuracy", "at_best": "accuracy",
-             "final": "accuracy", "engram_ari": "ari", "random_ari": "ari"}
+MARGIN_OF = {
+    "best_val_acc": "accuracy",
+    "final_val_acc": "accuracy",
+    "epoch1_train_acc": "accuracy",
+    "at_best": "accuracy",
+    "final": "accuracy",
+    "engram_ari": "ari",
+    "random_ari": "ari",
+}
 
 
 def accuracy_margins(study_effect: float | None = None) -> list[float]:
@@ -99,9 +107,17 @@ def delta_evidence(a, b, margins: list[float], words=("supported", "refuted")) -
     t = paired_t(a, b)
     delta = {**mean_ci(d), "prediction_interval": prediction_interval(d)}
     delta["ci"] = paired_ci(a, b)  # the same interval as mean_ci's, from the paired test itself
-    return {"delta": delta, "p": t["p"], "reason": t["reason"], "words": list(words), "p_adj": None, "verdict": "inconclusive",
-            "tost": [tost(a, b, m) for m in margins], "mde": mde(delta["std"], len(d)),
-            "share_positive": float(np.mean(d > 0)) if len(d) else None}
+    return {
+        "delta": delta,
+        "p": t["p"],
+        "reason": t["reason"],
+        "words": list(words),
+        "p_adj": None,
+        "verdict": "inconclusive",
+        "tost": [tost(a, b, m) for m in margins],
+        "mde": mde(delta["std"], len(d)),
+        "share_positive": float(np.mean(d > 0)) if len(d) else None,
+    }
 
 
 def equivalent(t: dict) -> dict | None:
@@ -126,5 +142,8 @@ def claim(t: dict, digits: int = 2, unit: str = "") -> str:
     if t.get("reason"):
         return f"neither shown: {t['reason']}"
     m = t.get("mde")
-    return ("neither shown: " + (f"the smallest effect these seeds detect is {m:.{digits}f}{unit}" if m is not None
-                                 else "too few seeds to detect any effect"))
+    return "neither shown: " + (
+        f"the smallest effect these seeds detect is {m:.{digits}f}{unit}"
+        if m is not None
+        else "too few seeds to detect any effect"
+    )

@@ -24,6 +24,7 @@ from report_evidence import pp, tost_cell
 from reporting import LABELS, _f
 from stats import SECONDARY, adjust_family, mean_ci, significant
 
+LADDER_MARGINS = ("accuracy", "best_epoch", "effective_rank", "ari")  # the margins the ladder's measures use
 # (key, label, digits): what each rung is measured by, per model
 MEASURES = (("best_val_acc", "best val (%)", 2), ("final_val_acc", "final val (%)", 2), ("best_epoch", "epoch of the best", 1),
             ("epoch1_train_acc", "epoch-1 train (%)", 1), ("effective_rank", "effective rank", 1),
@@ -160,7 +161,8 @@ def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wante
                 ref = {s: x[key] for s, x in base_seeds.get(v, {}).items() if x[key] is not None}
                 both = [s for s in vals if s in ref]
                 if name != "base" and both:
-                    t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"), [margin_for(key)])
+                    t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"),
+                                   [margin_for(key)])
                     row[key]["vs_base"] = {"seeds": both, **t}
             entry["models"][v] = row
         entry["lm_head"] = lm_head_effect(m) if m else None
@@ -195,7 +197,8 @@ def lm_head_effect(m: dict) -> dict | None:
     def test(t: dict | None, delta: dict) -> dict:
         return {**{k: (t or {}).get(k) for k in keep}, "delta": delta, "words": ["higher", "lower"]}
 
-    return {"seeds": [r["seed"] for r in h1["per_seed"]], "final_val_acc": test(h1.get("final") or {"p": h1["p"]}, h1["delta_final"]),
+    final = test(h1.get("final") or {"p": h1["p"]}, h1["delta_final"])
+    return {"seeds": [r["seed"] for r in h1["per_seed"]], "final_val_acc": final,
             "best_val_acc": {"delta": h1["delta_best"]}, "effective_rank": rank and test(rank, rank["delta"])}
 
 
@@ -224,16 +227,15 @@ def ladder_markdown(s: dict) -> str:
                          for r in s["rungs"] if not r["complete"])
         lines += [f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished. Not finished yet: {todo}.", ""]
     fam = s.get("family") or {}
-    lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` and "
-              "`other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, with its "
-              "95 % t-interval, then p raw / adjusted. **One family**: every rung-versus-base test and every LM-head test "
-              f"below ({fam.get('size', 0)} paired t-tests), Benjamini–Hochberg; **bold** and \"beyond seed noise\" mean an "
-              f"adjusted p < 0.05, nothing else ({fam.get('significant', 0)} of {fam.get('size', 0)}). Under each Δ: the TOST p "
-              "against the measure's equivalence margin (fixed in code: " +
-              ", ".join(f"{k.replace('_', ' ')} ±{v:g}" for k, v in MARGINS.items() if k not in ("participation_ratio", "dims_90",
-                                                                                                "top1_share")) +
-              ") and the minimum detectable effect at 80 % power (MDE) over these seeds. A Δ neither bold nor inside its "
-              "margin shows neither an effect nor its absence.", ""]
+    size, survive = fam.get("size", 0), fam.get("significant", 0)
+    shown = ", ".join(f"{k.replace('_', ' ')} ±{v:g}" for k, v in MARGINS.items() if k in LADDER_MARGINS)
+    lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` "
+              "and `other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, "
+              "with its 95 % t-interval, then p raw / adjusted. **One family**: every rung-versus-base test and every "
+              f"LM-head test below ({size} paired t-tests), Benjamini–Hochberg; **bold** and \"beyond seed noise\" "
+              f"mean an adjusted p < 0.05, nothing else ({survive} of {size}). Under each Δ: the TOST p against the measure's "
+              f"equivalence margin (fixed in code: {shown}) and the minimum detectable effect at 80 % power (MDE) over "
+              "these seeds. A Δ neither bold nor inside its margin shows neither an effect nor its absence.", ""]
     for r in s["rungs"]:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "nothing (the base)"
         lines.append(f"- `{r['rung']}`: {changes}" + ("" if r.get("made_by") else " (not run yet)"))
@@ -269,8 +271,8 @@ def ladder_markdown(s: dict) -> str:
     same = [(r, v, k, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
             if k in r["models"][v] and equal(r["models"][v][k])]
     lines += ["", "## What is shown unchanged (TOST p < 0.05 inside the measure's margin; TOST p unadjusted)", ""]
-    lines += [f"- `{r['rung']}` leaves {LABELS[v]}'s {label} {claim(r['models'][v][k]['vs_base'])}" for r, v, k, label in same] \
-        or ["- nothing: no rung is shown equivalent to the base on any measure at these seeds"]
+    lines += [f"- `{r['rung']}` leaves {LABELS[v]}'s {label} {claim(r['models'][v][k]['vs_base'])}"
+              for r, v, k, label in same] or ["- nothing: no rung is shown equivalent to the base on any measure"]
     lines += ["", "![validation curves of every rung](ladder.png)", "",
               "Each rung's own command, as the ladder runs it (an ordinary run: with `--resume` it finishes what is missing):", ""]
     lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
@@ -293,14 +295,16 @@ def lm_head_markdown(s: dict) -> list[str]:
     lines = ["## The LM head on each rung", "",
              "The study's H1 and its rank explanation on every rung that trains Models 1 and 2: Model 2 − Model 1, paired "
              "by seed over the rung's seeds, with the 95 % t-interval and p raw / adjusted (the ladder's one family); "
-             "**bold**: adjusted p < 0.05 (best val is not tested); the last column says what the final-val Δ shows.", "",
+             "**bold**: adjusted p < 0.05 (best val is not tested); the last column says what the final-val Δ "
+             "shows.", "",
              "| Rung | seeds | final val Δ (points) | best val Δ (points) | effective rank Δ | final val Δ shows |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         e = r["lm_head"]
         f, er = e["final_val_acc"], e.get("effective_rank")
-        lines.append(f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(f, 2)}<br>p {pp(f)} | {_delta(e['best_val_acc'], 2)} | "
-                     + (f"{_delta(er, 1)}<br>p {pp(er)}" if er else "–") + f" | {claim(f, unit=' points')} |")
+        rank = f"{_delta(er, 1)}<br>p {pp(er)}" if er else "–"
+        lines.append(f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(f, 2)}<br>p {pp(f)} | "
+                     f"{_delta(e['best_val_acc'], 2)} | {rank} | {claim(f, unit=' points')} |")
     return lines + [""]
 
 

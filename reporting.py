@@ -108,7 +108,7 @@ def engram_section(m: dict, study_engram: dict) -> list[str]:
     for name, key, digits, scale in ENGRAM_ROWS:
         study = study_engram.get(key)  # as the study's results file gives it (4 decimals)
         lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {'–' if study is None else f'{study:g}'} |")
-    lines.append("")
+    lines += ["", *ev.other_face(study_engram)]
     if "random_compressor" in e:
         lines += control_section(m)
     lines += ablation_section(m)
@@ -143,10 +143,12 @@ def control_section(m: dict) -> list[str]:
                  f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |")
     above = [a for a in e["above_random"] if a["above"]]
     n = len(e["above_random"])
-    lines += ["", f"Per seed, the {own}'s ARI lies above every one of that seed's {rc['draws'] // max(n, 1)} probed random draws "
-                  f"in {len(above)} of {n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
-                  f"pooled state {_msd(pk['ari'], 3)}); the test across seeds is the percentile test below.", ""]
-    return lines + ev.h3_lines(e, own, m["study"].get("engram", {}).get("ari"))
+    per, tested = rc["draws"] // max(n, 1), bool((e.get("random_tail") or {}).get("percentile_test"))
+    lines += ["", f"Per seed, the {own}'s ARI lies above every one of that seed's {per} probed random draws in "
+                  f"{len(above)} of {n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
+                  f"pooled state {_msd(pk['ari'], 3)})" + ("; the test across seeds is the percentile test below"
+                                                           if tested else "") + ".", ""]
+    return lines + ev.h3_lines(e, own)
 
 
 def ablation_section(m: dict) -> list[str]:

@@ -3,6 +3,7 @@ confidence intervals and the paired t-test across seeds (scipy ttest_1samp / tte
 confidence_interval()), a t-based prediction interval for one new seed, and multiple-testing
 adjustment over a declared family (statsmodels multipletests). Degenerate cases (one seed, the same
 difference on every seed) are named instead of turned into certainty."""
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,10 @@ def paired_t(a, b) -> dict:
     if len(d) < 2:
         return {"p": None, "reason": "one seed: no variance across seeds to test against"}
     if constant(d):
-        return {"p": None, "reason": f"every seed gave the same difference ({d[0]:+.2f}): zero variance, the t-test is undefined"}
+        return {
+            "p": None,
+            "reason": f"every seed gave the same difference ({d[0]:+.2f}): zero variance, the t-test is undefined",
+        }
     return {"p": float(ttest_rel(np.asarray(a, float), np.asarray(b, float)).pvalue), "reason": None}
 
 
@@ -114,8 +118,11 @@ def adjust_family(tests: list[dict], method: str, family: str) -> None:
     """Give every test of a family (dicts with "p", "delta" and "words") its adjusted p, the family's
     name and size, and the verdict that follows from the adjusted p, in place."""
     for t, q in zip(tests, adjust([t["p"] for t in tests], method)):
-        t.update(p_adj=q, family={"name": family, "method": method, "size": len(tests)},
-                 verdict=verdict(t["delta"]["mean"], q, tuple(t.get("words") or ("supported", "refuted"))))
+        t.update(
+            p_adj=q,
+            family={"name": family, "method": method, "size": len(tests)},
+            verdict=verdict(t["delta"]["mean"], q, tuple(t.get("words") or ("supported", "refuted"))),
+        )
 
 
 def significant(t: dict) -> bool:

@@ -285,8 +285,8 @@ def test_the_ladder_is_one_bh_family_and_bold_means_adjusted_p_below_005():
     rungs = [{"rung": "base", "changes": {}, "variants": ["sentiment_only"], "command": "c", "complete": True,
               "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}}}]
     for i, d in enumerate([near, *noise]):
-        rungs.append({"rung": f"r{i}", "changes": {"x": i}, "variants": ["sentiment_only"], "command": "c", "complete": True,
-                      "models": {"sentiment_only": {"best_val_acc": stat(d)}}})
+        rungs.append({"rung": f"r{i}", "changes": {"x": i}, "variants": ["sentiment_only"], "command": "c",
+                      "complete": True, "models": {"sentiment_only": {"best_val_acc": stat(d)}}})
     s = {"base": "written", "other": "published", "seeds": [1, 2, 3], "rungs": rungs}
     raw = rungs[1]["models"]["sentiment_only"]["best_val_acc"]["vs_base"]["p"]
     assert 0.01 < raw < 0.05

@@ -19,7 +19,7 @@ def test_mcnemar_exact_known_p_value():
 def test_mean_ci_uses_the_t_distribution():
     r = mean_ci([1.0, 2.0, 3.0])
     assert r["mean"] == 2.0 and r["std"] == pytest.approx(1.0)
-    half = 4.302652729911275 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n)
+    half = 4.302652729911275 / 3**0.5  # t(0.975, 2) * sd / sqrt(n)
     assert r["ci"] == pytest.approx([2 - half, 2 + half])
     assert mean_ci([5.0])["ci"] is None
 
@@ -41,9 +41,16 @@ def test_paired_t_and_verdicts():
     assert verdict(1.0, 0.2) == "inconclusive" and verdict(1.0, None) == "inconclusive"
 
 
-@pytest.mark.parametrize("p, cell, sentence", [(1.3e-8, "< 0.001", "p < 0.001"), (0.0004999, "< 0.001", "p < 0.001"),
-                                               (0.0005, "0.001", "p = 0.001"), (0.257, "0.257", "p = 0.257"),
-                                               (None, "undefined", "p undefined")])
+@pytest.mark.parametrize(
+    "p, cell, sentence",
+    [
+        (1.3e-8, "< 0.001", "p < 0.001"),
+        (0.0004999, "< 0.001", "p < 0.001"),
+        (0.0005, "0.001", "p = 0.001"),
+        (0.257, "0.257", "p = 0.257"),
+        (None, "undefined", "p undefined"),
+    ],
+)
 def test_report_p_values_never_read_zero(p, cell, sentence):
     from reporting import _p, _p_is
 
