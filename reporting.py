@@ -247,6 +247,16 @@ def _run_extent(r: dict) -> str:
     return extent + (", shortened" if r["shortened"] else "") + ("" if r["complete"] else ", incomplete")
 
 
+def _verdict_cell(d: dict) -> str:
+    """"+1.22 (inconclusive; Holm p 0.514; MDE 3.46)": the adjusted p and MDE where the run's metrics.json has them
+    (one written before issue 32 has the verdict only)."""
+    extra = ""
+    if "p_adj" in d:
+        mde = (d.get("final") or {}).get("mde")
+        extra = f"; Holm {_p_is({'p': d['p_adj']})}" + (f"; MDE {mde:.2f}" if mde is not None else "")
+    return f"{d['delta_final']['mean']:+.2f} ({d['verdict']}{extra})"
+
+
 def protocols_section(m: dict, other: dict | None) -> list[str]:
     """"As written vs as run": this run beside the other protocol's run of the same scale, each
     number beside the study's figure."""
@@ -271,14 +281,15 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
                          f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'][v])} | "
                          f"{_f(a['final_val_acc']['mean'])} {_ci(a['final_val_acc'])} | {_f(b['final_val_acc']['mean'])} "
                          f"{_ci(b['final_val_acc'])} | {_f(s['final'][v])} |")
-    lines += ["", "| Hypothesis | Final delta, written (verdict) | Final delta, published (verdict) | Study final | "
-              "Best delta, written | Best delta, published | Study best |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| Hypothesis | Final delta, written (verdict; Holm p; MDE) | Final delta, published (verdict; Holm p; "
+              "MDE) | Study final | Best delta, written | Best delta, published | Study best |",
+              "|---|---|---|---|---|---|---|"]
     for h in ("H1", "H2"):
         a, b = w["hypotheses"].get(h), p["hypotheses"].get(h)
         if a and b:
-            lines.append(f"| {h} ({a['compare']}) | {a['delta_final']['mean']:+.2f} ({a['verdict']}) | "
-                         f"{b['delta_final']['mean']:+.2f} ({b['verdict']}) | {a['study_delta']['final']:+.2f} | "
-                         f"{a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | {a['study_delta']['best']:+.2f} |")
+            lines.append(f"| {h} ({a['compare']}) | {_verdict_cell(a)} | {_verdict_cell(b)} | "
+                         f"{a['study_delta']['final']:+.2f} | {a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | "
+                         f"{a['study_delta']['best']:+.2f} |")
     ew, ep = w["engram"], p["engram"]
     if ew and ep:
         lines += ["", "| Engram (Model 3) | Written | Published | Study |", "|---|---|---|---|"]
