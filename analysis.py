@@ -85,6 +85,8 @@ def percentile_test(percentiles) -> dict:
 
     v = np.asarray(percentiles, float)
     out = {"null": 0.5, "test": "one-sample t-test of the per-seed percentiles against 0.5", **mean_ci(v)}
+    if out["ci"] is not None:  # a percentile lies in [0, 1]; the t-interval does not know that
+        out["ci"] = [max(0.0, out["ci"][0]), min(1.0, out["ci"][1])]
     if len(v) < 2 or constant(v):
         return {**out, "p": None, "reason": "one seed" if len(v) < 2 else "the same percentile on every seed"}
     return {**out, "p": float(ttest_1samp(v, 0.5).pvalue), "reason": None}

@@ -190,6 +190,7 @@ def test_h3_percentiles_and_tail_rate():
     pct = [0.10, 0.21, 0.14, 0.10, 0.06]
     r = percentile_test(pct)
     assert r["p"] == pytest.approx(float(ttest_1samp(pct, 0.5).pvalue)) and r["mean"] == pytest.approx(0.122)
+    assert percentile_test([0.17, 0.305, 0.58])["ci"][0] == 0.0  # the t-interval reaches below 0: clipped
     assert percentile_test([1.0, 1.0, 1.0])["p"] is None and "same percentile" in percentile_test([1.0, 1.0])["reason"]
     rate = tail_rate([0.015, 0.055, 0.005, 0.045, 0.0])  # the 3, 11, 1, 9, 0 of 200
     assert rate["mean"] == pytest.approx(0.024) and rate["ci"][0] == 0.0 and rate["ci"][1] > 0.05  # clipped at 0
