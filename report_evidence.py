@@ -180,6 +180,15 @@ def rank_tests(t: dict) -> list[str]:
     return lines
 
 
+def percentile_answer(pt: dict | None) -> str:
+    """The answer the percentile test across seeds gives (bold yes/no only on p < α)."""
+    if not pt:
+        return "Not tested across seeds"
+    if pt["p"] is None or pt["p"] >= ALPHA:
+        return f"Not shown ({_p_is(pt)})"
+    return f"{'Yes' if pt['mean'] > 0.5 else 'No, below a random draw'} ({_p_is(pt)})"
+
+
 def h3_lines(e: dict, own: str) -> list[str]:
     """H3 as one measure: ARI, its per-seed percentile among that seed's untrained compressors, a test
     of those percentiles across seeds, and the tail rate with an interval over seeds."""
@@ -209,10 +218,10 @@ def h3_lines(e: dict, own: str) -> list[str]:
         + (f"; {pt['reason']}" if pt.get("reason") else "")
         + f"): {reads}.",
         "",
-        f"**How often does a random projection reach the study's ARI ({t['threshold']:g})?** "
-        f"{100 * rate['mean']:.1f} % of untrained compressors, 95 % interval over seeds{ci or ' (one seed: none)'} "
-        f"({t['at_or_above']} of {t['draws']:,} "
-        f"draws; the seeds, not the draws, are the independent units); the largest ARI of any draw is {t['max']:.3f}.",
+        f"**How often does a random projection reach the study's ARI ({t['threshold']:g})?** {t['at_or_above']} of "
+        f"{t['draws']:,} untrained compressors: {100 * rate['mean']:.1f} % a seed on average, 95 % interval over seeds"
+        f"{ci or ' (one seed: none)'} (the draws of one seed share its pooled states, so the seeds are the independent "
+        f"units); the largest ARI of any draw is {t['max']:.3f}.",
         "",
     ]
 

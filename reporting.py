@@ -143,11 +143,12 @@ def control_section(m: dict) -> list[str]:
                  f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |")
     above = [a for a in e["above_random"] if a["above"]]
     n = len(e["above_random"])
-    per, tested = rc["draws"] // max(n, 1), bool((e.get("random_tail") or {}).get("percentile_test"))
-    lines += ["", f"Per seed, the {own}'s ARI lies above every one of that seed's {per} probed random draws in "
-                  f"{len(above)} of {n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
-                  f"pooled state {_msd(pk['ari'], 3)})" + ("; the test across seeds is the percentile test below"
-                                                           if tested else "") + ".", ""]
+    per, pt = rc["draws"] // max(n, 1), (e.get("random_tail") or {}).get("percentile_test")
+    below = "; the test across seeds is the percentile test below" if pt else ""
+    lines += ["", f"**Does the {own} separate sentiment better than a random projection?** {ev.percentile_answer(pt)}: "
+                  f"per seed its ARI lies above every one of that seed's {per} probed random draws in {len(above)} of "
+                  f"{n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, pooled state "
+                  f"{_msd(pk['ari'], 3)}){below}.", ""]
     return lines + ev.h3_lines(e, own)
 
 
