@@ -14,7 +14,7 @@ import torch
 
 from engram import engram_metrics, probe, split_halves
 from models import EngramCompressor, EngramModel
-from stats import mean_ci
+from stats import constant, mean_ci
 from training import Recipe, evaluate, zero_prefix_states
 
 RANDOM_DRAWS = 10  # untrained compressors per dual_engram run, with probes
@@ -67,6 +67,39 @@ def random_compressor_tail(pooled: np.ndarray, labels: np.ndarray, engram_dim: i
         ari.append(metrics["ari"])
         acc.append(metrics["cluster_accuracy"])
     return {"draws": draws, "inputs": "pooled states as saved in arrays.npz (float16)", "ari": ari, "cluster_accuracy": acc}
+
+
+def ari_percentile(ari: float, draws) -> float:
+    """Where one ARI falls among untrained compressors' ARIs, 0..1 (mid-rank: the share of draws
+    below it plus half the share equal to it). If the engram were one more random draw, this would
+    be uniform on [0, 1] across seeds."""
+    d = np.asarray(draws, float)
+    return float((d < ari).mean() + 0.5 * (d == ari).mean())
+
+
+def percentile_test(percentiles) -> dict:
+    """Across seeds, are the engram's percentiles among its own seed's untrained compressors
+    centred on 0.5 (what one more random draw gives)? One-sample t-test (scipy ttest_1samp) with its
+    95 % interval; undefined with one seed or the same percentile on every seed."""
+    from scipy.stats import ttest_1samp
+
+    v = np.asarray(percentiles, float)
+    out = {"null": 0.5, "test": "one-sample t-test of the per-seed percentiles against 0.5", **mean_ci(v)}
+    if out["ci"] is not None:  # a percentile lies in [0, 1]; the t-interval does not know that
+        out["ci"] = [max(0.0, out["ci"][0]), min(1.0, out["ci"][1])]
+    if len(v) < 2 or constant(v):
+        return {**out, "p": None, "reason": "one seed" if len(v) < 2 else "the same percentile on every seed"}
+    return {**out, "p": float(ttest_1samp(v, 0.5).pvalue), "reason": None}
+
+
+def tail_rate(fractions) -> dict:
+    """The share of untrained compressors reaching a threshold ARI, with a 95 % interval over seeds
+    (t-based, clipped to [0, 1]): the draws of one seed share its pooled states, so the seeds, not
+    the draws, are the independent units."""
+    out = mean_ci(fractions)
+    if out["ci"] is not None:
+        out["ci"] = [max(0.0, out["ci"][0]), min(1.0, out["ci"][1])]
+    return out
 
 
 def random_compressor_control(pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int,

@@ -14,14 +14,17 @@ import shlex
 from pathlib import Path
 
 from cli import Interrupted, JobsFailed, check_stop, continue_command
-from files import save_figure, write_atomic, write_json
+from equivalence import MARGINS, claim, equivalent, margin_for
 from figures import _pyplot, curve_data, wrapped
+from files import save_figure, write_atomic, write_json
 from metrics import delta_test
 from models import VARIANTS
 from protocols import ladder, other_protocol, rungs_for
+from report_evidence import pp, tost_cell
 from reporting import LABELS, _f
-from stats import ALPHA, mean_ci
+from stats import SECONDARY, adjust_family, mean_ci, significant
 
+LADDER_MARGINS = ("accuracy", "best_epoch", "effective_rank", "ari")  # the margins the ladder's measures use
 # (key, label, digits): what each rung is measured by, per model
 MEASURES = (("best_val_acc", "best val (%)", 2), ("final_val_acc", "final val (%)", 2), ("best_epoch", "epoch of the best", 1),
             ("epoch1_train_acc", "epoch-1 train (%)", 1), ("effective_rank", "effective rank", 1),
@@ -158,32 +161,62 @@ def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wante
                 ref = {s: x[key] for s, x in base_seeds.get(v, {}).items() if x[key] is not None}
                 both = [s for s in vals if s in ref]
                 if name != "base" and both:
-                    t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"))
+                    t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"),
+                                   [margin_for(key)])
                     row[key]["vs_base"] = {"seeds": both, **t}
             entry["models"][v] = row
         entry["lm_head"] = lm_head_effect(m) if m else None
         out["rungs"].append(entry)
+    apply_family(out)
     return out
+
+
+def apply_family(s: dict) -> dict:
+    """The ladder's one family, Benjamini–Hochberg: every rung-versus-base test and every LM-head
+    test. Each test gets its adjusted p (in place); s["family"] says how many there are and survive."""
+    tests = [st["vs_base"] for r in s["rungs"] for v in r["models"].values() for st in v.values() if st.get("vs_base")]
+    for r in s["rungs"]:
+        e = r.get("lm_head") or {}
+        tests += [e[k] for k in ("final_val_acc", "effective_rank") if e.get(k) and "p" in e[k]]
+    for t in tests:
+        t.setdefault("words", ["higher", "lower"])
+    adjust_family(tests, SECONDARY, "the ladder: every rung-versus-base test and every LM-head test")
+    s["family"] = {"method": SECONDARY, "size": len(tests), "significant": sum(significant(t) for t in tests)}
+    return s
 
 
 def lm_head_effect(m: dict) -> dict | None:
     """The study's H1 and its rank explanation on one rung (Model 2 − Model 1, paired by seed, over
-    the rung's own seeds), from the rung's metrics.json; None when the rung did not train both."""
+    the rung's own seeds), from the rung's metrics.json; None when the rung did not train both. The
+    raw p, TOST and MDE come from the rung; the adjusted p from the ladder's family."""
     h1, rank = m.get("hypotheses", {}).get("H1"), (m.get("rank_test") or {}).get("effective_rank")
     if not h1:
         return None
-    return {"seeds": [r["seed"] for r in h1["per_seed"]], "final_val_acc": {"delta": h1["delta_final"], "p": h1["p"]},
-            "best_val_acc": {"delta": h1["delta_best"]}, "effective_rank": rank and {"delta": rank["delta"], "p": rank["p"]}}
+    keep = ("delta", "p", "reason", "tost", "mde")
+
+    def test(t: dict | None, delta: dict) -> dict:
+        return {**{k: (t or {}).get(k) for k in keep}, "delta": delta, "words": ["higher", "lower"]}
+
+    final = test(h1.get("final") or {"p": h1["p"]}, h1["delta_final"])
+    return {"seeds": [r["seed"] for r in h1["per_seed"]], "final_val_acc": final,
+            "best_val_acc": {"delta": h1["delta_best"]}, "effective_rank": rank and test(rank, rank["delta"])}
 
 
 def moves(stat: dict) -> bool:
-    """A rung moves a measure beyond seed noise: the paired t-test against the base rejects no change
-    at 5 % (its 95 % interval excludes 0). Equal differences on every seed give no test, so no claim."""
+    """A rung moves a measure beyond seed noise: the paired t-test against the base, Benjamini–Hochberg
+    adjusted over the whole ladder, rejects no change at 5 %. Equal differences on every seed give no
+    test, so no claim."""
+    return significant(stat.get("vs_base") or {})
+
+
+def equal(stat: dict) -> bool:
+    """A rung is shown to leave a measure within its margin of the base (TOST), and is not different."""
     vs = stat.get("vs_base") or {}
-    return vs.get("p") is not None and vs["p"] < ALPHA
+    return not significant(vs) and equivalent(vs) is not None
 
 
 def ladder_markdown(s: dict) -> str:
+    apply_family(s)  # bold follows the family's adjusted p, however the summary was made
     lines = [f"# Which difference does what: from `{s['base']}` to `{s['other']}`, one difference at a time", ""]
     if s.get("command"):
         lines += [f"Made by `{s['command']}`; the same command with `--resume` runs whatever is missing.", ""]
@@ -193,10 +226,16 @@ def ladder_markdown(s: dict) -> str:
                                                         for v, x in r.get("missing", {}).items()) or "unfinished")
                          for r in s["rungs"] if not r["complete"])
         lines += [f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished. Not finished yet: {todo}.", ""]
-    lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` and "
-              "`other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, with its "
-              "95 % t-interval; **bold**: beyond seed noise (paired t-test, p < 0.05; undefined when every seed gives the same "
-              "difference).", ""]
+    fam = s.get("family") or {}
+    size, survive = fam.get("size", 0), fam.get("significant", 0)
+    shown = ", ".join(f"{k.replace('_', ' ')} ±{v:g}" for k, v in MARGINS.items() if k in LADDER_MARGINS)
+    lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` "
+              "and `other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, "
+              "with its 95 % t-interval, then p raw / adjusted. **One family**: every rung-versus-base test and every "
+              f"LM-head test below ({size} paired t-tests), Benjamini–Hochberg; **bold** and \"beyond seed noise\" "
+              f"mean an adjusted p < 0.05, nothing else ({survive} of {size}). Under each Δ: the TOST p against the measure's "
+              f"equivalence margin (fixed in code: {shown}) and the minimum detectable effect at 80 % power (MDE) over "
+              "these seeds. A Δ neither bold nor inside its margin shows neither an effect nor its absence.", ""]
     for r in s["rungs"]:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "nothing (the base)"
         lines.append(f"- `{r['rung']}`: {changes}" + ("" if r.get("made_by") else " (not run yet)"))
@@ -218,15 +257,22 @@ def ladder_markdown(s: dict) -> str:
                 cell = f"{_f(st['mean'], d)}" + (f" ± {st['std']:.{d}f}" if st.get("std") is not None else "")
                 vs = st.get("vs_base")
                 if vs and vs["delta"].get("ci"):
-                    cell += "<br>" + _delta(vs, d, "Δ ")
+                    mde = "–" if vs.get("mde") is None else f"{vs['mde']:.{d}f}"
+                    cell += "<br>" + _delta(vs, d, "Δ ") + f"<br>p {pp(vs)}<br>TOST {tost_cell(vs)} · MDE {mde}"
                 cells.append(cell)
             lines.append(f"| `{r['rung']}` | " + " | ".join(cells) + " |")
         lines.append("")
     lines += lm_head_markdown(s)
-    movers = [(r["rung"], v, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
+    movers = [(r["rung"], v, label, r, k) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
               if k in r["models"][v] and moves(r["models"][v][k])]
-    lines += ["## What moves beyond seed noise", ""]
-    lines += [f"- `{rung}` moves {LABELS[v]}'s {label}" for rung, v, label in movers] or ["- nothing yet"]
+    lines += ["## What moves beyond seed noise (BH-adjusted p < 0.05)", ""]
+    lines += [f"- `{rung}` moves {LABELS[v]}'s {label}: {claim(r['models'][v][k]['vs_base'], 2)}"
+              for rung, v, label, r, k in movers] or ["- nothing"]
+    same = [(r, v, k, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
+            if k in r["models"][v] and equal(r["models"][v][k])]
+    lines += ["", "## What is shown unchanged (TOST p < 0.05 inside the measure's margin; TOST p unadjusted)", ""]
+    lines += [f"- `{r['rung']}` leaves {LABELS[v]}'s {label} {claim(r['models'][v][k]['vs_base'])}"
+              for r, v, k, label in same] or ["- nothing: no rung is shown equivalent to the base on any measure"]
     lines += ["", "![validation curves of every rung](ladder.png)", "",
               "Each rung's own command, as the ladder runs it (an ordinary run: with `--resume` it finishes what is missing):", ""]
     lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
@@ -234,11 +280,11 @@ def ladder_markdown(s: dict) -> str:
 
 
 def _delta(d: dict, digits: int, prefix: str = "") -> str:
-    """A paired difference {delta, p} as "mean [95 % CI]", bold when its test rejects no change at
-    5 % (for a rung's vs_base, exactly when moves() says so)."""
+    """A paired difference {delta, p_adj} as "mean [95 % CI]", bold when the ladder's adjusted p is
+    below 5 % (for a rung's vs_base, exactly when moves() says so)."""
     ci = d["delta"].get("ci")
     text = prefix + f"{d['delta']['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
-    return f"**{text}**" if d.get("p") is not None and d["p"] < ALPHA else text
+    return f"**{text}**" if significant(d) else text
 
 
 def lm_head_markdown(s: dict) -> list[str]:
@@ -248,13 +294,17 @@ def lm_head_markdown(s: dict) -> list[str]:
         return []
     lines = ["## The LM head on each rung", "",
              "The study's H1 and its rank explanation on every rung that trains Models 1 and 2: Model 2 − Model 1, paired "
-             "by seed over the rung's seeds, with the 95 % t-interval; **bold**: beyond seed noise (p < 0.05; best val "
-             "is not tested).", "", "| Rung | seeds | final val Δ (points) | best val Δ (points) | effective rank Δ |",
-             "|---|---|---|---|---|"]
+             "by seed over the rung's seeds, with the 95 % t-interval and p raw / adjusted (the ladder's one family); "
+             "**bold**: adjusted p < 0.05 (best val is not tested); the last column says what the final-val Δ "
+             "shows.", "",
+             "| Rung | seeds | final val Δ (points) | best val Δ (points) | effective rank Δ | final val Δ shows |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         e = r["lm_head"]
-        lines.append(f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(e['final_val_acc'], 2)} | {_delta(e['best_val_acc'], 2)} | "
-                     + (_delta(e["effective_rank"], 1) if e.get("effective_rank") else "–") + " |")
+        f, er = e["final_val_acc"], e.get("effective_rank")
+        rank = f"{_delta(er, 1)}<br>p {pp(er)}" if er else "–"
+        lines.append(f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(f, 2)}<br>p {pp(f)} | "
+                     f"{_delta(e['best_val_acc'], 2)} | {rank} | {claim(f, unit=' points')} |")
     return lines + [""]
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bootstrap import two_level_ci
+from equivalence import accuracy_margins, delta_evidence, margin_for, seeds_needed
 from models import VARIANTS
-from stats import mcnemar_exact, mean_ci, paired_t, verdict
+from stats import PRIMARY, SECONDARY, adjust_family, mcnemar_exact, mean_ci
 
 HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
 RANK_KEYS = ("effective_rank", "participation_ratio", "dims_90", "top1_share")
@@ -40,11 +42,14 @@ def setting(m: dict) -> str:
 
 
 def user_argv(argv: list[str]) -> list[str]:
-    """The command line as the user typed it: without the --job an executor adds to start one job."""
+    """The command line as the user typed it: without the --job an executor adds to start one job,
+    and without --report-only (a rewrite renders what the training command made, and names that)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
+        elif a == "--report-only":
+            continue
         elif a == "--job":
             skip = True
         elif not a.startswith("--job="):
@@ -187,11 +192,11 @@ def _model_summary(runs: list[tuple[int, dict]]) -> dict:
 # ----------------------------------------------------------------------------- tests across models
 
 
-def delta_test(a, b, words=("supported", "refuted")) -> dict:
-    """Delta a - b over seeds: mean and CI, paired t-test (with its reason when undefined), verdict."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    t = paired_t(a, b)
-    return {"delta": mean_ci(d), "p": t["p"], "reason": t["reason"], "verdict": verdict(float(d.mean()), t["p"], words)}
+def delta_test(a, b, words=("supported", "refuted"), margins: list[float] | None = None) -> dict:
+    """Delta a - b over seeds: mean, CI and prediction interval, paired t-test (with its reason when
+    undefined), TOST at each margin (default: the accuracy margin), minimum detectable effect. The
+    verdict is "inconclusive" until adjust_family gives the test its family's adjusted p."""
+    return delta_evidence(a, b, margins if margins is not None else accuracy_margins(), words)
 
 
 def _correct(rec: dict, labels) -> np.ndarray:
@@ -199,9 +204,12 @@ def _correct(rec: dict, labels) -> np.ndarray:
 
 
 def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
-    """H1 and H2 per seed (McNemar on final-epoch predictions) and across seeds (paired t-test of
-    the final-epoch accuracy differences); best-epoch deltas beside them, and the held-out sets'
-    deltas at the selected and the final epoch."""
+    """H1 and H2: the primary tests are the final-epoch deltas (no selection on validation), a
+    paired t-test across seeds (McNemar on the paired predictions with one seed), Holm-adjusted
+    together; beside them TOST against ±1 point and the study's effect, the minimum detectable
+    effect, the seeds detecting the study's effect would need, the 95 % prediction interval for one
+    new seed (where the study's single run belongs), and a two-level bootstrap over seeds and
+    sentences. Best-epoch and held-out-set deltas are secondary (adjusted in secondary_family)."""
     out = {}
     for h, (a, b) in HYPOTHESES.items():
         seeds = [s for s in results if a in results[s] and b in results[s]]
@@ -217,28 +225,48 @@ def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
                 "delta_final": ra["history"][-1]["val_acc"] - rb["history"][-1]["val_acc"],
                 "mcnemar_final": mcnemar_exact(_correct(ra["final"], labels), _correct(rb["final"], labels)),
             })
-        final = delta_test([runs[a][s]["final_val_acc"] for s in seeds], [runs[b][s]["final_val_acc"] for s in seeds])
-        best = delta_test([runs[a][s]["best_val_acc"] for s in seeds], [runs[b][s]["best_val_acc"] for s in seeds])
+        sd = {k: study["deltas"][k][h] for k in ("best", "final")}
+        final = delta_test([runs[a][s]["final_val_acc"] for s in seeds], [runs[b][s]["final_val_acc"] for s in seeds],
+                           margins=accuracy_margins(sd["final"]))
+        best = delta_test([runs[a][s]["best_val_acc"] for s in seeds], [runs[b][s]["best_val_acc"] for s in seeds],
+                          margins=accuracy_margins(sd["best"]))
         if len(seeds) == 1:  # one seed: the paired predictions are the only test there is
-            mc = per_seed[0]["mcnemar_final"]
-            final.update(p=mc["p"], reason=None, verdict=verdict(final["delta"]["mean"], mc["p"]))
+            final.update(p=per_seed[0]["mcnemar_final"]["p"], reason=None)
         extra = {}
         for k in runs[a][seeds[0]]["extra"]:
             extra[k] = {kind: delta_test([runs[a][s]["extra"][k][kind] for s in seeds], [runs[b][s]["extra"][k][kind] for s in seeds])
                         for kind in ("at_best", "final")}
+        pi = final["delta"]["prediction_interval"]
         out[h] = {
             "compare": f"{a} - {b}",
             "per_seed": per_seed,
+            "final": final,
+            "best": best,
             "delta_final": final["delta"],
             "delta_best": best["delta"],
             "test": "paired t-test across seeds" if len(seeds) >= 2 else "exact McNemar (one seed)",
             "p": final["p"],
             "reason": final["reason"],
-            "verdict": final["verdict"],
-            "study_delta": {"best": study["deltas"]["best"][h], "final": study["deltas"]["final"][h]},
+            "study_delta": sd,
+            "study_in_prediction_interval": None if pi is None else bool(pi[0] <= sd["final"] <= pi[1]),
+            "seeds_needed": {k: seeds_needed(sd[k], t["delta"]["std"]) for k, t in (("final", final), ("best", best))},
+            "bootstrap_final": two_level_ci([_correct(results[s][a]["final"], labels) for s in seeds],
+                                            [_correct(results[s][b]["final"], labels) for s in seeds]),
             "extra": extra,
         }
+    adjust_family([d["final"] for d in out.values()], PRIMARY, "primary: H1 and H2 at the final epoch")
+    for d in out.values():
+        d.update(p_adj=d["final"]["p_adj"], family=d["final"]["family"], verdict=d["final"]["verdict"])
     return out
+
+
+def secondary_family(hyp: dict, rank: dict) -> None:
+    """Every other test a report makes (best-epoch H1/H2, the rank measures, the held-out sets), one
+    Benjamini–Hochberg family, in place."""
+    tests = [d["best"] for d in hyp.values()]
+    tests += [e[kind] for d in hyp.values() for e in d["extra"].values() for kind in ("at_best", "final")]
+    tests += [v for k, v in rank.items() if k in RANK_KEYS]
+    adjust_family(tests, SECONDARY, "secondary: best-epoch deltas, rank measures, held-out sets")
 
 
 def rank_test(models: dict) -> dict:
@@ -251,23 +279,33 @@ def rank_test(models: dict) -> dict:
     rb = {r["seed"]: r["analysis"]["rank"] for r in models[b]["runs"]}
     seeds = [s for s in ra if s in rb]
     return {"compare": f"{a} - {b}", "seeds": seeds,
-            **{k: delta_test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"))
+            **{k: delta_test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"), [margin_for(k)])
                for k in models[a]["rank"]}}
 
 
 def tail_summary(runs: list[dict], threshold: float) -> dict:
-    """How often untrained compressors reach `threshold` (the study's ARI), per seed and over all,
-    and where each trained engram's ARI falls among its own seed's draws."""
+    """How often untrained compressors reach `threshold` (the study's ARI), per seed and with an
+    interval over seeds (the unit the draws are not independent of); where each seed's engram ARI
+    falls among its own seed's draws (a percentile), and a test of those percentiles across seeds."""
+    from analysis import (  # analysis imports training, which imports this
+        ari_percentile,
+        percentile_test,
+        tail_rate,
+    )
+
     per_seed = []
     for r in runs:
         ari = np.asarray(r["analysis"]["random_compressor_tail"]["ari"])
+        own = r["analysis"]["engram"]["ari"]
         per_seed.append({"seed": r["seed"], "draws": len(ari), "at_or_above": int((ari >= threshold).sum()),
                          "fraction": float((ari >= threshold).mean()), "max": float(ari.max()),
-                         "trained_ari": r["analysis"]["engram"]["ari"],
-                         "fraction_at_or_above_trained": float((ari >= r["analysis"]["engram"]["ari"]).mean())})
+                         "trained_ari": own, "fraction_at_or_above_trained": float((ari >= own).mean()),
+                         "percentile": ari_percentile(own, ari)})
     draws = sum(x["draws"] for x in per_seed)
     hits = sum(x["at_or_above"] for x in per_seed)
     return {"threshold": threshold, "draws": draws, "at_or_above": hits, "fraction": hits / draws,
+            "rate": tail_rate([x["fraction"] for x in per_seed]),
+            "percentile_test": percentile_test([x["percentile"] for x in per_seed]),
             "max": max(x["max"] for x in per_seed), "per_seed": per_seed}
 
 
@@ -308,6 +346,8 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
     variants = list(header.get("config", {}).get("variants") or VARIANTS)
     not_run = {h: f"needs {' and '.join(v for v in pair if v not in variants)}, which this run does not train (--variants)"
                for h, pair in HYPOTHESES.items() if not all(v in variants for v in pair)}
+    hyp, rank = hypotheses(models, results, labels, study), rank_test(models)
+    secondary_family(hyp, rank)
     return {
         **header,
         **from_jobs(results),
@@ -316,9 +356,9 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
         "stopped": stopped,
         "models": models,
         "engram": engram_summary(models, study.get("engram", {}).get("ari")),
-        "hypotheses": hypotheses(models, results, labels, study),
+        "hypotheses": hyp,
         "hypotheses_not_run": not_run,
-        "rank_test": rank_test(models),
+        "rank_test": rank,
         "study": study,
     }
 

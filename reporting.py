@@ -2,52 +2,19 @@
 the findings in words. Formatting only: every number comes from metrics.json."""
 from __future__ import annotations
 
-from stats import ALPHA, mean_ci
-
-LABELS = {"sentiment_only": "Model 1: Sentiment Only", "dual_head": "Model 2: Dual Head", "dual_engram": "Model 3: Dual + Engram"}
-ENGRAM_ROWS = (("ARI", "ari", 3, 1), ("Cluster accuracy (%)", "cluster_accuracy", 1, 100),
-               ("Within-class cosine", "within_class_cosine", 3, 1), ("Between-class cosine", "between_class_cosine", 3, 1))
-
-
-def _f(x, digits=2, pct=False):
-    if x is None:
-        return "–"
-    return f"{x:.{digits}f}" + ("%" if pct else "")
-
-
-def _msd(stat: dict | None, digits=2, scale=1.0) -> str:
-    if stat is None:
-        return "–"
-    if stat.get("std") is None:
-        return _f(stat["mean"] * scale, digits)
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
-def _ci(stat: dict, digits=2, scale=1.0) -> str:
-    return "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
-
-
-def _ci_if_any(stat: dict, digits=2) -> str:
-    """" [lo, hi]" where there is a 95 % CI, else nothing (a single seed has none)."""
-    return f" {_ci(stat, digits)}" if stat.get("ci") is not None else ""
-
-
-def _msd_ci(stat: dict | None, digits=2) -> str:
-    """Mean ± std, then the 95 % CI where there is one."""
-    return "–" if stat is None else _msd(stat, digits) + _ci_if_any(stat, digits)
-
-
-def _p(d: dict) -> str:
-    """A p-value for a table cell: three decimals, "< 0.001" below that (never "0.000"), "undefined" for None."""
-    if d["p"] is None:
-        return "undefined"
-    return "< 0.001" if d["p"] < 0.0005 else f"{d['p']:.3f}"
-
-
-def _p_is(d: dict) -> str:
-    """The same p-value in a sentence: "p = 0.257", "p < 0.001", "p undefined"."""
-    cell = _p(d)
-    return f"p {cell}" if cell[0] in "<u" else f"p = {cell}"
+import report_evidence as ev
+from report_format import (  # noqa: F401
+    ENGRAM_ROWS,
+    LABELS,
+    _ci,
+    _ci_if_any,
+    _f,
+    _msd,
+    _msd_ci,
+    _p,
+    _p_is,
+)
+from stats import mean_ci
 
 
 def report_header(m: dict, title: str) -> list[str]:
@@ -72,6 +39,7 @@ def report_header(m: dict, title: str) -> list[str]:
     lines += [
         f"Command: `{m['command']}`",
         "",
+        *ev.declaration(),
         f"Protocol `{m['protocol']}`" + (f" with overrides {m['overrides']}" if m.get("overrides") else "") +
         f" · seeds: {', '.join(map(str, m['seeds']))} · device: {m['device']}" +
         (f" · threads: {mach['threads']}" if mach.get("threads") else "") +
@@ -123,48 +91,11 @@ def extra_section(m: dict) -> list[str]:
         for v, mm in m["models"].items():
             e = mm["extra"][k]
             lines.append(f"| {k} | {LABELS[v]} | {_msd(e['at_best'])} {_ci(e['at_best'])} | {_msd(e['final'])} {_ci(e['final'])} |")
-    lines += ["", "| Set | Hypothesis | Delta at the selected epoch [95 % CI] | p | Verdict | Final-epoch delta [95 % CI] | p | Verdict |",
-              "|---|---|---|---|---|---|---|---|"]
-    for h, d in m["hypotheses"].items():
-        for k, e in d["extra"].items():
-            a, f = e["at_best"], e["final"]
-            lines.append(f"| {k} | {h} ({d['compare']}) | {a['delta']['mean']:+.2f} {_ci(a['delta'])} | {_p(a)} | {a['verdict']} | "
-                         f"{f['delta']['mean']:+.2f} {_ci(f['delta'])} | {_p(f)} | {f['verdict']} |")
-    return lines + [""]
+    return lines + ev.extra_section_tests(m)
 
 
 def hypothesis_section(m: dict) -> list[str]:
-    hyp, not_run = m["hypotheses"], m.get("hypotheses_not_run") or {}
-    if not hyp:
-        return ["## Hypotheses H1 and H2", "", *(f"- {h}: not run: {why}." for h, why in not_run.items()), ""] if not_run else []
-    lines = [
-        "## Hypotheses H1 and H2",
-        "",
-        "Delta = accuracy of the first model minus the second, in points, at the **final** epoch (no selection on the "
-        "validation set) and at each model's **best** epoch, each beside the study's delta of the same kind. The verdict "
-        "uses the final-epoch delta: across seeds a paired t-test of the per-seed deltas, with one seed an exact McNemar "
-        f"test on the paired predictions; α = {ALPHA}. A test that is undefined (zero variance) is inconclusive.",
-        "",
-        "| Hypothesis | Compare | Final delta (mean ± std) | 95 % CI | Study final | Best delta | Study best | Test | p | Verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for h, d in hyp.items():
-        lines.append(
-            f"| {h} | {d['compare']} | {_msd(d['delta_final'])} | {_ci(d['delta_final'])} | {d['study_delta']['final']:+.2f} | "
-            f"{_msd(d['delta_best'])} | {d['study_delta']['best']:+.2f} | {d['test']} | {_p(d)} | **{d['verdict']}** |"
-        )
-    reasons = [f"{h}: {d['reason']}" for h, d in hyp.items() if d.get("reason")]
-    if reasons:
-        lines += ["", "Undefined tests: " + "; ".join(reasons) + "."]
-    if not_run:
-        lines += ["", *(f"- {h}: not run: {why}." for h, why in not_run.items())]
-    lines += ["", "McNemar per seed (final epoch): counts of examples only the first / only the second model gets right.", "",
-              "| Hypothesis | Seed | first only | second only | p |", "|---|---|---|---|---|"]
-    for h, d in hyp.items():
-        for r in d["per_seed"]:
-            mc = r["mcnemar_final"]
-            lines.append(f"| {h} | {r['seed']} | {mc['a_only']} | {mc['b_only']} | {_p(mc)} |")
-    return lines + [""]
+    return ev.hypothesis_section(m)
 
 
 def engram_section(m: dict, study_engram: dict) -> list[str]:
@@ -177,7 +108,7 @@ def engram_section(m: dict, study_engram: dict) -> list[str]:
     for name, key, digits, scale in ENGRAM_ROWS:
         study = study_engram.get(key)  # as the study's results file gives it (4 decimals)
         lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {'–' if study is None else f'{study:g}'} |")
-    lines.append("")
+    lines += ["", *ev.other_face(study_engram)]
     if "random_compressor" in e:
         lines += control_section(m)
     lines += ablation_section(m)
@@ -212,31 +143,13 @@ def control_section(m: dict) -> list[str]:
                  f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |")
     above = [a for a in e["above_random"] if a["above"]]
     n = len(e["above_random"])
-    if len(above) == n:
-        words = f"in every seed ({n} of {n}) the {own}'s ARI lies above all of that seed's random draws"
-    elif not above:
-        words = f"in no seed (0 of {n}) does the {own}'s ARI rise above that seed's random draws"
-    else:
-        words = f"in {len(above)} of {n} seeds the {own}'s ARI lies above all of that seed's random draws"
-    better = len(above) == n
-    lines += ["", f"**Does the {own} separate sentiment better than a random projection?** "
-                  f"{'Yes' if better else 'No'}: {words} ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, "
-                  f"pooled state {_msd(pk['ari'], 3)}).", ""]
-    return lines + tail_lines(e, own)
-
-
-def tail_lines(e: dict, own: str) -> list[str]:
-    """How often an untrained compressor reaches the study's ARI, and Model 3's own engram's."""
-    t = e.get("random_tail")
-    if not t:
-        return []
-    per = "; ".join(f"seed {x['seed']}: {x['at_or_above']}/{x['draws']}" for x in t["per_seed"])
-    trained = "; ".join(f"seed {x['seed']} ({x['trained_ari']:.3f}): {100 * x['fraction_at_or_above_trained']:.1f} %"
-                        for x in t["per_seed"])
-    return [f"**How often does a random projection reach the study's ARI ({t['threshold']:g})?** {t['at_or_above']} of "
-            f"{t['draws']:,} untrained compressors ({100 * t['fraction']:.2f} %; {per}); the largest ARI of any draw is "
-            f"{t['max']:.3f}. Untrained compressors reaching the {own}'s own ARI: {trained}. "
-            f"({t['draws'] // len(t['per_seed'])} draws a seed, on the pooled states as `arrays.npz` keeps them, float16.)", ""]
+    per, pt = rc["draws"] // max(n, 1), (e.get("random_tail") or {}).get("percentile_test")
+    below = "; the test across seeds is the percentile test below" if pt else ""
+    lines += ["", f"**Does the {own} separate sentiment better than a random projection?** {ev.percentile_answer(pt)}: "
+                  f"per seed its ARI lies above every one of that seed's {per} probed random draws in {len(above)} of "
+                  f"{n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, pooled state "
+                  f"{_msd(pk['ari'], 3)}){below}.", ""]
+    return lines + ev.h3_lines(e, own)
 
 
 def ablation_section(m: dict) -> list[str]:
@@ -270,11 +183,7 @@ def rank_section(m: dict) -> list[str]:
         lines.append(f"| {LABELS[v]} | " + " | ".join(_msd_ci(rk.get(k), d) for k, _, d in keys) + " |")
     t = m.get("rank_test")
     if t:
-        lines += ["", f"Paired over seeds ({t['compare']}):", "", "| Measure | Delta (mean [95 % CI]) | p | Verdict |", "|---|---|---|---|"]
-        for k, name, d in keys:
-            if k in t:
-                p = _p(t[k]) + (f" ({t[k]['reason']})" if t[k].get("reason") else "")
-                lines.append(f"| {name} | {t[k]['delta']['mean']:+.{d + 1}f}{_ci_if_any(t[k]['delta'], d + 1)} | {p} | **{t[k]['verdict']}** |")
+        lines += ev.rank_tests(t)
     return lines + [""]
 
 
@@ -318,31 +227,11 @@ def history_section(m: dict) -> list[str]:
 
 def summary_section(m: dict) -> list[str]:
     """The findings in words, each read off a table above it in the report."""
-    hyp, eng = m["hypotheses"], m["engram"]
-    if not hyp:
+    if not m["hypotheses"]:
         return []
-    lines = ["## Findings", ""]
-    words = {"H1": "the LM head (dual_head − sentiment_only)", "H2": "the engram (dual_engram − dual_head)"}
-    for h, d in hyp.items():
-        n = len(d["per_seed"])
-        runs = f"{n} seeds" if n > 1 else "one seed"
-        ci = f", 95 % CI {_ci(d['delta_final'])}" if d["delta_final"]["ci"] else ""
-        why = f"; {d['reason']}" if d.get("reason") else ""
-        lines.append(f"- **{h}, {d['verdict']}.** Effect of {words[h]} on final-epoch validation accuracy over {runs}: "
-                     f"{d['delta_final']['mean']:+.2f} points{ci} ({d['test']}, {_p_is(d)}{why}); the study's final-epoch "
-                     f"delta from one run was {d['study_delta']['final']:+.2f} (best-epoch: ours {d['delta_best']['mean']:+.2f}, "
-                     f"study {d['study_delta']['best']:+.2f}).")
-    t = m.get("rank_test")
-    if t and "effective_rank" in t:
-        er = t["effective_rank"]
-        lines.append(f"- **Anti-collapse (rank), {er['verdict']}.** The LM head changes the effective rank of the pooled states by "
-                     f"{er['delta']['mean']:+.2f} (Model 2 − Model 1, {_p_is(er)}" + (f"; {er['reason']}" if er.get("reason") else "") + ").")
+    lines = ev.findings(m)
+    eng = m["engram"]
     if eng:
-        st = m["study"]["engram"]
-        lines.append(f"- **H3.** K-Means on the engrams recovers sentiment with ARI {eng['ari']['mean']:.3f} and cluster accuracy "
-                     f"{100 * eng['cluster_accuracy']['mean']:.1f} % (study: {st['ari']}, {st['cluster_accuracy']} %)" +
-                     (f"; untrained compressors on the same pooled states give ARI {eng['random_compressor']['ari']['mean']:.3f} "
-                      f"and the pooled states themselves {eng['pooled_kmeans']['ari']['mean']:.3f}." if "random_compressor" in eng else "."))
         runs = [r["analysis"]["ablation"] for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
         key = "zero" if runs[0]["base"] != "zero" else "pair"
         changed = [f"{a[f'changed_{key}']} of {a[f'could_change_{key}']}" for a in runs]
@@ -357,6 +246,16 @@ def _run_extent(r: dict) -> str:
     n = len(r["seeds"])
     extent = f"{done} of {n} seeds finished" if done < n else f"{n} seed{'s' * (n != 1)}"
     return extent + (", shortened" if r["shortened"] else "") + ("" if r["complete"] else ", incomplete")
+
+
+def _verdict_cell(d: dict) -> str:
+    """"+1.22 (inconclusive; Holm p 0.514; MDE 3.46)": the adjusted p and MDE where the run's metrics.json has them
+    (one written before issue 32 has the verdict only)."""
+    extra = ""
+    if "p_adj" in d:
+        mde = (d.get("final") or {}).get("mde")
+        extra = f"; Holm {_p_is({'p': d['p_adj']})}" + (f"; MDE {mde:.2f}" if mde is not None else "")
+    return f"{d['delta_final']['mean']:+.2f} ({d['verdict']}{extra})"
 
 
 def protocols_section(m: dict, other: dict | None) -> list[str]:
@@ -383,14 +282,15 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
                          f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'][v])} | "
                          f"{_f(a['final_val_acc']['mean'])} {_ci(a['final_val_acc'])} | {_f(b['final_val_acc']['mean'])} "
                          f"{_ci(b['final_val_acc'])} | {_f(s['final'][v])} |")
-    lines += ["", "| Hypothesis | Final delta, written (verdict) | Final delta, published (verdict) | Study final | "
-              "Best delta, written | Best delta, published | Study best |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| Hypothesis | Final delta, written (verdict; Holm p; MDE) | Final delta, published (verdict; Holm p; "
+              "MDE) | Study final | Best delta, written | Best delta, published | Study best |",
+              "|---|---|---|---|---|---|---|"]
     for h in ("H1", "H2"):
         a, b = w["hypotheses"].get(h), p["hypotheses"].get(h)
         if a and b:
-            lines.append(f"| {h} ({a['compare']}) | {a['delta_final']['mean']:+.2f} ({a['verdict']}) | "
-                         f"{b['delta_final']['mean']:+.2f} ({b['verdict']}) | {a['study_delta']['final']:+.2f} | "
-                         f"{a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | {a['study_delta']['best']:+.2f} |")
+            lines.append(f"| {h} ({a['compare']}) | {_verdict_cell(a)} | {_verdict_cell(b)} | "
+                         f"{a['study_delta']['final']:+.2f} | {a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | "
+                         f"{a['study_delta']['best']:+.2f} |")
     ew, ep = w["engram"], p["engram"]
     if ew and ep:
         lines += ["", "| Engram (Model 3) | Written | Published | Study |", "|---|---|---|---|"]

@@ -453,6 +453,25 @@ def test_hypotheses_with_varying_deltas_have_a_p_value_and_one_seed_uses_mcnemar
     assert one["test"] == "exact McNemar (one seed)" and one["p"] == one["per_seed"][0]["mcnemar_final"]["p"]
 
 
+def test_the_primary_family_is_holm_adjusted_and_the_report_bolds_only_what_survives():
+    """Issue 32: H1 with a raw p of 0.041 beside an H2 of p ≈ 0.6 is not significant after Holm (2 × 0.041);
+    its verdict, bold and sentence follow the adjusted p, the report prints both, and says what it shows."""
+    from reporting import hypothesis_section, summary_section
+
+    results = _results({1: (70.0, 71.0, 71.5), 2: (75.0, 76.3, 75.8), 3: (71.0, 71.6, 71.8)})  # H1 deltas 1.0, 1.3, 0.6
+    m = metrics.build_metrics(results, LABELS, True, {}, SMALL_STUDY)
+    h1, h2 = m["hypotheses"]["H1"], m["hypotheses"]["H2"]
+    assert h1["p"] == pytest.approx(0.0413, abs=1e-4) and h2["p"] > 0.5
+    assert h1["p_adj"] == pytest.approx(2 * h1["p"]) and h1["verdict"] == "inconclusive"
+    assert h1["family"]["method"] == "holm" and h1["family"]["size"] == 2
+    assert h1["seeds_needed"]["final"] >= 2 and h1["delta_final"]["prediction_interval"][0] < h1["delta_final"]["ci"][0]
+    text = "\n".join(hypothesis_section(m))
+    row = next(line for line in text.splitlines() if line.startswith("| H1 | dual_head"))
+    assert "**" not in row and f"{h1['p']:.3f} / {h1['p_adj']:.3f}" in row and "neither shown" in row
+    words = "\n".join(summary_section(m))
+    assert "**H1, inconclusive.**" in words and "prediction interval for one new seed" in words
+
+
 def _analysis(rank: dict, ari: float | None = None, random_aris=()) -> dict:
     km = {"n": N_VAL, "dim": 8, "ari": 0.1, "cluster_accuracy": 0.6, "within_class_cosine": 0.3, "between_class_cosine": 0.2}
     probe = {"accuracy": 0.7, "control_accuracy": 0.5, "selectivity": 0.2}
@@ -479,7 +498,11 @@ def test_rank_test_and_engram_summary_from_hand_made_analyses():
     assert rt["compare"] == "dual_head - sentiment_only" and rt["seeds"] == [1, 2, 3]
     assert rt["effective_rank"]["delta"]["mean"] == pytest.approx(3.0)
     assert set(RANK_KEYS) <= set(rt)
-    assert rt["effective_rank"]["p"] < 0.05 and rt["effective_rank"]["verdict"] == "higher"  # deltas 2, 3, 4: p = 0.035
+    assert rt["effective_rank"]["p"] < 0.05  # deltas 2, 3, 4: p = 0.035, raw
+    # secondary: BH over the six secondary tests (two best-epoch deltas, four rank measures) lifts it above 0.05, and
+    # the verdict follows the adjusted p (issue 32: a raw p < 0.05 alone is no longer "higher")
+    assert rt["effective_rank"]["family"]["size"] == 6 and rt["effective_rank"]["p_adj"] >= 0.05
+    assert rt["effective_rank"]["verdict"] == "inconclusive"
     e = m["engram"]
     assert e["random_compressor"]["draws"] == 6  # two draws in each of three seeds
     assert e["random_compressor"]["ari"]["max"] == 0.1
@@ -496,7 +519,10 @@ def test_rank_section_of_one_seed_has_no_dangling_interval_and_says_why_there_is
                                                "top1_share": 1 / r}, *((0.2, (0.1,)) if v == "dual_engram" else ()))
     text = "\n".join(rank_section(metrics.build_metrics(results, LABELS, True, {}, SMALL_STUDY)))
     assert "| Model 1: Sentiment Only | 10.0 | 5.00 | 10.0 | 0.100 |" in text
-    assert "| Effective rank | +2.00 | undefined (one seed: no variance across seeds to test against) | **inconclusive** |" in text
+    # bold now means an adjusted p < 0.05 and nothing else (issue 32), so an undefined test's verdict is plain
+    undefined = "undefined (one seed: no variance across seeds to test against)"
+    assert f"| Effective rank | +2.00 | {undefined} | inconclusive |" in text
+    assert "**inconclusive**" not in text
     assert " –" not in text
 
 

@@ -270,3 +270,30 @@ def test_a_ladder_with_a_rung_and_abbreviated_flags_are_refused(extra, message, 
     with pytest.raises(SystemExit) as e:
         experiment.main(["--data-dir", str(sst2_small), "--out", str(tmp_path / "x"), *TINY, *extra])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_ladder_is_one_bh_family_and_bold_means_adjusted_p_below_005():
+    """Issue 32: a rung whose raw p is 0.04 among other tests with larger p is not beyond seed noise
+    once the ladder's tests are Benjamini–Hochberg-adjusted together; the report counts the family."""
+    from metrics import delta_test
+
+    def stat(deltas):
+        return {"mean": 80.0, "std": 1.0, "vs_base": {"seeds": [1, 2, 3], **delta_test(deltas, [0.0] * len(deltas))}}
+
+    near = [-1.0, -1.2, -0.5]  # paired t over three seeds: p ≈ 0.04 raw
+    noise = [[1.0, -1.0, 0.5], [0.3, -0.6, 0.2], [-0.4, 0.9, -0.1]]
+    rungs = [{"rung": "base", "changes": {}, "variants": ["sentiment_only"], "command": "c", "complete": True,
+              "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}}}]
+    for i, d in enumerate([near, *noise]):
+        rungs.append({"rung": f"r{i}", "changes": {"x": i}, "variants": ["sentiment_only"], "command": "c",
+                      "complete": True, "models": {"sentiment_only": {"best_val_acc": stat(d)}}})
+    s = {"base": "written", "other": "published", "seeds": [1, 2, 3], "rungs": rungs}
+    raw = rungs[1]["models"]["sentiment_only"]["best_val_acc"]["vs_base"]["p"]
+    assert 0.01 < raw < 0.05
+    text = ladder.ladder_markdown(s)
+    vs = rungs[1]["models"]["sentiment_only"]["best_val_acc"]["vs_base"]
+    assert vs["p_adj"] == pytest.approx(min(1.0, raw * 4)) and vs["verdict"] == "inconclusive"
+    assert s["family"] == {"method": "fdr_bh", "size": 4, "significant": 0}
+    assert "**Δ" not in text and "(0 of 4)" in text
+    moved = text.split("## What moves beyond seed noise")[1].split("## What is shown unchanged")[0]
+    assert "- nothing" in moved

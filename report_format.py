@@ -1,0 +1,47 @@
+"""The small formatters every report shares (REPORT.md, LADDER.md): numbers, intervals, p-values."""
+from __future__ import annotations
+
+LABELS = {"sentiment_only": "Model 1: Sentiment Only", "dual_head": "Model 2: Dual Head", "dual_engram": "Model 3: Dual + Engram"}
+ENGRAM_ROWS = (("ARI", "ari", 3, 1), ("Cluster accuracy (%)", "cluster_accuracy", 1, 100),
+               ("Within-class cosine", "within_class_cosine", 3, 1), ("Between-class cosine", "between_class_cosine", 3, 1))
+
+
+def _f(x, digits=2, pct=False):
+    if x is None:
+        return "–"
+    return f"{x:.{digits}f}" + ("%" if pct else "")
+
+
+def _msd(stat: dict | None, digits=2, scale=1.0) -> str:
+    if stat is None:
+        return "–"
+    if stat.get("std") is None:
+        return _f(stat["mean"] * scale, digits)
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _ci(stat: dict, digits=2, scale=1.0) -> str:
+    return "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
+
+
+def _ci_if_any(stat: dict, digits=2) -> str:
+    """" [lo, hi]" where there is a 95 % CI, else nothing (a single seed has none)."""
+    return f" {_ci(stat, digits)}" if stat.get("ci") is not None else ""
+
+
+def _msd_ci(stat: dict | None, digits=2) -> str:
+    """Mean ± std, then the 95 % CI where there is one."""
+    return "–" if stat is None else _msd(stat, digits) + _ci_if_any(stat, digits)
+
+
+def _p(d: dict) -> str:
+    """A p-value for a table cell: three decimals, "< 0.001" below that (never "0.000"), "undefined" for None."""
+    if d["p"] is None:
+        return "undefined"
+    return "< 0.001" if d["p"] < 0.0005 else f"{d['p']:.3f}"
+
+
+def _p_is(d: dict) -> str:
+    """The same p-value in a sentence: "p = 0.257", "p < 0.001", "p undefined"."""
+    cell = _p(d)
+    return f"p {cell}" if cell[0] in "<u" else f"p = {cell}"
