@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
+from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError, continue_command
 from grid import Job, job_states, status_table, write_record
 
 ROOT = Path(__file__).resolve().parent
@@ -142,7 +142,8 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
                      submitted_at=time.time(), error=None)
     print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
           + (f", {args.jobs} at a time" if args.jobs else "") + f"; logs in {folder}/")
-    print(f"watch them with: {header['command']} --status   (the last job to finish writes the complete report)")
+    print(f"watch them with: {continue_command(header['command'], 'slurm')} --status   (the last job to finish writes the "
+          "complete report)")
     return {"submitted": [sj.job_id for _, sj in submitted]}
 
 
@@ -189,6 +190,7 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
     print(f"running {len(todo)} job(s), {width} at a time, {args.threads} thread(s) each"
           + (f", one GPU each ({len(gpus)} here)" if gpus else "") + f"; logs in {folder}/")
     checked, taken = 0.0, set()
+    again = continue_command(header["command"], "local")  # never --overwrite: it would delete what has finished since
     try:
         while queue or running:
             if queue and gpus and time.monotonic() - checked > 5:  # GPUs an earlier submitter's jobs hold
@@ -216,8 +218,7 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
     except Interrupted as e:
         left = [j.name for j in running]
         raise Interrupted(f"{e}; {len(left)} job(s) keep running ({', '.join(left) or 'none'}), {len(queue)} not started; "
-                          f"watch them with: {header['command']} --status; rerun the command to start the rest",
-                          e.signum) from None
+                          f"watch them with: {again} --status; start the rest with: {again}", e.signum) from None
     rows = job_states(out, jobs)
     others = [r["job"] for r in rows if r["state"] in ("running", "pending")]  # an earlier submitter's, still going
     m = writer.write(final=not others, tolerant=bool(others))
@@ -226,8 +227,8 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
         print(status_table(rows), file=sys.stderr)
         raise JobsFailed(f"{len(failed)} of {len(rows)} job(s) did not finish (" + "; ".join(
             f"{r['job']}: {r['error'] or r['state']}" for r in failed) + f"); the others' results are kept; rerun what is "
-            f"missing with: {header['command']}")
+            f"missing with: {again}")
     if others:
         print(f"{len(others)} job(s) started by an earlier command still run ({', '.join(others)}); each rewrites the "
-              f"report when it finishes; watch them with: {header['command']} --status")
+              f"report when it finishes; watch them with: {again} --status")
     return m
