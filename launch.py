@@ -121,7 +121,10 @@ def submit(args, header: dict, out: Path, jobs: list[Job], writer) -> dict:
 def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+    except RuntimeError as e:  # no srun on PATH: not a Slurm cluster (submitit's words)
+        raise UsageError(f"--executor slurm: {e}") from None
     # the array runs as wide as the queue lets it, unless --jobs caps it (submitit's default is 1: %1)
     params = dict(time=args.slurm_time, job_name=f"engram-{out.resolve().name}", array_parallelism=args.jobs or len(todo),
                   stderr_to_stdout=True, additional_parameters=dict(args.slurm_extra))
