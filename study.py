@@ -67,7 +67,7 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
             result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, job.seed)
             result["machine"] = job_machine(recipe.device, who)
             write_npz(folder / "arrays.npz", arrays)
-            check_stop(f"the analysis of {job.variant}, before its random-compressor control")  # it polls no stop
+            check_stop(f"the analysis of {job.variant}")  # before the random-compressor control, which polls no stop
             add_tail(folder, result, job.seed)
             write_json(folder / "result.json", result)  # last, and once: the job is finished when it exists
         except Interrupted as e:
@@ -262,7 +262,8 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
             # once, rewriting nothing; its requeue (or the next job to finish, or --report-only) writes the outputs
             raise Interrupted(f"{STOP.name} after {job.label} finished; its result is kept, the outputs are left to "
                               "the next writer", STOP.signum)
-        writer.write(tolerant=True)
+        if job is not mine[-1]:
+            writer.write(tolerant=True)  # after the last job, the write below is the one
     m = writer.write(final=args.job is None)
     if args.job is None:
         print(f"wrote {out}/" + ", ".join(outputs_of(m)))  # the figures it drew, no others
