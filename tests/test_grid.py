@@ -292,17 +292,20 @@ def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_w
     argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2", "--overwrite")
     hook = job_hook(monkeypatch, tmp_path, "pause", ["sentiment_only", "dual_head"], 1)
     root = Path(experiment.__file__).parent
-    proc = subprocess.Popen([sys.executable, "experiment.py", *argv], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    err_path = tmp_path / "submitter.err"
+    with open(err_path, "w") as err_file:  # a file, not a pipe: the paused jobs inherit it and keep it open
+        proc = subprocess.Popen([sys.executable, "experiment.py", *argv], cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=err_file, start_new_session=True)
     try:
         wait_for(lambda: all(Path(f"{hook['marker']}-{v}").exists() for v in ("sentiment_only", "dual_head")), 300,
                  "two jobs running")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         Path(hook["release"]).touch()
         if proc.poll() is None:
             proc.kill()
+    err = err_path.read_text()
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
