@@ -529,20 +529,53 @@ def test_a_signal_mid_accumulation_waits_for_the_optimizer_step_and_resume_ends_
     assert comparable(out) == comparable(tmp_path / "uninterrupted")
 
 
+PAUSE_SITE = """
+import os
+
+if os.environ.get("PAUSE_AT_STEP"):  # the run under test, not another Python the test starts
+    import time
+
+    import cli
+    import training
+
+    real, seen = training.run_batch, {"n": 0}
+
+    def run_batch(model, *a, **k):
+        out = real(model, *a, **k)
+        if model.training and model.variant == "sentiment_only":
+            seen["n"] += 1
+            if seen["n"] == int(os.environ["PAUSE_AT_STEP"]):
+                open(os.environ["PAUSE_MARKER"], "w").close()
+                deadline = time.monotonic() + 120
+                while not cli.STOP and time.monotonic() < deadline:  # until the test's signal has arrived
+                    time.sleep(0.02)
+        return out
+
+    training.run_batch = run_batch
+"""
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_small, tmp_path, capfd):
+    """A real signal from outside to a run in its own process. The run pauses after sentiment_only's
+    6th step (epoch 2, step 2) until the signal has arrived: where it lands does not depend on the
+    machine's speed, and it stops before step 3."""
     out = tmp_path / "run"
     err_path = tmp_path / "stderr.txt"
-    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
-    first = out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_001"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PAUSE_SITE)
+    marker = tmp_path / "paused"
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", "PAUSE_AT_STEP": "6", "PAUSE_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(err_path, "wb") as err_file:
         proc = subprocess.Popen([sys.executable, "experiment.py", *argv(sst2_small, out)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err_file)
         try:
-            deadline = time.monotonic() + 120
-            while not first.is_dir():
-                assert proc.poll() is None, f"the run ended before its first checkpoint:\n{err_path.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert proc.poll() is None, f"the run ended before the pause:\n{err_path.read_text()}"
+                assert time.monotonic() < deadline, "not paused within 300 s"
                 time.sleep(0.02)
             proc.send_signal(sig)
             rc = proc.wait(timeout=120)
@@ -555,7 +588,7 @@ def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_sm
     assert rc == code, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"stopped: {name}") and "--resume" in last, err
+    assert last.startswith(f"stopped: {name} during sentiment_only seed 42, epoch 2, step 3; ") and "--resume" in last, err
     assert sum(line.startswith("stopped:") for line in err.splitlines()) == 1
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == name
