@@ -145,8 +145,8 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
                      submitted_at=time.time(), error=None)
     print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
           + (f", {args.jobs} at a time" if args.jobs else "") + f"; logs in {folder}/")
-    print(f"watch them with: {continue_command(header['command'], 'slurm')} --status   (the last job to finish writes the "
-          "complete report)")
+    watch = continue_command(header["command"], "slurm")
+    print(f"watch them with: {watch} --status   (the last job to finish writes the complete report)")
     return {"submitted": [sj.job_id for _, sj in submitted]}
 
 

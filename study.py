@@ -232,7 +232,8 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
                             start_over="rerun with --overwrite")  # an executor's grid always resumes
         return launch.submit(args, header, out, jobs, writer)
     mine = jobs if args.job is None else [parse_job(args.job, jobs)]
-    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None, overwrite=args.overwrite,
+    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None,
+                        overwrite=args.overwrite,
                         start_over="run without --resume" if args.job is None else "rerun the grid with --overwrite")
     command = header["command"]
     for job in mine:

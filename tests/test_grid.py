@@ -99,7 +99,8 @@ def startup_seconds() -> float:
     import sys
 
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import submitit, experiment"], cwd=Path(experiment.__file__).parent, check=True)
+    root = Path(experiment.__file__).parent
+    subprocess.run([sys.executable, "-c", "import submitit, experiment"], cwd=root, check=True)
     return 2 * (time.monotonic() - t0)
 
 
@@ -258,7 +259,8 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
     assert runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_the_rerun_advice_after_a_failed_job_of_an_overwrite_run_drops_overwrite(sst2_2k, tmp_path, capsys, monkeypatch):
+def test_the_rerun_advice_after_a_failed_job_of_an_overwrite_run_drops_overwrite(sst2_2k, tmp_path, capsys,
+                                                                                monkeypatch):
     """--overwrite started the grid over; the rerun it advises after a job failed must not: run as
     advised it would delete the finished jobs and train them again (at 7B, a day of GPU)."""
     out = tmp_path / "overwrite"

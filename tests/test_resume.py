@@ -104,7 +104,8 @@ def test_a_setting_absent_from_old_checkpoints_equals_only_its_default_not_an_ex
         checkpoints.prepare_checkpoints(root, {"lr": 3e-4, "warmup": value}, resume=True)
 
 
-def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resume(finished, sst2_small, tmp_path, capsys):
+def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resume(finished, sst2_small, tmp_path,
+                                                                                  capsys):
     """A grid under --executor local|slurm always resumes its folder: the way to start it over is
     --overwrite (as a serial run's is to drop --resume)."""
     import shutil

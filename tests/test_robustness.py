@@ -311,8 +311,8 @@ def test_a_job_sent_usr2_then_sigterm_checkpoints_and_exits_with_usr2s_status(ss
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    assert err.strip().splitlines()[-1] == (f"stopped: SIGUSR2 during dual_head seed 42, epoch 1, step 3; kept checkpoint "
-                                            f"{folder / 'epoch_001_step_000002'}")
+    assert err.strip().splitlines()[-1] == ("stopped: SIGUSR2 during dual_head seed 42, epoch 1, step 3; "
+                                            f"kept checkpoint {folder / 'epoch_001_step_000002'}")
 
 
 class Writes:
@@ -362,12 +362,14 @@ def _sigterm_before(monkeypatch, name):
 
 
 @pytest.mark.parametrize("when, last", [
-    ("training", "stopped: SIGTERM during dual_engram seed 42, epoch 1, step 3; kept checkpoint {folder}/epoch_001_step_000002"),
+    ("training", "stopped: SIGTERM during dual_engram seed 42, epoch 1, step 3; "
+                 "kept checkpoint {folder}/epoch_001_step_000002"),
     ("probes", "stopped: SIGTERM during the analysis of dual_engram; kept checkpoint {folder}/epoch_003"),
-    ("control", "stopped: SIGTERM after dual_engram seed 42 finished; its result is kept, the outputs are left to the next "
-                "writer"),
+    ("control", "stopped: SIGTERM after dual_engram seed 42 finished; its result is kept, the outputs are left to "
+                "the next writer"),
 ])
-def test_a_stopping_job_of_a_grid_exits_without_rewriting_the_outputs(when, last, sst2_small, tmp_path, monkeypatch, capfd):
+def test_a_stopping_job_of_a_grid_exits_without_rewriting_the_outputs(when, last, sst2_small, tmp_path, monkeypatch,
+                                                                      capfd):
     """A job of an executor (--job) that a stop reaches, mid-training, during the analysis's probes
     (which poll no stop), or during the random-compressor control after them: within the signal's
     grace (90 s before a time limit) it checkpoints and exits at once: no outputs written, no lock
@@ -588,7 +590,8 @@ def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_sm
     assert rc == code, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"stopped: {name} during sentiment_only seed 42, epoch 2, step 3; ") and "--resume" in last, err
+    assert last.startswith(f"stopped: {name} during sentiment_only seed 42, epoch 2, step 3; "), err
+    assert "--resume" in last, err
     assert sum(line.startswith("stopped:") for line in err.splitlines()) == 1
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == name
