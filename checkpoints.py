@@ -243,10 +243,12 @@ def check_fresh(ckpt_root: Path, overwrite: bool) -> list[str]:
     return done
 
 
-def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite: bool = False) -> None:
+def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite: bool = False,
+                        start_over: str = "run without --resume") -> None:
     """A fresh run starts its folder over, unless a job of that folder is still running, and never
     deletes a finished job's result unless told to (--overwrite); a resumed one only continues
-    checkpoints made with the same settings (seeds and variants may be added)."""
+    checkpoints made with the same settings (seeds and variants may be added). `start_over` is what
+    the refusal advises: a grid under an executor always resumes, and starts over only with --overwrite."""
     if not resume:
         held = live_job_locks(ckpt_root)
         if held:
@@ -266,15 +268,21 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite
             theirs = json.loads(path.read_text())
         except (OSError, ValueError):
             raise UsageError(f"{path} cannot be read, so the settings of its checkpoints are unknown; "
-                             "run without --resume to start over") from None
+                             f"{start_over} to start over") from None
         theirs = {k: v for k, v in theirs.items() if k not in RESUME_FREE}  # written before a setting was freed
-        # a setting that did not exist when they were made counts as its default (off, unset)
+        # a setting that did not exist when they were made counts as its default, and equals only that
         diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
-                if theirs.get(k) != mine.get(k) and not (k not in theirs and mine.get(k) in (None, False))]
+                if theirs.get(k) != mine.get(k) and not (k not in theirs and is_unset(mine.get(k)))]
         if diff:
             raise UsageError(f"checkpoints in {ckpt_root} were made with other settings ({'; '.join(diff)}); "
-                             "resume with the same flags, or run without --resume to start over")
+                             f"resume with the same flags, or {start_over} to start over")
     write_json(path, mine)
+
+
+def is_unset(value) -> bool:
+    """A setting at the default every flag added since the first checkpoints has: None, False or
+    empty. By identity, not ==: 0 and 0.0 equal False in Python, yet set a number explicitly."""
+    return value is None or value is False or (isinstance(value, (list, tuple, dict, str)) and not value)
 
 
 def complete_checkpoints_below(ckpt_root: Path) -> bool:

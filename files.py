@@ -115,7 +115,7 @@ class FolderLock:
     that the lock is still the stale one it judged, removes it and creates its own, so of several
     processes taking over one stale lock exactly one wins. A release removes only its own lock."""
 
-    GUARD_STALE_S = 30.0  # a takeover guard older than this was left by a process that died in it
+    GUARD_STALE_S = 30.0  # a takeover guard seen unchanged this long was left by a process that died in it
 
     def __init__(self, folder: Path, name: str = "run", command: str = "", wait_s: float = 0.0, who: dict | None = None,
                  stale_s: float | None = None):
@@ -125,7 +125,7 @@ class FolderLock:
         self.who = who or {}  # extra identity: slurm_job_id and restarts (grid.identity)
         self.held = False
         self._mine: bytes | None = None  # the record this process wrote, which release() compares
-        self._seen: dict[bytes, float] = {}  # another host's lock record -> when this process first saw it
+        self._seen: dict = {}  # another host's lock record, or a takeover guard -> when this process first saw it
 
     def _record(self) -> bytes:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -173,8 +173,13 @@ class FolderLock:
             fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                if time.time() - guard.stat().st_mtime > self.GUARD_STALE_S:
-                    guard.unlink(missing_ok=True)  # its owner died mid-takeover
+                st = guard.stat()
+                # judged by this process's own clock, from when it first saw this guard (the file's
+                # mtime is another host's clock, or the file server's): unchanged this long, its owner
+                # died mid-takeover
+                first = self._seen.setdefault(("guard", st.st_ino, st.st_mtime_ns, st.st_ctime_ns), time.monotonic())
+                if time.monotonic() - first > self.GUARD_STALE_S:
+                    guard.unlink(missing_ok=True)
             except OSError:
                 pass
             return False

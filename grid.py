@@ -174,7 +174,10 @@ def queue_state(rec: dict, queued: dict | None) -> str:
         state = queued.get(str(rec["slurm_job_id"]))
         return "gone" if state is None else "running" if state in SLURM_RUNNING else "pending" if state in SLURM_PENDING else "gone"
     if rec.get("local_job_id"):  # submitit's local job id is its controller's pid, on the submitter's host
-        if rec.get("submit_host", rec.get("host")) != socket.gethostname():
+        # a record of earlier code names no submitter (and no host when its job never started): the local
+        # executor started it on some host sharing this folder, taken to be this one, or its dead pid would
+        # stay pending forever; a wrong guess cannot run a job twice (the job's own lock refuses the second)
+        if (rec.get("submit_host") or rec.get("host") or socket.gethostname()) != socket.gethostname():
             return "unknown"
         controller = alive(int(rec["local_job_id"]))
         if rec.get("state") == "running":

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
+from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError, continue_command
 from grid import Job, job_states, status_table, write_record
 
 ROOT = Path(__file__).resolve().parent
@@ -121,7 +121,10 @@ def submit(args, header: dict, out: Path, jobs: list[Job], writer) -> dict:
 def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
+    except RuntimeError as e:  # no srun on PATH: not a Slurm cluster (submitit's words)
+        raise UsageError(f"--executor slurm: {e}") from None
     # the array runs as wide as the queue lets it, unless --jobs caps it (submitit's default is 1: %1)
     params = dict(time=args.slurm_time, job_name=f"engram-{out.resolve().name}", array_parallelism=args.jobs or len(todo),
                   stderr_to_stdout=True, additional_parameters=dict(args.slurm_extra))
@@ -142,7 +145,8 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
                      submitted_at=time.time(), error=None)
     print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
           + (f", {args.jobs} at a time" if args.jobs else "") + f"; logs in {folder}/")
-    print(f"watch them with: {header['command']} --status   (the last job to finish writes the complete report)")
+    watch = continue_command(header["command"], "slurm")
+    print(f"watch them with: {watch} --status   (the last job to finish writes the complete report)")
     return {"submitted": [sj.job_id for _, sj in submitted]}
 
 
@@ -189,6 +193,7 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
     print(f"running {len(todo)} job(s), {width} at a time, {args.threads} thread(s) each"
           + (f", one GPU each ({len(gpus)} here)" if gpus else "") + f"; logs in {folder}/")
     checked, taken = 0.0, set()
+    again = continue_command(header["command"], "local")  # never --overwrite: it would delete what has finished since
     try:
         while queue or running:
             if queue and gpus and time.monotonic() - checked > 5:  # GPUs an earlier submitter's jobs hold
@@ -216,8 +221,7 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
     except Interrupted as e:
         left = [j.name for j in running]
         raise Interrupted(f"{e}; {len(left)} job(s) keep running ({', '.join(left) or 'none'}), {len(queue)} not started; "
-                          f"watch them with: {header['command']} --status; rerun the command to start the rest",
-                          e.signum) from None
+                          f"watch them with: {again} --status; start the rest with: {again}", e.signum) from None
     rows = job_states(out, jobs)
     others = [r["job"] for r in rows if r["state"] in ("running", "pending")]  # an earlier submitter's, still going
     m = writer.write(final=not others, tolerant=bool(others))
@@ -226,8 +230,8 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
         print(status_table(rows), file=sys.stderr)
         raise JobsFailed(f"{len(failed)} of {len(rows)} job(s) did not finish (" + "; ".join(
             f"{r['job']}: {r['error'] or r['state']}" for r in failed) + f"); the others' results are kept; rerun what is "
-            f"missing with: {header['command']}")
+            f"missing with: {again}")
     if others:
         print(f"{len(others)} job(s) started by an earlier command still run ({', '.join(others)}); each rewrites the "
-              f"report when it finishes; watch them with: {header['command']} --status")
+              f"report when it finishes; watch them with: {again} --status")
     return m

@@ -15,7 +15,7 @@ import torch
 
 from analysis import analyse, random_compressor_tail
 from checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
-from cli import Interrupted, NonFiniteLoss, UsageError, check_stop, continue_command
+from cli import STOP, Interrupted, NonFiniteLoss, UsageError, check_stop, continue_command
 from figures import engram_clusters, learning_curves
 from files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
 from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
@@ -67,6 +67,7 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
             result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, job.seed)
             result["machine"] = job_machine(recipe.device, who)
             write_npz(folder / "arrays.npz", arrays)
+            check_stop(f"the analysis of {job.variant}")  # before the random-compressor control, which polls no stop
             add_tail(folder, result, job.seed)
             write_json(folder / "result.json", result)  # last, and once: the job is finished when it exists
         except Interrupted as e:
@@ -122,26 +123,38 @@ def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict
 ENGRAM_STAMP = ".engram_clusters.json"  # what the engram figure on disk shows: its seed, arrays and title
 
 
-def engram_figure(out: Path, results: dict, seeds: list[int], header: dict) -> tuple[bytes, dict] | None:
-    """The engram figure of the first seed (in --seeds order) whose Model 3 has finished, drawn
-    (two t-SNEs: seconds to minutes) only when the figure on disk shows something else: not once
-    per job. None when there is nothing to draw, or the one on disk is current."""
+def engram_stamp(out: Path, results: dict, seeds: list[int], header: dict) -> dict | None:
+    """What the engram figure must show for these finished results, a pure function of them (every
+    writer agrees): the first seed (in --seeds order) whose Model 3 has finished, its arrays.npz
+    (size and mtime) and the title. None when no Model 3 with an engram analysis has finished."""
     first = next((s for s in seeds if "dual_engram" in results.get(s, {})), None)
-    if first is None:
+    e = None if first is None else (results[first]["dual_engram"].get("analysis") or {}).get("engram")
+    if e is None:
         return None
-    arrays = out / "checkpoints" / f"seed{first}" / "dual_engram" / "arrays.npz"
-    e = results[first]["dual_engram"]["analysis"]["engram"]
+    st = (out / "checkpoints" / f"seed{first}" / "dual_engram" / "arrays.npz").stat()
     title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
              f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
-    st = arrays.stat()
-    stamp = {"seed": first, "arrays": [st.st_size, st.st_mtime_ns], "title": title}
+    return {"seed": first, "arrays": [st.st_size, st.st_mtime_ns], "title": title}
+
+
+def engram_on_disk(out: Path) -> dict | None:
+    """The stamp of the engram figure on disk, None when there is none (or it cannot be read)."""
     try:
-        if (out / "engram_clusters.png").is_file() and json.loads((out / ENGRAM_STAMP).read_text()) == stamp:
-            return None
+        return json.loads((out / ENGRAM_STAMP).read_text()) if (out / "engram_clusters.png").is_file() else None
     except (OSError, ValueError):
-        pass
-    a = load_arrays(out, first, "dual_engram")
-    return figure_png(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], title, first)), stamp
+        return None
+
+
+def engram_figure(out: Path, results: dict, seeds: list[int], header: dict) -> tuple[bytes, dict] | None:
+    """The engram figure engram_stamp asks for, drawn (two t-SNEs: seconds to minutes) only when the
+    figure on disk shows something else: not once per job. None when there is nothing to draw, or
+    the one on disk is current."""
+    stamp = engram_stamp(out, results, seeds, header)
+    if stamp is None or engram_on_disk(out) == stamp:
+        return None
+    a = load_arrays(out, stamp["seed"], "dual_engram")
+    return figure_png(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], stamp["title"],
+                                      stamp["seed"])), stamp
 
 
 class Outputs:
@@ -160,14 +173,25 @@ class Outputs:
         jobs are kept in their folders, and the next write (at the latest the final one) tries again."""
         try:
             seeds = list(dict.fromkeys(j.seed for j in self.jobs))
-            figure = engram_figure(self.out, finished_results(self.out, self.jobs), seeds, self.header)  # outside the lock
-            with FolderLock(self.out, "outputs", self.header["command"], wait_s=self.LOCK_WAIT_S, who=identity(),
-                            stale_s=self.LOCK_STALE_S):
-                results = finished_results(self.out, self.jobs)
-                header = {**self.header, "jobs": jobs_summary(job_states(self.out, self.jobs), self.header)}
-                complete = all(j.finished(self.out) for j in self.jobs)
-                return write_outputs(self.out, results, self.labels, complete, header, self.study, self.panels,
-                                     self.report_fn, stopped, figure)
+            # the engram figure is drawn outside the lock, and written only if it is still the one the results
+            # read inside the lock ask for: a job that finished meanwhile may have moved the choice to an earlier
+            # seed (each move is to an earlier seed, so the choice settles within len(seeds) tries)
+            for tries_left in range(len(seeds), -1, -1):
+                figure = engram_figure(self.out, finished_results(self.out, self.jobs), seeds, self.header)
+                with FolderLock(self.out, "outputs", self.header["command"], wait_s=self.LOCK_WAIT_S, who=identity(),
+                                stale_s=self.LOCK_STALE_S):
+                    results = finished_results(self.out, self.jobs)
+                    want = engram_stamp(self.out, results, seeds, self.header)
+                    if want is None or engram_on_disk(self.out) == want:
+                        figure = None  # nothing to draw, or the one on disk is current
+                    elif figure is None or figure[1] != want:
+                        if tries_left:
+                            continue  # drawn from older results: draw again, outside the lock
+                        figure = engram_figure(self.out, results, seeds, self.header)  # the choice kept moving
+                    header = {**self.header, "jobs": jobs_summary(job_states(self.out, self.jobs), self.header)}
+                    complete = all(j.finished(self.out) for j in self.jobs)
+                    return write_outputs(self.out, results, self.labels, complete, header, self.study, self.panels,
+                                         self.report_fn, stopped, figure)
         except Exception as e:
             if final and not tolerant:
                 raise
@@ -204,10 +228,13 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         import launch
 
         # a grid continues its folder (with --overwrite: starts it over first)
-        prepare_checkpoints(ckpt_root, header["config"], resume=not args.overwrite, overwrite=args.overwrite)
+        prepare_checkpoints(ckpt_root, header["config"], resume=not args.overwrite, overwrite=args.overwrite,
+                            start_over="rerun with --overwrite")  # an executor's grid always resumes
         return launch.submit(args, header, out, jobs, writer)
     mine = jobs if args.job is None else [parse_job(args.job, jobs)]
-    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None, overwrite=args.overwrite)
+    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None,
+                        overwrite=args.overwrite,
+                        start_over="run without --resume" if args.job is None else "rerun the grid with --overwrite")
     command = header["command"]
     for job in mine:
         if job.result_state(out) and (args.resume or args.job is not None):
@@ -231,7 +258,13 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         except (UsageError, NonFiniteLoss):
             writer.write(tolerant=True)
             raise
-        writer.write(tolerant=True)
+        if STOP and args.job is not None:
+            # the stop came after the job's last look (its result is kept): within the signal's grace it exits at
+            # once, rewriting nothing; its requeue (or the next job to finish, or --report-only) writes the outputs
+            raise Interrupted(f"{STOP.name} after {job.label} finished; its result is kept, the outputs are left to "
+                              "the next writer", STOP.signum)
+        if job is not mine[-1]:
+            writer.write(tolerant=True)  # after the last job, the write below is the one
     m = writer.write(final=args.job is None)
     if args.job is None:
         print(f"wrote {out}/" + ", ".join(outputs_of(m)))  # the figures it drew, no others

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -92,20 +92,39 @@ def test_local_executor_two_jobs_at_once_gives_the_serial_numbers(serial, sst2_2
     assert "6 jobs: 6 finished" in capsys.readouterr().out
 
 
+def startup_seconds() -> float:
+    """What a job's process spends before it trains, as this machine is loaded now: a Python
+    started and this project's modules (torch, transformers' tokenizers ...) imported, twice (the
+    local executor's controller starts first, then the job's own process)."""
+    import sys
+
+    t0 = time.monotonic()
+    root = Path(experiment.__file__).parent
+    subprocess.run([sys.executable, "-c", "import submitit, experiment"], cwd=root, check=True)
+    return 2 * (time.monotonic() - t0)
+
+
 def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_ends_identical(sst2_2k, tmp_path, monkeypatch):
-    """submitit's local executor sends USR2 before the job's time limit: the job checkpoints at the
-    next step boundary, submitit requeues it, and it resumes where it stopped, as many times as it
-    takes. 20 epochs of ~1.5 s against 30 s tries whose USR2 comes after 18 s: two or three tries.
+    """submitit's local executor sends USR2 before the job's time limit (its own timer: the one test
+    that relies on it): the job checkpoints at the next step boundary, submitit requeues it, and it
+    resumes where it stopped, as many times as it takes. The limit comes from this machine's measured
+    speed: USR2 after a job's startup and half of its training (the uninterrupted run, timed here),
+    so that a machine twice as fast or twice as slow still stops each try mid-run and makes progress.
     Where in an epoch the USR2 lands is up to the clock (each case is pinned in test_robustness)."""
-    long = ["--seeds", "42", "--variants", "dual_head", "--epochs", "20"]
+    long = ["--seeds", "42", "--variants", "dual_head", "--epochs", "12"]
+    t0 = time.monotonic()
     reference = experiment.main(args_of(sst2_2k, tmp_path / "uninterrupted", *long))
-    monkeypatch.setattr(launch, "LOCAL_TIMEOUT_MIN", 0.5)  # 30 s a try ...
-    monkeypatch.setattr(launch, "LOCAL_SIGNAL_DELAY_S", 12)  # ... with USR2 after 18 s
+    training_s = time.monotonic() - t0
+    grace = 15  # from USR2 to the kill: the current step, a checkpoint and the exit
+    usr2_after = startup_seconds() + training_s / 2
+    monkeypatch.setattr(launch, "LOCAL_TIMEOUT_MIN", (usr2_after + grace) / 60)
+    monkeypatch.setattr(launch, "LOCAL_SIGNAL_DELAY_S", grace)
     out = tmp_path / "timeout"
     m = experiment.main(args_of(sst2_2k, out, *long, "--executor", "local"))
     assert m["complete"] and reference["complete"]
     logs = "".join(p.read_text() for p in sorted((out / "jobs").glob("*_log.*")))
-    assert "SIGUSR2 received: stopping after the current step" in logs and "Requeued job" in logs
+    assert "SIGUSR2 received: stopping after the current step" in logs and "Requeued job" in logs, \
+        f"USR2 after {usr2_after:.1f} s (training {training_s:.1f} s): no requeue"
     # each stop resumes exactly where it checkpointed: mid-epoch (after a step; after the last step,
     # when the USR2 came before or during the evaluation), at an epoch's first step (the last epoch's
     # checkpoint holds everything), or during the analysis after the last epoch (it analyses again)
@@ -117,8 +136,54 @@ def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_e
         assert f"resuming after step {step} of epoch {epoch} from" in logs
     for epoch in boundaries:
         assert f"resuming after epoch {int(epoch) - 1} from" in logs
-    assert logs.count("resuming after epoch 20 from") >= analysed
+    assert logs.count("resuming after epoch 12 from") >= analysed
     assert comparable(out) == comparable(tmp_path / "uninterrupted")
+
+
+HOOK_SITE = """
+import json
+import os
+import signal
+import time
+
+if os.environ.get("SUBMITIT_LOCAL_JOB_ID") and os.environ.get("JOB_HOOK"):  # a job's process, not its controller's
+    import training
+
+    hook, real, seen = json.loads(os.environ["JOB_HOOK"]), training.run_batch, {}
+
+    def run_batch(model, *a, **k):
+        out = real(model, *a, **k)
+        if model.training and model.variant in hook["variants"]:
+            n = seen[model.variant] = seen.get(model.variant, 0) + 1
+            marker = hook["marker"] + "-" + model.variant
+            if n == hook["step"] and not os.path.exists(marker):  # the first try only
+                open(marker, "w").close()
+                if hook["action"] == "crash":
+                    raise RuntimeError("simulated crash")
+                if hook["action"] == "kill":  # a lost node, an out-of-memory kill: no chance to clean up
+                    os.kill(os.getpid(), signal.SIGKILL)
+                deadline = time.monotonic() + 600
+                while hook["action"] == "pause" and not os.path.exists(hook["release"]) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # still running, for as long as the test needs
+        return out
+
+    training.run_batch = run_batch
+"""
+
+
+def job_hook(monkeypatch, tmp_path, action: str, variants: list[str], step: int) -> dict:
+    """Make each job of `variants` (in its own process, started by the local executor) crash, be
+    killed, or pause until hook["release"] exists, after its step-th training batch, on its first
+    try: where the job is when it happens is chosen, not left to the machine's speed. A file
+    hook["marker"]-<variant> says it has happened."""
+    site = tmp_path / "hook_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HOOK_SITE)
+    hook = {"action": action, "variants": variants, "step": step, "marker": str(tmp_path / "hooked"),
+            "release": str(tmp_path / "release")}
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("JOB_HOOK", json.dumps(hook))
+    return hook
 
 
 SLOW_EVAL_SITE = """
@@ -165,23 +230,16 @@ def test_a_local_job_sent_usr2_during_its_evaluation_is_requeued_and_ends_identi
 
 
 def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_command_finishes_it(
-        serial, sst2_2k, tmp_path, capsys):
+        serial, sst2_2k, tmp_path, capsys, monkeypatch):
     out = tmp_path / "killed"
     argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2")
     victim = "seed42-dual_head"
-    folder = out / "checkpoints" / "seed42" / "dual_head"
-
-    def kill_when_it_has_trained_an_epoch():  # a lost node, an out-of-memory kill: no chance to clean up
-        wait_for(lambda: record(out, victim).get("state") == "running" and (folder / "epoch_001").is_dir(), 120,
-                 "dual_head's first epoch")
-        os.kill(record(out, victim)["pid"], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_when_it_has_trained_an_epoch, daemon=True)
-    killer.start()
+    steps = -(-2000 // 16)  # an epoch's batches
+    # SIGKILLed 10 steps into its second epoch, by itself: on any machine, after epoch 1's checkpoint
+    hook = job_hook(monkeypatch, tmp_path, "kill", ["dual_head"], steps + 10)
     with pytest.raises(SystemExit) as e:
         experiment.main(argv)
-    killer.join(timeout=5)
-    assert e.value.code == 1
+    assert e.value.code == 1 and Path(hook["marker"] + "-dual_head").exists()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: 1 of 3 job(s) did not finish (seed42-dual_head: the process is gone") and \
         err.endswith(f"the others' results are kept; rerun what is missing with: {json.loads((out / 'metrics.json').read_text())['command']}")
@@ -197,37 +255,69 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
     m = experiment.main(argv)
     assert m["complete"] and not m["jobs"]["failed"]
     assert "running 1 job(s)" in capsys.readouterr().out
-    assert "resuming after epoch" in "".join(p.read_text() for p in (out / "jobs").glob("*_log.out"))
+    assert "resuming after epoch 1 from" in "".join(p.read_text() for p in (out / "jobs").glob("*_log.out"))
     assert runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path):
+def test_the_rerun_advice_after_a_failed_job_of_an_overwrite_run_drops_overwrite(sst2_2k, tmp_path, capsys,
+                                                                                monkeypatch):
+    """--overwrite started the grid over; the rerun it advises after a job failed must not: run as
+    advised it would delete the finished jobs and train them again (at 7B, a day of GPU)."""
+    out = tmp_path / "overwrite"
+    argv = args_of(sst2_2k, out, "--seeds", "42", "--variants", "sentiment_only", "dual_head", "--max-train", "64",
+                   "--executor", "local", "--overwrite")
+    job_hook(monkeypatch, tmp_path, "crash", ["dual_head"], 2)
+    with pytest.raises(SystemExit) as e:
+        experiment.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    advised = shlex.join(["python", "experiment.py", *argv[:-1]])
+    assert err.startswith("error: 1 of 2 job(s) did not finish (seed42-dual_head: ") and \
+        err.endswith(f"rerun what is missing with: {advised}"), err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["jobs"]["rerun"] == advised and advised in (out / "REPORT.md").read_text()
+    kept = (out / "checkpoints" / "seed42" / "sentiment_only" / "result.json").read_bytes()
+    capsys.readouterr()
+    m = experiment.main(shlex.split(advised)[2:])  # as advised: the finished job is kept, the failed one runs
+    assert m["complete"] and "running 1 job(s)" in capsys.readouterr().out
+    assert (out / "checkpoints" / "seed42" / "sentiment_only" / "result.json").read_bytes() == kept
+
+
+def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path,
+                                                                                           monkeypatch):
     """A terminal's Ctrl-C reaches the whole foreground process group: the submitter stops waiting,
-    the jobs (in their own sessions) go on and finish, and the same command later runs the rest."""
+    the jobs (in their own sessions) go on and finish, and the same command later runs the rest.
+    The two jobs pause at their first step until the submitter has answered, however fast they train."""
     import sys
 
     out = tmp_path / "ctrlc"
-    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2")
+    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2", "--overwrite")
+    hook = job_hook(monkeypatch, tmp_path, "pause", ["sentiment_only", "dual_head"], 1)
     root = Path(experiment.__file__).parent
-    proc = subprocess.Popen([sys.executable, "experiment.py", *argv], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    err_path = tmp_path / "submitter.err"
+    with open(err_path, "w") as err_file:  # a file, not a pipe: the paused jobs inherit it and keep it open
+        proc = subprocess.Popen([sys.executable, "experiment.py", *argv], cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=err_file, start_new_session=True)
     try:
-        wait_for(lambda: all(record(out, j).get("state") == "running" for j in ("seed42-sentiment_only", "seed42-dual_head")),
-                 120, "two jobs running")
+        wait_for(lambda: all(Path(f"{hook['marker']}-{v}").exists() for v in ("sentiment_only", "dual_head")), 300,
+                 "two jobs running")
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
+        Path(hook["release"]).touch()
         if proc.poll() is None:
             proc.kill()
+    err = err_path.read_text()
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
                            "1 not started; watch them with: python experiment.py ") and last.endswith(
-        "--status; rerun the command to start the rest")
+        "--status; start the rest with: " + shlex.join(["python", "experiment.py", *argv[:-1]])), last
+    assert "--overwrite" not in last  # it would delete what the running jobs finish
     # the two jobs were not stopped: they finish on their own
     wait_for(lambda: all(record(out, j).get("state") == "finished" for j in ("seed42-sentiment_only", "seed42-dual_head")),
-             180, "the running jobs to finish")
-    m = experiment.main(argv)
+             300, "the running jobs to finish")
+    m = experiment.main(argv[:-1])
     assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
 
 
@@ -270,6 +360,94 @@ def test_report_only_rewrites_the_outputs_from_the_finished_jobs_and_trains_noth
     m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43", "--report-only"))
     assert m["complete"] and comparable(out) == comparable(serial)
     assert (out / "REPORT.md").is_file() and (out / "learning_curves.png").is_file()
+
+
+def finished_copy(serial: Path, to: Path) -> Path:
+    """The two-seed serial run's folder, with no engram figure on disk."""
+    shutil.copytree(serial, to)
+    for name in ("engram_clusters.png", ".engram_clusters.json"):
+        (to / name).unlink()
+    return to
+
+
+def test_the_engram_figure_is_drawn_once_and_outside_the_outputs_lock(serial, sst2_2k, tmp_path, monkeypatch):
+    """Its two t-SNEs take minutes at 7B: other writers must not wait for them, and a rewrite of the
+    outputs does not draw them again while the figure on disk is current."""
+    import study
+
+    out = finished_copy(serial, tmp_path / "copy")
+    real, draws = study.engram_clusters, []
+
+    def draw(*a, **k):
+        draws.append(not (out / ".lock-outputs.json").exists())  # True: drawn with the lock free
+        return real(*a, **k)
+
+    monkeypatch.setattr(study, "engram_clusters", draw)
+    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--report-only")
+    experiment.main(argv)
+    assert draws == [True] and (out / "engram_clusters.png").is_file()
+    assert json.loads((out / ".engram_clusters.json").read_text())["seed"] == 42
+    experiment.main(argv)
+    assert draws == [True]  # current: not drawn again
+
+
+def test_the_engram_figure_shows_the_first_seed_even_when_a_later_seeds_writer_draws_first(serial, sst2_2k, tmp_path,
+                                                                                          monkeypatch):
+    """Seed 43's job finishes first and draws its figure outside the lock; meanwhile seed 42's Model 3
+    finishes and its writer draws and writes seed 42's. Seed 43's writer, once it holds the lock,
+    must not put its own over it (on Slurm no later write would mend it): it reads the results again
+    inside the lock and sees that they now ask for seed 42's."""
+    import study
+
+    out = finished_copy(serial, tmp_path / "race")
+    result = out / "checkpoints" / "seed42" / "dual_engram" / "result.json"
+    aside = result.with_name("result.json.aside")
+    result.rename(aside)  # seed 42's Model 3 has not finished yet
+    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--report-only")
+    monkeypatch.setattr(study.Outputs, "LOCK_WAIT_S", 30)  # a writer that drew inside the lock would make this wait
+    real, drawn = study.engram_clusters, []
+
+    def draw(engrams, labels, clusters, pooled, title, seed):
+        drawn.append(seed)
+        if len(drawn) == 1:  # seed 43's writer, between its drawing and its lock: seed 42 finishes and writes
+            aside.rename(result)
+            experiment.main(argv)
+            assert json.loads((out / ".engram_clusters.json").read_text())["seed"] == 42
+        return real(engrams, labels, clusters, pooled, title, seed)
+
+    monkeypatch.setattr(study, "engram_clusters", draw)
+    experiment.main(argv)
+    assert drawn == [43, 42]  # and not drawn again: the one on disk was current
+    assert json.loads((out / ".engram_clusters.json").read_text())["seed"] == 42
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["complete"] and comparable(out) == comparable(serial)
+
+
+def test_an_outputs_lock_left_on_another_host_is_taken_over_by_a_writer_after_lock_stale_s(serial, sst2_2k, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """A writer that died on its node leaves the outputs lock: the next writer (here --report-only,
+    through study.Outputs) takes it over once it has seen it unchanged for LOCK_STALE_S (5 minutes;
+    here 1 s), and not before."""
+    import study
+
+    out = tmp_path / "copy"
+    shutil.copytree(serial, out)
+    (out / "metrics.json").unlink()
+    lock = out / ".lock-outputs.json"
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-a", "started": "then", "command": "python experiment.py"}))
+    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--report-only")
+    monkeypatch.setattr(study.Outputs, "LOCK_STALE_S", 1.0)
+    monkeypatch.setattr(study.Outputs, "LOCK_WAIT_S", 0.5)  # gives up before it would take it over
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        experiment.main(argv)
+    assert e.value.code == 2 and "pid 4242 on node-a" in capsys.readouterr().err and lock.exists()
+    monkeypatch.setattr(study.Outputs, "LOCK_WAIT_S", 30)
+    t0 = time.monotonic()
+    m = experiment.main(argv)
+    assert time.monotonic() - t0 >= 1.0 and m["complete"] and comparable(out) == comparable(serial)
+    assert f"note: taking over the lock {lock} left by pid 4242 on node-a" in capsys.readouterr().err
+    assert not lock.exists()
 
 
 def test_executor_settings_that_cannot_work_are_one_line_errors(sst2_2k, tmp_path, capsys):

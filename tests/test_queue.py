@@ -295,3 +295,81 @@ def test_another_hosts_lock_is_taken_over_once_seen_unchanged_for_stale_s(tmp_pa
     assert capsys.readouterr().err.strip() == (f"note: taking over the lock {path} left by pid 4242 on node-a "
                                                "(unchanged for 0.5 s: that run is taken for gone)")
     lock.release()
+
+
+def test_a_local_record_of_earlier_code_without_a_host_is_judged_here_and_its_dead_process_is_failed(tmp_path):
+    """Records written before submit_host existed name no submitter, and no host when the job never
+    started: a dead controller there is failed (and resubmitted), not pending forever."""
+    out = tmp_path / "run"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_record(out, JOBS[0], state="submitted", local_job_id=str(dead.pid), log=None)  # never started: no host
+    write_record(out, JOBS[1], state="running", local_job_id=str(dead.pid), pid=dead.pid, host=socket.gethostname(),
+                 started_at=time.time(), log=None)
+    write_record(out, JOBS[2], state="submitted", local_job_id=str(os.getpid()), log=None)  # its controller is alive
+    rows = job_states(out, JOBS)
+    assert [r["state"] for r in rows] == ["failed", "failed", "pending"]
+    assert rows[0]["error"] == "its process ended before training started (see its log)"
+    assert launch._to_submit(out, JOBS)[0] == JOBS[:2]
+
+
+def test_a_takeover_guard_is_judged_by_this_process_clock_not_by_its_mtime(tmp_path, monkeypatch, capsys):
+    """A guard written by a host whose clock is an hour behind looks an hour old by its mtime: it
+    must still count as a takeover in progress until this process has seen it unchanged for
+    GUARD_STALE_S; then it is removed and the stale lock taken over."""
+    from cli import UsageError
+    from files import FolderLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / ".lock-outputs.json"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then", "command": "x"}))
+    guard = tmp_path / ".lock-outputs.json.takeover"
+    guard.write_text("")
+    an_hour_ago = time.time() - 3600
+    os.utime(guard, (an_hour_ago, an_hour_ago))
+    monkeypatch.setattr(FolderLock, "GUARD_STALE_S", 1.5)
+    with pytest.raises(UsageError, match="another run keeps taking it"):
+        FolderLock(tmp_path, "outputs", wait_s=0.5).acquire()  # within 1.5 s of this process's first look
+    assert guard.exists() and json.loads(lock.read_text())["pid"] == dead.pid
+    taker = FolderLock(tmp_path, "outputs", wait_s=10)
+    t0 = time.monotonic()
+    taker.acquire()
+    assert time.monotonic() - t0 >= 1.5 and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not guard.exists() and "taking over the lock" in capsys.readouterr().err
+    taker.release()
+
+
+FAKE_SBATCH = r'''#!/usr/bin/env python3
+"""sbatch as a Slurm controller answers a submission: the script is kept for the test to read."""
+import os, shutil, sys
+shutil.copy(sys.argv[-1], os.environ["FAKE_SBATCH_SCRIPT"])
+print("Submitted batch job 4711")
+'''
+
+
+@pytest.mark.parametrize("extra, array", [((), "#SBATCH --array=0-2%3"), (("--jobs", "1"), "#SBATCH --array=0-2%1")])
+def test_a_slurm_array_runs_as_wide_as_the_grid_unless_jobs_caps_it(extra, array, sst2_small, tmp_path, monkeypatch):
+    """submitit's own default parallelism is 1 (%1: one job at a time): the array asks for the whole
+    grid at once, or --jobs at once, as the script that sbatch is given says."""
+    import experiment
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it (a job's script would run it)
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_SCRIPT", str(tmp_path / "script.sh"))
+    out = tmp_path / "run"
+    m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), "--max-train", "32", "--max-eval", "40",
+                         "--epochs", "1", "--no-progress", "--executor", "slurm", "--slurm-time", "5", *extra])
+    assert m["submitted"] == ["4711_0", "4711_1", "4711_2"]
+    script = (tmp_path / "script.sh").read_text()
+    assert array in script.splitlines() and "#SBATCH --time=5" in script.splitlines()
+    assert [record_of(out, j)["slurm_job_id"] for j in JOBS] == m["submitted"]
+
+
+def record_of(out: Path, job: Job) -> dict:
+    return json.loads((out / "jobs" / f"{job.name}.json").read_text())

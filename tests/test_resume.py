@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -88,6 +89,39 @@ def test_a_resume_may_change_executor_jobs_and_threads_but_not_what_is_computed(
     checkpoints.prepare_checkpoints(root, {**settings, "tf32": False}, resume=True)
     with pytest.raises(checkpoints.UsageError, match=r"lr: 0.0003 -> 0.001"):
         checkpoints.prepare_checkpoints(root, {**settings, "lr": 1e-3}, resume=True)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1, "x", [1]])
+def test_a_setting_absent_from_old_checkpoints_equals_only_its_default_not_an_explicit_zero(value, tmp_path):
+    """0 == False in Python: a new setting set explicitly to 0 (or 0.0) is a difference from checkpoints
+    made before it existed (which ran without it), as any other value is; None, False or [] is not."""
+    root = tmp_path / "checkpoints"
+    checkpoints.prepare_checkpoints(root, {"lr": 3e-4}, resume=False)
+    for unset in (None, False, []):
+        checkpoints.prepare_checkpoints(root, {"lr": 3e-4, "warmup": unset}, resume=True)
+        (root / "run.json").write_text(json.dumps({"lr": 3e-4}))  # as the old checkpoints wrote it
+    with pytest.raises(checkpoints.UsageError, match=re.escape(f"warmup: None -> {value}")):
+        checkpoints.prepare_checkpoints(root, {"lr": 3e-4, "warmup": value}, resume=True)
+
+
+def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resume(finished, sst2_small, tmp_path,
+                                                                                  capsys):
+    """A grid under --executor local|slurm always resumes its folder: the way to start it over is
+    --overwrite (as a serial run's is to drop --resume)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    capsys.readouterr()
+    for extra in (["--executor", "local"], ["--executor", "slurm", "--slurm-time", "5"]):
+        with pytest.raises(SystemExit) as e:
+            run(sst2_small, out, "--variants", "sentiment_only", "--lr", "1e-3", *extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and "lr: 0.0003 -> 0.001" in err, err
+        assert err.endswith("resume with the same flags, or rerun with --overwrite to start over"), err
+    with pytest.raises(SystemExit):
+        run(sst2_small, out, "--variants", "sentiment_only", "--lr", "1e-3", "--resume")
+    assert capsys.readouterr().err.strip().endswith("or run without --resume to start over")
 
 
 def test_results_and_checkpoints_name_their_code_and_a_resume_under_other_code_says_so(sst2_small, tmp_path, monkeypatch,

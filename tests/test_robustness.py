@@ -284,6 +284,119 @@ def test_a_second_signal_while_a_stop_is_pending_stops_at_once(capsys):
         STOP.handler(signal.SIGINT, None)
 
 
+def test_a_sigterm_after_a_usr2_only_repeats_the_stop_request(capsys):
+    """Slurm sends SIGTERM at a time limit whose USR2 (submitit's warning) came first: the job must
+    still save its checkpoint and exit, not die of a KeyboardInterrupt."""
+    STOP.handler(signal.SIGUSR2, None)
+    STOP.handler(signal.SIGTERM, None)  # no KeyboardInterrupt
+    assert STOP.name == "SIGUSR2"
+    assert "SIGTERM received while stopping: still stopping after the current step" in capsys.readouterr().err
+
+
+def test_a_job_sent_usr2_then_sigterm_checkpoints_and_exits_with_usr2s_status(sst2_small, tmp_path, monkeypatch, capfd):
+    """The same, with real signals to a job of a grid (USR2 is a stop signal there, as GridJob adds
+    it): the job stops at the next step with a mid-epoch checkpoint and exits 128 + USR2 (what
+    GridJob requeues), not through a KeyboardInterrupt."""
+    monkeypatch.setattr(cli, "STOP_SIGNALS", [*cli.STOP_SIGNALS, signal.SIGUSR2])
+
+    def usr2_then_sigterm(_):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    on_training_step(monkeypatch, "dual_head", 2, usr2_then_sigterm)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out, "--job", "42:dual_head")
+    assert e.value.code == 128 + signal.SIGUSR2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    folder = out / "checkpoints" / "seed42" / "dual_head"
+    assert err.strip().splitlines()[-1] == ("stopped: SIGUSR2 during dual_head seed 42, epoch 1, step 3; "
+                                            f"kept checkpoint {folder / 'epoch_001_step_000002'}")
+
+
+class Writes:
+    """Counts the outputs' writes and the engram figure's draws of a run."""
+
+    def __init__(self, monkeypatch):
+        import study
+
+        self.writes, self.draws = 0, 0
+        real_write, real_draw = study.Outputs.write, study.engram_clusters
+
+        def write(writer, *a, **k):
+            self.writes += 1
+            return real_write(writer, *a, **k)
+
+        def draw(*a, **k):
+            self.draws += 1
+            return real_draw(*a, **k)
+
+        monkeypatch.setattr(study.Outputs, "write", write)
+        monkeypatch.setattr(study, "engram_clusters", draw)
+
+
+def _sigterm_after(monkeypatch, name):
+    import study
+
+    real = getattr(study, name)
+
+    def wrapped(*a, **k):
+        out = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(study, name, wrapped)
+
+
+def _sigterm_before(monkeypatch, name):
+    import study
+
+    real = getattr(study, name)
+
+    def wrapped(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(study, name, wrapped)
+
+
+@pytest.mark.parametrize("when, last", [
+    ("training", "stopped: SIGTERM during dual_engram seed 42, epoch 1, step 3; "
+                 "kept checkpoint {folder}/epoch_001_step_000002"),
+    ("probes", "stopped: SIGTERM during the analysis of dual_engram; kept checkpoint {folder}/epoch_003"),
+    ("control", "stopped: SIGTERM after dual_engram seed 42 finished; its result is kept, the outputs are left to "
+                "the next writer"),
+])
+def test_a_stopping_job_of_a_grid_exits_without_rewriting_the_outputs(when, last, sst2_small, tmp_path, monkeypatch,
+                                                                      capfd):
+    """A job of an executor (--job) that a stop reaches, mid-training, during the analysis's probes
+    (which poll no stop), or during the random-compressor control after them: within the signal's
+    grace (90 s before a time limit) it checkpoints and exits at once: no outputs written, no lock
+    waited for, no t-SNE. Its requeue (the same --job again) writes them."""
+    if when == "training":
+        on_training_step(monkeypatch, "dual_engram", 2, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+    elif when == "probes":
+        _sigterm_after(monkeypatch, "analyse")
+    else:
+        _sigterm_before(monkeypatch, "add_tail")
+    seen = Writes(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_small(sst2_small, out, "--job", "42:dual_engram")
+    assert e.value.code == 143
+    folder = out / "checkpoints" / "seed42" / "dual_engram"
+    assert capfd.readouterr().err.strip().splitlines()[-1] == last.format(folder=folder)
+    assert (seen.writes, seen.draws) == (0, 0) and not (out / "metrics.json").exists() and no_lock_left(out)
+    assert (folder / "result.json").exists() == (when == "control")
+    monkeypatch.undo()
+    seen = Writes(monkeypatch)
+    m = run_small(sst2_small, out, "--job", "42:dual_engram")  # the requeued job: finishes, or skips, then writes
+    assert seen.writes == 1 and seen.draws == 1 and (out / "engram_clusters.png").is_file()
+    assert list(m["models"]) == ["dual_engram"] and not m["complete"]
+    assert "random_compressor_tail" in json.loads((folder / "result.json").read_text())["analysis"]
+
+
 @pytest.mark.parametrize("after, where", [(2, "step 3"), (4, "before its evaluation")])
 def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(after, where, baseline, sst2_small, tmp_path,
                                                                          monkeypatch, capfd):
@@ -418,20 +531,53 @@ def test_a_signal_mid_accumulation_waits_for_the_optimizer_step_and_resume_ends_
     assert comparable(out) == comparable(tmp_path / "uninterrupted")
 
 
+PAUSE_SITE = """
+import os
+
+if os.environ.get("PAUSE_AT_STEP"):  # the run under test, not another Python the test starts
+    import time
+
+    import cli
+    import training
+
+    real, seen = training.run_batch, {"n": 0}
+
+    def run_batch(model, *a, **k):
+        out = real(model, *a, **k)
+        if model.training and model.variant == "sentiment_only":
+            seen["n"] += 1
+            if seen["n"] == int(os.environ["PAUSE_AT_STEP"]):
+                open(os.environ["PAUSE_MARKER"], "w").close()
+                deadline = time.monotonic() + 120
+                while not cli.STOP and time.monotonic() < deadline:  # until the test's signal has arrived
+                    time.sleep(0.02)
+        return out
+
+    training.run_batch = run_batch
+"""
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_small, tmp_path, capfd):
+    """A real signal from outside to a run in its own process. The run pauses after sentiment_only's
+    6th step (epoch 2, step 2) until the signal has arrived: where it lands does not depend on the
+    machine's speed, and it stops before step 3."""
     out = tmp_path / "run"
     err_path = tmp_path / "stderr.txt"
-    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
-    first = out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_001"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PAUSE_SITE)
+    marker = tmp_path / "paused"
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", "PAUSE_AT_STEP": "6", "PAUSE_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(err_path, "wb") as err_file:
         proc = subprocess.Popen([sys.executable, "experiment.py", *argv(sst2_small, out)], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err_file)
         try:
-            deadline = time.monotonic() + 120
-            while not first.is_dir():
-                assert proc.poll() is None, f"the run ended before its first checkpoint:\n{err_path.read_text()}"
-                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert proc.poll() is None, f"the run ended before the pause:\n{err_path.read_text()}"
+                assert time.monotonic() < deadline, "not paused within 300 s"
                 time.sleep(0.02)
             proc.send_signal(sig)
             rc = proc.wait(timeout=120)
@@ -444,7 +590,8 @@ def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_sm
     assert rc == code, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"stopped: {name}") and "--resume" in last, err
+    assert last.startswith(f"stopped: {name} during sentiment_only seed 42, epoch 2, step 3; "), err
+    assert "--resume" in last, err
     assert sum(line.startswith("stopped:") for line in err.splitlines()) == 1
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == name
