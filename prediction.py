@@ -226,9 +226,10 @@ def text_lines(sentence: str, rows: list[dict]) -> list[str]:
 
 def predict(run: Path, sentences: list[str], *, which: str = "best", seed: int | None = None,
             variants: list[str] | None = None, model: str | None = None, cache_dir: Path | None = None,
-            device: torch.device | None = None, as_json: bool = False, out=sys.stdout) -> list[dict]:
+            device: torch.device | None = None, as_json: bool = False, out=None) -> list[dict]:
     """Load every variant's saved set of one seed, score the sentences, print them; the rows."""
     device = device or torch.device("cpu")
+    out = out or sys.stdout  # at call time: a caller (or a test) may have replaced it
     seed, folders = job_folders(run, seed, which, list(variants or VARIANTS))
     loaded = [load_variant(f, device, model, cache_dir) for f in folders.values()]
     per_variant = [score(m, sentences, device) for m in loaded]
