@@ -123,7 +123,7 @@ def lora_weights(args, preset, model_path: str) -> WeightSpec:
               "lora_dropout": args.lora_dropout, "protocol": preset.name, "pooling": preset.pooling,
               "sent_weight": preset.sent_weight, "lm_weight": preset.lm_weight, "autocast": preset.autocast,
               "prefix_predicts_first": preset.prefix_predicts_first, "eval_mode": preset.eval_mode,
-              "batch_size": preset.batch_size}
+              "batch_size": {v: preset.batch_for(v) for v in VARIANTS}}  # each variant's evaluation batches
     return WeightSpec("causal_lm", config)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,9 @@ def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | 
         qlora.check_bitsandbytes(device)
     lm = qlora.load_base(path, device, compute_dtype, cfg["load_in_4bit"], checkpointing=False)
     try:
-        lm = PeftModel.from_pretrained(lm, str(folder / "adapter"))
+        with warnings.catch_warnings():  # peft's own call of a deprecated transformers name, as in qlora.with_lora
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            lm = PeftModel.from_pretrained(lm, str(folder / "adapter"))
     except Exception as e:  # a missing file, or an adapter of another base
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"the adapter in {folder / 'adapter'} does not load on {path} ({first})") from None
