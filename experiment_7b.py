@@ -109,9 +109,11 @@ def make_recipe(args, preset, build, device, model_path: str | None = None, out:
     """The protocol's batches: Model 3 may have its own batch size and accumulation. With
     `model_path` each job keeps its selected and last epochs' adapters and heads (weights.py)."""
     return Recipe("7b", build, preset.batch_for, args.epochs, device, accum_steps=preset.accum_for, clip_norm=preset.clip_norm or None,
-                  drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode, progress=not args.no_progress,
+                  drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode,
+                  progress=not args.no_progress,
                   weights=None if model_path is None else lora_weights(args, preset, model_path),
-                  tensorboard=None if out is None else tensorboard_root(args, out), log_steps=getattr(args, "log_steps", 50))
+                  tensorboard=None if out is None else tensorboard_root(args, out),
+                  log_steps=getattr(args, "log_steps", 50))
 
 
 def lora_weights(args, preset, model_path: str) -> WeightSpec:

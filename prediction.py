@@ -133,7 +133,8 @@ def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | 
     lm = qlora.load_base(path, device, compute_dtype, cfg["load_in_4bit"], checkpointing=False)
     try:
         with warnings.catch_warnings():  # peft's own call of a deprecated transformers name, as in qlora.with_lora
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
             lm = PeftModel.from_pretrained(lm, str(folder / "adapter"))
     except Exception as e:  # a missing file, or an adapter of another base
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

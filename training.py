@@ -187,8 +187,8 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     n_batches = len(epoch_batches(len(train), bs, seed, 1, recipe.drop_last))
     log = TrainLog(recipe.tensorboard, seed, variant, recipe.log_steps, (start_epoch - 1) * n_batches + done_steps + 1)
     try:
-        _epochs(recipe, variant, seed, train, evals, ckpt, built, state, start_epoch, done_steps, partial, stop_position,
-                log, code)
+        _epochs(recipe, variant, seed, train, evals, ckpt, built, state, start_epoch, done_steps, partial,
+                stop_position, log, code)
     finally:
         log.close()
     return {"total": total, "trainable": trainable, "info": built.info, **state}, built
@@ -239,7 +239,8 @@ def _epochs(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict
             sums["lm_bm"] += out.lm_mean or 0.0
             sums["correct"] += int((out.sent_logits.argmax(-1) == labels).sum())
             sums["n"] += len(idx)
-            log.step((epoch - 1) * len(batches) + step, loss_value, out.sent_mean, out.lm_mean, opt.param_groups[0]["lr"])
+            lr = opt.param_groups[0]["lr"]
+            log.step((epoch - 1) * len(batches) + step, loss_value, out.sent_mean, out.lm_mean, lr)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.3f}", acc=f"{100 * sums['correct'] / sums['n']:.1f}")
         if STOP and skip < len(batches):

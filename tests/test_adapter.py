@@ -1,6 +1,7 @@
 """A causal-LM run's kept adapter loads with PEFT's own PeftModel.from_pretrained on a freshly
 loaded base, and with the saved heads gives the validation predictions the run recorded for that
-epoch: on the tiny random Qwen2 and on SmolLM2-135M (4-bit, as the study loads its base)."""
+epoch: on the tiny random Qwen2 here, and on SmolLM2-135M (4-bit, as the study loads its base) in
+test_real_model.py, which shares its dequantised copy of the GGUF file."""
 import json
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import training
 from data import read_tsv
 from prediction import load_variant
 from qlora import encode_split, load_tokenizer
-from tests.test_real_model import GGUF, gguf_file, needs_smollm2, smol_folder  # noqa: F401 (fixtures)
 
 # the test's own PeftModel.from_pretrained: peft reads a deprecated transformers name (as in qlora.with_lora)
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -56,7 +56,8 @@ def check_adapter(out: Path, argv: list[str], base_folder: Path, sst2_small: Pat
         tok = load_tokenizer(str(base_folder))
         enc = encode_split(tok, read_tsv(sst2_small / "dev.tsv").head(16), max_length)
         cfg = loaded.meta["config"]  # the run's evaluation: its batches (the pair mode's halves) and engram mode
-        recipe = training.Recipe("7b", None, lambda v: cfg["batch_size"][v], 1, torch.device("cpu"), eval_mode=cfg["eval_mode"])
+        sizes = cfg["batch_size"]
+        recipe = training.Recipe("7b", None, sizes.get, 1, torch.device("cpu"), eval_mode=cfg["eval_mode"])
         ev = training.evaluate(loaded.model, enc, recipe, loaded.autocast_dtype)
         assert ev["pred"].tolist() == result[which]["pred"]
         assert ev["prob"].tolist() == pytest.approx(result[which]["prob"], abs=2e-6)  # recorded to 6 digits
@@ -66,9 +67,3 @@ def test_tiny_qwen_adapter_loads_with_peft_and_reproduces_the_recorded_predictio
     out, argv = shortened_run(tmp_path, sst2_small, ["--model", str(tiny_qwen)], epochs=2)
     check_adapter(out, argv, tiny_qwen, sst2_small)
 
-
-@needs_smollm2
-def test_smollm2_adapter_loads_with_peft_and_reproduces_the_recorded_predictions(smol_folder, sst2_small, tmp_path):
-    cache = Path(smol_folder).parent  # the fixture's dequantised copy, reused
-    out, argv = shortened_run(tmp_path, sst2_small, ["--model", str(GGUF), "--cache-dir", str(cache)], epochs=1)
-    check_adapter(out, argv, Path(smol_folder), sst2_small, cache_dir=cache)

@@ -43,7 +43,8 @@ def validation_predictions(folder, sst2_small) -> np.ndarray:
     cfg = loaded.meta["config"]
     dev = read_tsv(sst2_small / "dev.tsv")
     enc = Encoded([loaded.encode(s) for s in dev.sentences], dev.labels, loaded.pad_id)
-    recipe = training.Recipe("small", None, lambda v: cfg["batch_size"], 1, torch.device("cpu"), eval_mode=cfg["eval_mode"])
+    size = cfg["batch_size"]
+    recipe = training.Recipe("small", None, lambda v: size, 1, torch.device("cpu"), eval_mode=cfg["eval_mode"])
     return training.evaluate(loaded.model, enc, recipe)["pred"]
 
 
@@ -119,8 +120,8 @@ def test_predict_refuses_in_one_line(kept_run, tmp_path, capsys, monkeypatch):
     import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(job(kept_run, "dual_head") / "weights" / "best", copy / "checkpoints" / "seed42" / "dual_head" / "weights" / "best")
-    folder = copy / "checkpoints" / "seed42" / "dual_head" / "weights" / "best"
+    folder = job(copy, "dual_head") / "weights" / "best"
+    shutil.copytree(job(kept_run, "dual_head") / "weights" / "best", folder)
     vocab = json.loads((folder / "vocab.json").read_text())
     (folder / "vocab.json").write_text(json.dumps({**vocab, "itos": vocab["itos"][:-1]}))
     err = refusal(capsys, [str(copy), "good"])
@@ -191,7 +192,7 @@ def test_tensorboard_scalars_match_metrics_json(kept_run):
         # the batches each covers, they give the epoch's mean training loss
         losses = acc.Scalars("train/loss")
         assert [e.step for e in losses] == [2, 4, 5, 6, 8, 10]  # every 2nd batch of the job, and each epoch end
-        for epoch, h in zip((1, 2), history):
+        for epoch, h in zip((1, 2), history, strict=True):
             mine = [e for e in losses if batches * (epoch - 1) < e.step <= batches * epoch]
             sizes = np.diff([batches * (epoch - 1)] + [e.step for e in mine])
             assert np.dot(sizes, [e.value for e in mine]) / batches == pytest.approx(h["train_loss"], rel=1e-5)
