@@ -147,13 +147,31 @@ def load_heads(model, folder: Path) -> None:
         module.load_state_dict(mine)
 
 
+@torch.no_grad()
+def predicted_labels(model, enc, recipe, autocast_dtype) -> np.ndarray:
+    """The labels training.evaluate predicts (its batches, its engram mode, its generator), without
+    its losses: the fp16 check's pass, not one of the run's evaluations."""
+    from data import collate
+    from engram import run_batch, sentiment_probabilities
+    from training import autocast
+
+    model.eval()
+    bs, g, probs = recipe.batch_size(model.variant), torch.Generator().manual_seed(0), []
+    for i in range(0, len(enc), bs):
+        ids, mask, labels = collate(enc, np.arange(i, min(i + bs, len(enc))), recipe.device)
+        with autocast(recipe.device, autocast_dtype):
+            out = run_batch(model, ids, mask, labels, mode=recipe.eval_mode, generator=g)
+        probs.append(sentiment_probabilities(out.sent_logits).cpu())  # [b]
+    return (torch.cat(probs).numpy() > 0.5).astype(int)  # [n]
+
+
 def keep_epoch(recipe, model, job_folder: Path, epoch: int, val_enc, val_pred: np.ndarray, becomes_best: bool,
                autocast_dtype, seed: int, code: dict) -> None:
     """After an epoch's evaluation, before its checkpoint (so a job stopped after its selected
     epoch still has that epoch's weights): save "best" when this epoch becomes the selected one,
     and "final" after the last epoch; a set already holding this epoch (an earlier attempt of
     the same job) is not written again. Nothing without recipe.weights."""
-    from training import evaluate, zero_prefix_states
+    from training import zero_prefix_states
 
     spec = recipe.weights
     if spec is None:
@@ -164,7 +182,7 @@ def keep_epoch(recipe, model, job_folder: Path, epoch: int, val_enc, val_pred: n
         return
     half = False
     if spec.half:  # fp16 only where it changes no validation prediction of this epoch
-        half = bool(np.array_equal(evaluate(half_copy(model), val_enc, recipe, autocast_dtype)["pred"], val_pred))
+        half = bool(np.array_equal(predicted_labels(half_copy(model), val_enc, recipe, autocast_dtype), val_pred))
     kmeans = None
     if model.uses_engram:
         _, engrams = zero_prefix_states(model, val_enc, recipe, autocast_dtype)  # [n,e], as the analysis takes them
