@@ -148,7 +148,8 @@ def run(args, argv) -> dict:
     recipe = Recipe("small", make_builder(args, preset, cfg, device), lambda v: preset.batch_size, args.epochs, device,
                     clip_norm=preset.clip_norm or None, drop_last=preset.drop_last, train_mode=preset.engram_mode,
                     eval_mode=preset.engram_mode, progress=not args.no_progress,
-                    weights=small_weights(preset, cfg, vocab), tensorboard=tensorboard_root(args, out), log_steps=args.log_steps)
+                    weights=small_weights(preset, cfg, vocab), tensorboard=tensorboard_root(args, out),
+                    log_steps=args.log_steps)
     header = {
         **run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
         "model_config": asdict(cfg),
