@@ -208,7 +208,7 @@ def read_result(path: Path, label: str) -> dict | None:
 # (threads too: each result records its own, and the same seed gives the same numbers only at one thread count)
 RESUME_FREE = ("resume", "no_progress", "seeds", "variants", "out", "device", "executor", "jobs", "threads", "status",
                "report_only", "overwrite", "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job",
-               "ladder")
+               "ladder", "report_to", "log_steps")
 
 
 def live_job_locks(ckpt_root: Path) -> list[str]:

@@ -20,7 +20,9 @@ from metrics import data_source, device_name, machine, run_header, versions
 from models import VARIANTS, SmallConfig, build_small_model
 from protocols import ladder_names, SMALL, SMALL_STUDY, parse_with_preset, preset_help, resolve
 from study import before_data, read_metrics, run_and_report
+from tensorboard_log import add_arguments as add_logging_arguments, tensorboard_root
 from training import Built, Recipe
+from weights import WeightSpec
 
 DEFAULT_EPOCHS = 8
 OUT = "results"
@@ -51,6 +53,7 @@ def parse_args(argv):
                    help="weight of the sentiment loss in the dual variants (preset: " + preset_help(SMALL, "sent_weight") + "); Model 1's loss is CE alone")
     o.add_argument("--weight-decay", type=non_negative_float, default=None, help="decoupled (AdamW) weight decay; 0 is Adam (preset: " + preset_help(SMALL, "weight_decay") + ")")
     o.add_argument("--clip-norm", type=non_negative_float, default=None, help="gradient-norm clipping, 0 = none (preset: " + preset_help(SMALL, "clip_norm") + ")")
+    add_logging_arguments(p)
     return parse_with_preset(p, argv, SMALL, PRESET_FLAGS)
 
 
@@ -95,6 +98,16 @@ def small_vocab(preset, sentences) -> Vocab:
     return Vocab.build(sentences, len(preset.specials) + preset.vocab_words, preset.specials, preset.bos_eos, preset.vocab_ties)
 
 
+def small_weights(preset, cfg: SmallConfig, vocab: Vocab) -> WeightSpec:
+    """What each job keeps beside its weights (weights.py): the model's config and loss weights, how
+    the protocol evaluates (its batch size and engram mode), and the vocabulary; fp16 where that
+    changes no validation prediction."""
+    config = {"model_config": asdict(cfg), "sent_weight": preset.sent_weight, "lm_weight": preset.lm_weight,
+              "protocol": preset.name, "batch_size": preset.batch_size, "eval_mode": preset.engram_mode}
+    words = {"itos": vocab.itos, "specials": list(preset.specials), "bos_eos": preset.bos_eos}
+    return WeightSpec("small", config, words, half=True)
+
+
 def make_builder(args, preset, cfg: SmallConfig, device):
     def build(variant: str, seed: int, total_steps: int) -> Built:
         model = build_small_model(variant, cfg, preset.sent_weight, preset.lm_weight).to(device)
@@ -134,7 +147,9 @@ def run(args, argv) -> dict:
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
     recipe = Recipe("small", make_builder(args, preset, cfg, device), lambda v: preset.batch_size, args.epochs, device,
                     clip_norm=preset.clip_norm or None, drop_last=preset.drop_last, train_mode=preset.engram_mode,
-                    eval_mode=preset.engram_mode, progress=not args.no_progress)
+                    eval_mode=preset.engram_mode, progress=not args.no_progress,
+                    weights=small_weights(preset, cfg, vocab), tensorboard=tensorboard_root(args, out),
+                    log_steps=args.log_steps)
     header = {
         **run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
         "model_config": asdict(cfg),

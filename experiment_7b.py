@@ -25,7 +25,9 @@ from dry_run import dry_run
 from qlora import (DEFAULT_MODEL, build_qlora_model, check_bitsandbytes, encode_split, load_tokenizer, precision,
                    precision_note, quiet_libraries, resolve_model_source, use_tf32)
 from study import before_data, read_metrics, run_and_report
+from tensorboard_log import add_arguments as add_logging_arguments, tensorboard_root
 from training import Built, Recipe
+from weights import WeightSpec
 
 DEFAULT_EPOCHS = 3
 OUT = "results_7b"
@@ -76,6 +78,7 @@ def parse_args(argv):
                         "training steps of each variant at the real batch size and maximum length; prints peak GPU "
                         "memory (GiB) and seconds per step")
     d.add_argument("--dry-run-steps", type=positive_int, default=3, help="timed steps per variant (after one warm-up step)")
+    add_logging_arguments(p)
     return parse_with_preset(p, argv, BIG, PRESET_FLAGS)
 
 
@@ -102,10 +105,28 @@ def make_builder(args, device: torch.device, model_path: str, preset=None):
     return build, compute_dtype
 
 
-def make_recipe(args, preset, build, device) -> Recipe:
-    """The protocol's batches: Model 3 may have its own batch size and accumulation."""
+def make_recipe(args, preset, build, device, model_path: str | None = None, out: Path | None = None) -> Recipe:
+    """The protocol's batches: Model 3 may have its own batch size and accumulation. With
+    `model_path` each job keeps its selected and last epochs' adapters and heads (weights.py)."""
     return Recipe("7b", build, preset.batch_for, args.epochs, device, accum_steps=preset.accum_for, clip_norm=preset.clip_norm or None,
-                  drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode, progress=not args.no_progress)
+                  drop_last=preset.drop_last, train_mode="pair", eval_mode=preset.eval_mode,
+                  progress=not args.no_progress,
+                  weights=None if model_path is None else lora_weights(args, preset, model_path),
+                  tensorboard=None if out is None else tensorboard_root(args, out),
+                  log_steps=getattr(args, "log_steps", 50))
+
+
+def lora_weights(args, preset, model_path: str) -> WeightSpec:
+    """What rebuilding a job's model from its saved adapter needs: the base (as named and as
+    loaded), how it was loaded, the heads' sizes, and how the protocol pools and evaluates."""
+    config = {"base_model": args.model, "base_path": model_path, "load_in_4bit": args.load_in_4bit,
+              "max_length": args.max_length, "engram_dim": args.engram_dim, "head_width": args.head_width,
+              "lm_chunk_rows": args.lm_chunk_rows, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+              "lora_dropout": args.lora_dropout, "protocol": preset.name, "pooling": preset.pooling,
+              "sent_weight": preset.sent_weight, "lm_weight": preset.lm_weight, "autocast": preset.autocast,
+              "prefix_predicts_first": preset.prefix_predicts_first, "eval_mode": preset.eval_mode,
+              "batch_size": {v: preset.batch_for(v) for v in VARIANTS}}  # each variant's evaluation batches
+    return WeightSpec("causal_lm", config)
 
 
 # ----------------------------------------------------------------------------- report
@@ -248,7 +269,7 @@ def run(args, argv):
     train = encode(data["train"].head(args.max_train))
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
     build, compute_dtype = make_builder(args, device, model_path, preset)
-    recipe = make_recipe(args, preset, build, device)
+    recipe = make_recipe(args, preset, build, device, model_path, out)
     header = {
         **run_header("7b", "experiment_7b.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
         "compute_dtype": str(compute_dtype).replace("torch.", ""),

@@ -17,6 +17,8 @@ from data import Encoded, collate, epoch_batches
 from engram import run_batch, run_single, sentiment_probabilities
 from metrics import code_version, describe_code
 from models import EngramModel, count_parameters
+from tensorboard_log import TrainLog
+from weights import WeightSpec, keep_epoch
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Recipe:
     train_mode: str = "pair"  # how dual_engram runs a training batch (engram.run_batch modes)
     eval_mode: str = "pair"  # ... and an evaluation batch
     progress: bool = True
+    weights: WeightSpec | None = None  # what each job keeps of its selected and last epochs (weights.py)
+    tensorboard: Path | None = None  # --report-to tensorboard: OUT/tensorboard (tensorboard_log.py)
+    log_steps: int = 50  # ... training losses every this many batches
 
     def steps_per_epoch(self, variant: str, n: int) -> int:
         bs = self.batch_size(variant)
@@ -150,7 +155,7 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     seed_everything(seed)
     built = recipe.build(variant, seed, recipe.steps_per_epoch(variant, len(train)) * recipe.epochs)
     model, opt = built.model, built.optimizer
-    bs, accum = recipe.batch_size(variant), recipe.accum_steps(variant)
+    bs = recipe.batch_size(variant)
     total, trainable = count_parameters(model)
     dtype = f"; compute dtype {built.info['compute_dtype']}" if "compute_dtype" in built.info else ""
     print(f"[{variant} seed {seed}] parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f} %){dtype}")
@@ -179,6 +184,21 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         saved = save_checkpoint(ckpt, epoch - 1, model, opt, built.scheduler, built.scaler, now, step=step)
         print(f"[{variant} seed {seed}] stopped at step {step} of epoch {epoch}: checkpoint {saved}")
 
+    n_batches = len(epoch_batches(len(train), bs, seed, 1, recipe.drop_last))
+    log = TrainLog(recipe.tensorboard, seed, variant, recipe.log_steps, (start_epoch - 1) * n_batches + done_steps + 1)
+    try:
+        _epochs(recipe, variant, seed, train, evals, ckpt, built, state, start_epoch, done_steps, partial,
+                stop_position, log, code)
+    finally:
+        log.close()
+    return {"total": total, "trainable": trainable, "info": built.info, **state}, built
+
+
+def _epochs(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict, ckpt: Path, built: Built, state: dict,
+            start_epoch: int, done_steps: int, partial, stop_position, log: TrainLog, code: dict) -> None:
+    """The epochs of train_variant from start_epoch on: train, evaluate, keep the weights, checkpoint."""
+    model, opt = built.model, built.optimizer
+    bs, accum = recipe.batch_size(variant), recipe.accum_steps(variant)
     model.train()
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -219,6 +239,8 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
             sums["lm_bm"] += out.lm_mean or 0.0
             sums["correct"] += int((out.sent_logits.argmax(-1) == labels).sum())
             sums["n"] += len(idx)
+            lr = opt.param_groups[0]["lr"]
+            log.step((epoch - 1) * len(batches) + step, loss_value, out.sent_mean, out.lm_mean, lr)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.3f}", acc=f"{100 * sums['correct'] / sums['n']:.1f}")
         if STOP and skip < len(batches):
@@ -230,6 +252,9 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         before = rng_state(recipe.device)  # the evaluation draws from no global generator; kept to be sure
         try:
             results = {name: evaluate(model, enc, recipe, built.autocast_dtype) for name, enc in evals.items()}
+            best = state["best"] is None or results["validation"]["acc"] > state["best"]["acc"]
+            keep_epoch(recipe, model, ckpt, epoch, evals["validation"], results["validation"]["pred"], best,
+                       built.autocast_dtype, seed, code)
         except Interrupted as e:
             # a stop during the evaluation: the trained epoch is kept as the position after its last step
             # (the state the evaluation started from); the resume evaluates it again
@@ -258,12 +283,12 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         }
         state["history"].append(row)
         state["seconds"] += row["seconds"]
-        if state["best"] is None or val["acc"] > state["best"]["acc"]:
+        if best:
             state["best"] = {"acc": val["acc"], **_prediction_record(epoch, val)}
         state["final"] = _prediction_record(epoch, val)
         print(_epoch_line(variant, seed, row))
+        log.epoch(epoch * len(batches), row, opt.param_groups[0]["lr"])
         save_checkpoint(ckpt, epoch, model, opt, built.scheduler, built.scaler, state)
-    return {"total": total, "trainable": trainable, "info": built.info, **state}, built
 
 
 def _epoch_line(variant: str, seed: int, row: dict) -> str:

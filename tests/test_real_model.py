@@ -233,3 +233,15 @@ def test_each_preset_computes_in_the_dtypes_of_its_reading(four_bit, tiny_qwen, 
         assert seen["published"][2] == {"lora": fp32, "attention": bf16, "residual": bf16}
     for name in seen:
         assert seen[name][3:] == (torch.float32, torch.float32), name
+
+
+@needs_smollm2
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_smollm2_adapter_loads_with_peft_and_reproduces_the_recorded_predictions(smol_folder, sst2_small, tmp_path):
+    """A shortened run on SmolLM2-135M in 4-bit: its kept adapter loads with PeftModel.from_pretrained
+    on a fresh base and, with the saved heads, gives the recorded validation predictions (test_adapter.py)."""
+    from tests.test_adapter import check_adapter, shortened_run
+
+    cache = Path(smol_folder).parent  # this module's dequantised copy, reused
+    out, argv = shortened_run(tmp_path, sst2_small, ["--model", str(GGUF), "--cache-dir", str(cache)], epochs=1)
+    check_adapter(out, argv, Path(smol_folder), sst2_small, cache_dir=cache)
