@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -233,10 +234,27 @@ def finished_jobs(ckpt_root: Path) -> list[str]:
     return sorted(f"{r.parent.parent.name}/{r.parent.name}" for r in ckpt_root.glob("seed*/*/result.json"))
 
 
+def committed_study(ckpt_root: Path, done: list[str]) -> bool:
+    """Every finished job of the folder is as git holds it at HEAD (each result.json tracked, nothing
+    under the folder modified, deleted or new): the committed study, which `git restore` brings back,
+    so a fresh run may replace it. False outside a git checkout or when git cannot be asked: then
+    nothing says the results are anywhere else, and they are kept."""
+    root = ckpt_root.resolve()
+    git = ["git", "-C", str(root)]
+    try:
+        tracked = subprocess.run([*git, "ls-files", "--error-unmatch", "--", *(str(root / d / "result.json") for d in done)],
+                                 capture_output=True, timeout=60)
+        changed = subprocess.run([*git, "status", "--porcelain", "--", str(root)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return bool(done) and tracked.returncode == 0 and changed.returncode == 0 and not changed.stdout.strip()
+
+
 def check_fresh(ckpt_root: Path, overwrite: bool) -> list[str]:
-    """The finished jobs a fresh run would delete; refused in one line unless --overwrite."""
+    """The finished jobs a fresh run would delete; refused in one line unless --overwrite, or unless
+    they are the committed study unchanged (a newcomer's first command trains; git brings them back)."""
     done = finished_jobs(ckpt_root)
-    if done and not overwrite:
+    if done and not overwrite and not committed_study(ckpt_root, done):
         raise UsageError(f"{ckpt_root.parent} holds {len(done)} finished job(s) ({', '.join(done[:4])}"
                          f"{', ...' if len(done) > 4 else ''}); continue them with --resume, delete them with --overwrite, "
                          "or pass another --out")
@@ -255,8 +273,11 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite
             raise UsageError(f"{ckpt_root.parent} is in use by jobs still running: {', '.join(held)}; wait for them, stop "
                              "them, or pass another --out")
         done = check_fresh(ckpt_root, overwrite)
-        if done:
+        if done and overwrite:
             print(f"--overwrite: deleting the {len(done)} finished job(s) and every checkpoint in {ckpt_root}", file=sys.stderr)
+        elif done:
+            print(f"note: replacing the committed study in {ckpt_root.parent} ({len(done)} finished job(s), unchanged since "
+                  f"the last commit); bring it back with: git restore {ckpt_root.parent}", file=sys.stderr)
         elif complete_checkpoints_below(ckpt_root):
             print(f"note: starting over: the unfinished jobs' checkpoints in {ckpt_root} are removed "
                   "(--resume continues them)", file=sys.stderr)

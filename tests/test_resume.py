@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,52 @@ def test_a_fresh_run_over_finished_jobs_is_refused_in_one_line_and_deletes_nothi
     m = run(sst2_small, out, "--variants", "sentiment_only", "--overwrite")
     assert m["complete"] and "--overwrite" in m["command"] and "--overwrite" not in m["jobs"]["rerun"]
     assert f"--overwrite: deleting the 1 finished job(s) and every checkpoint in {out / 'checkpoints'}" in capsys.readouterr().err
+
+
+def git(folder: Path, *words: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *words],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_a_fresh_run_replaces_the_committed_study_and_refuses_results_git_does_not_hold(finished, sst2_small, tmp_path,
+                                                                                       capsys):
+    """A newcomer's first command trains: finished jobs exactly as git holds them (the committed study)
+    are replaced, with one line saying how to bring them back; one finished job git does not hold (a
+    user's own hours) or a committed one changed since is refused as before, deleting nothing."""
+    import shutil
+
+    out = tmp_path / "results"
+    shutil.copytree(finished, out)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "the committed study")
+    committed = files_of(out)
+
+    # a user's own finished job beside the committed ones: refused, nothing deleted
+    shutil.copytree(out / "checkpoints" / "seed42", out / "checkpoints" / "seed43")
+    with pytest.raises(SystemExit) as e:
+        run(sst2_small, out, "--variants", "sentiment_only")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "holds 2 finished job(s)" in err
+    shutil.rmtree(out / "checkpoints" / "seed43")
+    # a committed result changed since the commit: refused too
+    result = out / "checkpoints" / "seed42" / "sentiment_only" / "result.json"
+    result.write_bytes(result.read_bytes() + b" ")
+    with pytest.raises(SystemExit) as e:
+        run(sst2_small, out, "--variants", "sentiment_only")
+    assert e.value.code == 2 and "holds 1 finished job(s)" in capsys.readouterr().err
+    git(tmp_path, "checkout", "--", ".")
+    assert files_of(out) == committed
+
+    # the committed study unchanged: replaced, saying how to bring it back, and git restore does
+    m = run(sst2_small, out, "--variants", "sentiment_only", "--epochs", "1")
+    err = capsys.readouterr().err
+    assert m["complete"] and len(m["models"]["sentiment_only"]["runs"][0]["history"]) == 1
+    assert (f"note: replacing the committed study in {out} (1 finished job(s), unchanged since the last commit); "
+            f"bring it back with: git restore {out}") in err
+    assert git(tmp_path, "status", "--porcelain").strip()  # the run changed the committed files
+    git(tmp_path, "restore", str(out))
+    assert files_of(out) == committed
 
 
 @pytest.mark.parametrize("command, executor, expected", [
