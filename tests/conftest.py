@@ -32,6 +32,22 @@ def comparable(out):
     return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((Path(out) / "predictions.json").read_text())
 
 
+def crash_after_saving(monkeypatch, variant: str, epoch: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
+    """Wrap training.save_checkpoint so that exc("simulated crash") is raised right after variant's
+    epoch `epoch` is saved: a crash that loses nothing checkpointed; monkeypatch undoes it."""
+    import training
+
+    real = training.save_checkpoint
+
+    def save_then_crash(folder, ep, *a, **k):
+        path = real(folder, ep, *a, **k)
+        if folder.name == variant and ep == epoch:
+            raise exc("simulated crash")
+        return path
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+
+
 def on_training_step(monkeypatch, variant: str, step: int, action) -> None:
     """Wrap training.run_batch so that action(output) runs after the step-th training batch of
     variant (counted across epochs, from 1); returns nothing, monkeypatch undoes it."""

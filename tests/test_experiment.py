@@ -3,9 +3,8 @@ import json
 import pytest
 
 import experiment
-import training
 from checkpoints import latest_checkpoint
-from tests.conftest import comparable, on_training_step
+from tests.conftest import comparable, crash_after_saving, on_training_step
 
 TINY = ["--epochs", "2", "--no-progress"]
 HISTORY_KEYS = {"epoch", "train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "val_acc", "val_sent_loss",
@@ -79,20 +78,12 @@ def test_checkpoints_are_complete_and_incomplete_ones_are_ignored(small_run):
 
 def test_resume_after_a_crash_gives_exactly_the_uninterrupted_metrics(small_run, sst2_small, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
-    real_save = training.save_checkpoint
-
-    def crash_after_dual_head_epoch_1(folder, epoch, *a, **k):
-        path = real_save(folder, epoch, *a, **k)
-        if folder.name == "dual_head" and epoch == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", crash_after_dual_head_epoch_1)
+    crash_after_saving(monkeypatch, "dual_head", 1)
     with pytest.raises(KeyboardInterrupt):
         run_small(sst2_small, out, "--extra-eval", f"again={sst2_small / 'dev.tsv'}")
     partial = json.loads((out / "metrics.json").read_text())
     assert not partial["complete"] and list(partial["models"]) == ["sentiment_only"]  # finished work survived
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.undo()  # the real save_checkpoint again
     run_small(sst2_small, out, "--extra-eval", f"again={sst2_small / 'dev.tsv'}", "--resume")
     assert comparable(out) == comparable(small_run)
 

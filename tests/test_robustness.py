@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 import checkpoints
 import cli
 import experiment
-import training
 from checkpoints import (
     CheckpointError,
     complete_checkpoints,
@@ -34,7 +33,7 @@ from checkpoints import (
 )
 from cli import STOP, Interrupted, UsageError, check_stop
 from data import Split, read_tsv
-from tests.conftest import comparable, on_training_step
+from tests.conftest import comparable, crash_after_saving, on_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny and fast, yet several steps per epoch (64 rows in batches of 16) and both labels well
@@ -104,16 +103,8 @@ def crashed(sst2_small, tmp_path_factory) -> Path:
     """A run that crashed right after dual_head's epoch 2 was saved: sentiment_only finished,
     dual_head has epoch_001 and epoch_002."""
     out = tmp_path_factory.mktemp("crashed")
-    real_save = training.save_checkpoint
-
-    def crash_after_dual_head_epoch_2(folder, epoch, *a, **k):
-        path = real_save(folder, epoch, *a, **k)
-        if folder.name == "dual_head" and epoch == 2:
-            raise Crash("simulated crash")
-        return path
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "save_checkpoint", crash_after_dual_head_epoch_2)
+        crash_after_saving(mp, "dual_head", 2, Crash)
         with pytest.raises(Crash):
             run_small(sst2_small, out)
     folder = out / "checkpoints" / "seed42" / "dual_head"

@@ -12,6 +12,7 @@ import predict
 import training
 from data import Encoded, read_tsv
 from prediction import load_variant
+from tests.conftest import crash_after_saving
 from weights import saved_epoch
 
 TINY = ["--epochs", "2", "--no-progress"]
@@ -137,21 +138,13 @@ def test_predict_refuses_in_one_line(kept_run, tmp_path, capsys, monkeypatch):
 def test_a_job_stopped_after_its_selected_epoch_keeps_its_weights_and_a_rerun_keeps_them(kept_run, sst2_small, tmp_path,
                                                                                         monkeypatch):
     out = tmp_path / "crashed"
-    real_save = training.save_checkpoint
-
-    def crash_after_epoch_1(folder, epoch, *a, **k):
-        path = real_save(folder, epoch, *a, **k)
-        if folder.name == "sentiment_only" and epoch == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(training, "save_checkpoint", crash_after_epoch_1)
+    crash_after_saving(monkeypatch, "sentiment_only", 1)
     with pytest.raises(KeyboardInterrupt):
         run_small(sst2_small, out, "--variants", "sentiment_only")
     best = job(out, "sentiment_only") / "weights" / "best"
     assert saved_epoch(best) == 1 and not (best.parent / "final").exists()  # kept before the crash
     stamp = (best / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.undo()  # the real save_checkpoint again
     run_small(sst2_small, out, "--variants", "sentiment_only", "--resume")
     # the same weights as the uninterrupted run's, for the epoch its result selects
     for which in ("best", "final"):
