@@ -7,6 +7,7 @@
 - the rank of the pooled states (the study's anti-collapse explanation of H1);
 - the evaluation ablation (zero / shuffled engram): does the model read its engram?
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,8 +55,9 @@ def untrained_engrams(x: torch.Tensor, engram_dim: int, draw_seed: int) -> np.nd
         return compressor(x).numpy()  # [n,e]
 
 
-def random_compressor_tail(pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int,
-                           draws: int = TAIL_DRAWS) -> dict:
+def random_compressor_tail(
+    pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int, draws: int = TAIL_DRAWS
+) -> dict:
     """ARI and cluster accuracy of `draws` untrained compressors (the same seeds as the control
     above, continued) on the pooled states as arrays.npz keeps them (float16): enough draws per run
     to say how often a random projection reaches a given ARI (the study's, say). Computed from the
@@ -66,7 +68,12 @@ def random_compressor_tail(pooled: np.ndarray, labels: np.ndarray, engram_dim: i
         metrics, _ = engram_metrics(untrained_engrams(x, engram_dim, seed * 1000 + d), labels, seed)
         ari.append(metrics["ari"])
         acc.append(metrics["cluster_accuracy"])
-    return {"draws": draws, "inputs": "pooled states as saved in arrays.npz (float16)", "ari": ari, "cluster_accuracy": acc}
+    return {
+        "draws": draws,
+        "inputs": "pooled states as saved in arrays.npz (float16)",
+        "ari": ari,
+        "cluster_accuracy": acc,
+    }
 
 
 def ari_percentile(ari: float, draws) -> float:
@@ -102,8 +109,9 @@ def tail_rate(fractions) -> dict:
     return out
 
 
-def random_compressor_control(pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int,
-                              draws: int = RANDOM_DRAWS) -> dict:
+def random_compressor_control(
+    pooled: np.ndarray, labels: np.ndarray, engram_dim: int, seed: int, draws: int = RANDOM_DRAWS
+) -> dict:
     """The engram metrics and the engram probe of `draws` freshly initialised, never trained
     compressors (Linear(H -> e) -> Tanh, PyTorch's default init, as the model's own starts) on the
     same pooled states: what a random projection of those states already gives."""
@@ -134,7 +142,10 @@ def ablation(model: EngramModel, val, recipe: Recipe, autocast_dtype, seed: int)
     every engram zero, and with every engram taken from another example; how many predictions each
     change moves, out of how many could move."""
     base = recipe.eval_mode
-    runs = {mode: evaluate(model, val, recipe, autocast_dtype, mode=mode, seed=seed) for mode in ("pair", "zero", "shuffled")}
+    runs = {
+        mode: evaluate(model, val, recipe, autocast_dtype, mode=mode, seed=seed)
+        for mode in ("pair", "zero", "shuffled")
+    }
     out = {"base": base, **{mode: r["acc"] for mode, r in runs.items()}}
     bs = recipe.batch_size(model.variant)
     for mode in ("pair", "zero", "shuffled"):

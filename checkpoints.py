@@ -1,5 +1,6 @@
 """Per-epoch checkpoints: save, read back to verify, load, and fall back to an older epoch when
 the newest cannot be read; every random generator's state; the settings a resume must match."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,10 @@ def rng_state(device: torch.device | None = None) -> tuple[dict, dict]:
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     py = random.getstate()
-    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, meta
 
 
@@ -130,15 +134,19 @@ def save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, scale
     torch.save(train_state, tmp / "train_state.pt")
     rng_tensors, rng_meta = rng_state(training_device(model))
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "step": step, "rng": rng_meta}, allow_nan=False))
+    (tmp / "state.json").write_text(
+        json.dumps({**state, "epoch": epoch, "step": step, "rng": rng_meta}, allow_nan=False)
+    )
     (tmp / MARKER).write_text("ok\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     try:
         read_checkpoint(final)  # verify before any older epoch is removed
     except CheckpointError as e:
-        raise UsageError(f"checkpoint {final} did not read back ({e}); the older epochs are kept in {folder}; "
-                         "check the disk, then continue with --resume") from None
+        raise UsageError(
+            f"checkpoint {final} did not read back ({e}); the older epochs are kept in {folder}; "
+            "check the disk, then continue with --resume"
+        ) from None
     for old in complete_checkpoints(folder)[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -169,7 +177,9 @@ def _apply(ck: dict, path: Path, model, optimizer, scheduler, scaler) -> dict:
     if scaler is not None and "scaler" in ck["train_state"]:
         scaler.load_state_dict(ck["train_state"]["scaler"])
     elif scaler is not None:  # made without a loss scaler (on bf16 or fp32): this one starts fresh
-        print(f"note: checkpoint {path} has no loss-scaler state; the scaler starts at its initial scale", file=sys.stderr)
+        print(
+            f"note: checkpoint {path} has no loss-scaler state; the scaler starts at its initial scale", file=sys.stderr
+        )
     set_rng_state(ck["rng"], ck["rng_meta"], training_device(model))
     return ck["state"]
 
@@ -197,8 +207,10 @@ def read_result(path: Path, label: str) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        print(f"warning: {path} cannot be read ({type(e).__name__}); finishing {label} again from its checkpoints",
-              file=sys.stderr)
+        print(
+            f"warning: {path} cannot be read ({type(e).__name__}); finishing {label} again from its checkpoints",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -207,9 +219,29 @@ def read_result(path: Path, label: str) -> dict | None:
 # settings a resumed run may change: where and how it runs, and which jobs of the grid (seeds and
 # variants may be added); never what a job computes
 # (threads too: each result records its own, and the same seed gives the same numbers only at one thread count)
-RESUME_FREE = ("resume", "no_progress", "seeds", "variants", "out", "device", "executor", "jobs", "threads", "status",
-               "report_only", "overwrite", "slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus", "slurm_extra", "job",
-               "ladder", "report_to", "log_steps")
+RESUME_FREE = (
+    "resume",
+    "no_progress",
+    "seeds",
+    "variants",
+    "out",
+    "device",
+    "executor",
+    "jobs",
+    "threads",
+    "status",
+    "report_only",
+    "overwrite",
+    "slurm_partition",
+    "slurm_time",
+    "slurm_gpus",
+    "slurm_cpus",
+    "slurm_extra",
+    "job",
+    "ladder",
+    "report_to",
+    "log_steps",
+)
 
 
 def live_job_locks(ckpt_root: Path) -> list[str]:
@@ -225,7 +257,9 @@ def live_job_locks(ckpt_root: Path) -> list[str]:
         except (OSError, ValueError):
             continue
         if holder.get("host") != socket.gethostname() or alive(int(holder.get("pid", 0))):
-            held.append(f"{lock.parent.parent.name}/{lock.parent.name} (pid {holder.get('pid')} on {holder.get('host')})")
+            held.append(
+                f"{lock.parent.parent.name}/{lock.parent.name} (pid {holder.get('pid')} on {holder.get('host')})"
+            )
     return held
 
 
@@ -242,9 +276,14 @@ def committed_study(ckpt_root: Path, done: list[str]) -> bool:
     root = ckpt_root.resolve()
     git = ["git", "-C", str(root)]
     try:
-        tracked = subprocess.run([*git, "ls-files", "--error-unmatch", "--", *(str(root / d / "result.json") for d in done)],
-                                 capture_output=True, timeout=60)
-        changed = subprocess.run([*git, "status", "--porcelain", "--", str(root)], capture_output=True, text=True, timeout=60)
+        tracked = subprocess.run(
+            [*git, "ls-files", "--error-unmatch", "--", *(str(root / d / "result.json") for d in done)],
+            capture_output=True,
+            timeout=60,
+        )
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--", str(root)], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return bool(done) and tracked.returncode == 0 and changed.returncode == 0 and not changed.stdout.strip()
@@ -255,14 +294,17 @@ def check_fresh(ckpt_root: Path, overwrite: bool) -> list[str]:
     they are the committed study unchanged (a newcomer's first command trains; git brings them back)."""
     done = finished_jobs(ckpt_root)
     if done and not overwrite and not committed_study(ckpt_root, done):
-        raise UsageError(f"{ckpt_root.parent} holds {len(done)} finished job(s) ({', '.join(done[:4])}"
-                         f"{', ...' if len(done) > 4 else ''}); continue them with --resume, delete them with --overwrite, "
-                         "or pass another --out")
+        raise UsageError(
+            f"{ckpt_root.parent} holds {len(done)} finished job(s) ({', '.join(done[:4])}"
+            f"{', ...' if len(done) > 4 else ''}); continue them with --resume, delete them with --overwrite, "
+            "or pass another --out"
+        )
     return done
 
 
-def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite: bool = False,
-                        start_over: str = "run without --resume") -> None:
+def prepare_checkpoints(
+    ckpt_root: Path, settings: dict, resume: bool, overwrite: bool = False, start_over: str = "run without --resume"
+) -> None:
     """A fresh run starts its folder over, unless a job of that folder is still running, and never
     deletes a finished job's result unless told to (--overwrite); a resumed one only continues
     checkpoints made with the same settings (seeds and variants may be added). `start_over` is what
@@ -270,17 +312,29 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite
     if not resume:
         held = live_job_locks(ckpt_root)
         if held:
-            raise UsageError(f"{ckpt_root.parent} is in use by jobs still running: {', '.join(held)}; wait for them, stop "
-                             "them, or pass another --out")
+            raise UsageError(
+                f"{ckpt_root.parent} is in use by jobs still running: {', '.join(held)}; wait for them, stop "
+                "them, or pass another --out"
+            )
         done = check_fresh(ckpt_root, overwrite)
         if done and overwrite:
-            print(f"--overwrite: deleting the {len(done)} finished job(s) and every checkpoint in {ckpt_root}", file=sys.stderr)
+            print(
+                f"--overwrite: deleting the {len(done)} finished job(s) and every checkpoint in {ckpt_root}",
+                file=sys.stderr,
+            )
         elif done:
-            print(f"note: replacing the committed study in {ckpt_root.parent} ({len(done)} finished job(s), unchanged since "
-                  f"the last commit); bring it back with: git restore {ckpt_root.parent}", file=sys.stderr)
+            print(
+                f"note: replacing the committed study in {ckpt_root.parent} ({len(done)} finished job(s), "
+                "unchanged since "
+                f"the last commit); bring it back with: git restore {ckpt_root.parent}",
+                file=sys.stderr,
+            )
         elif complete_checkpoints_below(ckpt_root):
-            print(f"note: starting over: the unfinished jobs' checkpoints in {ckpt_root} are removed "
-                  "(--resume continues them)", file=sys.stderr)
+            print(
+                f"note: starting over: the unfinished jobs' checkpoints in {ckpt_root} are removed "
+                "(--resume continues them)",
+                file=sys.stderr,
+            )
         shutil.rmtree(ckpt_root, ignore_errors=True)
     path = ckpt_root / "run.json"
     mine = {k: v for k, v in settings.items() if k not in RESUME_FREE}
@@ -288,15 +342,21 @@ def prepare_checkpoints(ckpt_root: Path, settings: dict, resume: bool, overwrite
         try:
             theirs = json.loads(path.read_text())
         except (OSError, ValueError):
-            raise UsageError(f"{path} cannot be read, so the settings of its checkpoints are unknown; "
-                             f"{start_over} to start over") from None
+            raise UsageError(
+                f"{path} cannot be read, so the settings of its checkpoints are unknown; {start_over} to start over"
+            ) from None
         theirs = {k: v for k, v in theirs.items() if k not in RESUME_FREE}  # written before a setting was freed
         # a setting that did not exist when they were made counts as its default, and equals only that
-        diff = [f"{k}: {theirs.get(k)} -> {mine.get(k)}" for k in sorted(set(mine) | set(theirs))
-                if theirs.get(k) != mine.get(k) and not (k not in theirs and is_unset(mine.get(k)))]
+        diff = [
+            f"{k}: {theirs.get(k)} -> {mine.get(k)}"
+            for k in sorted(set(mine) | set(theirs))
+            if theirs.get(k) != mine.get(k) and not (k not in theirs and is_unset(mine.get(k)))
+        ]
         if diff:
-            raise UsageError(f"checkpoints in {ckpt_root} were made with other settings ({'; '.join(diff)}); "
-                             f"resume with the same flags, or {start_over} to start over")
+            raise UsageError(
+                f"checkpoints in {ckpt_root} were made with other settings ({'; '.join(diff)}); "
+                f"resume with the same flags, or {start_over} to start over"
+            )
     write_json(path, mine)
 
 

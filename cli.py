@@ -1,5 +1,6 @@
 """What both command lines share: argparse types, the common flags, one-line errors with their
 exit codes, and the stop request that SIGINT / SIGTERM turn into a clean stop at a step boundary."""
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +54,18 @@ class StopRequest:
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            print(f"\n{signal.Signals(signum).name} received while stopping: still stopping after the current step",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name} received while stopping: still stopping after the current step",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after the current step "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: stopping after the current step (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 STOP = StopRequest()
@@ -144,82 +151,199 @@ def key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def base_parser(prog: str, description: str, *, epochs: int, batch_size: str, lr: float, out: str,
-                protocols: tuple[str, ...], variants: tuple[str, ...], slurm_gpus: int, rungs: tuple[str, ...]) -> argparse.ArgumentParser:
+def base_parser(
+    prog: str,
+    description: str,
+    *,
+    epochs: int,
+    batch_size: str,
+    lr: float,
+    out: str,
+    protocols: tuple[str, ...],
+    variants: tuple[str, ...],
+    slurm_gpus: int,
+    rungs: tuple[str, ...],
+) -> argparse.ArgumentParser:
     """A parser with the flags both experiments share, grouped as the help shows them, with the
     given scale's defaults. Unknown flags are errors (argparse exits with status 2). Settings a
     protocol fixes default to None here and are filled from the preset (see protocols.py)."""
     # allow_abbrev=False: `--proto published` is an error, not --protocol (the ladder rewrites flags by name)
-    p = argparse.ArgumentParser(prog=prog, description=description + " Defaults are the study's settings.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--protocol", choices=protocols, default=protocols[0],
-                   help="written: the system the study's write-up describes; published: the study's code as it was "
-                        "run (see README, 'As written vs as run'). Explicit flags override the preset")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any field of the protocol's preset (protocols.py), e.g. --set causal=false; repeatable")
-    p.add_argument("--ladder", action="store_true",
-                   help="from --protocol, one run per difference between the two readings, each the base with that one "
-                        "difference switched to the other protocol, plus both ends, in OUT/ladder/<rung>/; then "
-                        "OUT/ladder/LADDER.md (see README, 'Which difference does what')")
-    p.add_argument("--rung", choices=rungs, default=None,
-                   help="one rung of the ladder: the protocol's preset with that difference switched to the other protocol "
-                        "(base: none; other: all)")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description + " Defaults are the study's settings.",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--protocol",
+        choices=protocols,
+        default=protocols[0],
+        help="written: the system the study's write-up describes; published: the study's code as it was "
+        "run (see README, 'As written vs as run'). Explicit flags override the preset",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any field of the protocol's preset (protocols.py), e.g. --set causal=false; repeatable",
+    )
+    p.add_argument(
+        "--ladder",
+        action="store_true",
+        help="from --protocol, one run per difference between the two readings, each the base with that one "
+        "difference switched to the other protocol, plus both ends, in OUT/ladder/<rung>/; then "
+        "OUT/ladder/LADDER.md (see README, 'Which difference does what')",
+    )
+    p.add_argument(
+        "--rung",
+        choices=rungs,
+        default=None,
+        help="one rung of the ladder: the protocol's preset with that difference switched to the other protocol "
+        "(base: none; other: all)",
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "
-                        "default: download stanfordnlp/sst2 from the Hugging Face hub")
-    d.add_argument("--max-train", type=positive_int, default=None,
-                   help="use only the first N training rows (examples; marks the run as shortened)")
-    d.add_argument("--max-eval", type=positive_int, default=None,
-                   help="use only the first N validation rows (examples; marks the run as shortened)")
-    d.add_argument("--extra-eval", action="append", default=[], metavar="NAME=PATH",
-                   help="also evaluate on this labeled TSV after every epoch (repeatable)")
+    d.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with GLUE-layout train.tsv and dev.tsv (header sentence<TAB>label); "
+        "default: download stanfordnlp/sst2 from the Hugging Face hub",
+    )
+    d.add_argument(
+        "--max-train",
+        type=positive_int,
+        default=None,
+        help="use only the first N training rows (examples; marks the run as shortened)",
+    )
+    d.add_argument(
+        "--max-eval",
+        type=positive_int,
+        default=None,
+        help="use only the first N validation rows (examples; marks the run as shortened)",
+    )
+    d.add_argument(
+        "--extra-eval",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also evaluate on this labeled TSV after every epoch (repeatable)",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training set")
-    t.add_argument("--batch-size", type=positive_int, default=None,
-                   help=f"examples per forward batch (preset: {batch_size}); dual_engram splits each into two halves")
-    t.add_argument("--lr", type=positive_float, default=lr, help="learning rate (the peak, where the protocol has a schedule)")
-    t.add_argument("--seeds", type=seed_int, nargs="+", default=[42], metavar="SEED",
-                   help="train every variant once per seed, each in [0, 2**32) (default: 42)")
-    t.add_argument("--variants", nargs="+", choices=variants, default=list(variants), metavar="VARIANT",
-                   help=f"train only these variants ({', '.join(variants)}; default: all three); hypotheses that need "
-                        "a missing variant are reported as not run")
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto: cuda if present)")
-    t.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice; with --executor local, cores // --jobs)")
+    t.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help=f"examples per forward batch (preset: {batch_size}); dual_engram splits each into two halves",
+    )
+    t.add_argument(
+        "--lr", type=positive_float, default=lr, help="learning rate (the peak, where the protocol has a schedule)"
+    )
+    t.add_argument(
+        "--seeds",
+        type=seed_int,
+        nargs="+",
+        default=[42],
+        metavar="SEED",
+        help="train every variant once per seed, each in [0, 2**32) (default: 42)",
+    )
+    t.add_argument(
+        "--variants",
+        nargs="+",
+        choices=variants,
+        default=list(variants),
+        metavar="VARIANT",
+        help=f"train only these variants ({', '.join(variants)}; default: all three); hypotheses that need "
+        "a missing variant are reported as not run",
+    )
+    t.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train (default auto: cuda if present)",
+    )
+    t.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; with --executor local, cores // --jobs)",
+    )
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=None, help=f"output folder (default {out}/, or {out}/published/ with --protocol published)")
-    o.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
-                        "the one in progress restarts after its last complete epoch")
-    o.add_argument("--overwrite", action="store_true",
-                   help="a fresh run (no --resume) over a folder with finished jobs deletes their results; without this "
-                        "flag it is refused")
+    o.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {out}/, or {out}/published/ with --protocol published)",
+    )
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints in OUT/checkpoints: finished variants are skipped, "
+        "the one in progress restarts after its last complete epoch",
+    )
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a fresh run (no --resume) over a folder with finished jobs deletes their results; without this "
+        "flag it is refused",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch remains)")
-    o.add_argument("--compare", type=Path, default=None, metavar="METRICS_JSON",
-                   help=f"metrics.json of this scale's run under the other protocol, for the report's 'As written vs as run' "
-                        f"tables (default: OUT/published/metrics.json for a written run, and for a published run in "
-                        f"OUT/published, OUT/metrics.json; OUT defaults to {out}; skipped if absent or of another model)")
+    o.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="METRICS_JSON",
+        help=f"metrics.json of this scale's run under the other protocol, for the report's 'As written vs as run' "
+        f"tables (default: OUT/published/metrics.json for a written run, and for a published run in "
+        f"OUT/published, OUT/metrics.json; OUT defaults to {out}; skipped if absent or of another model)",
+    )
     x = p.add_argument_group("execution: a run is a grid of jobs, one per (seed, variant)")
-    x.add_argument("--executor", choices=("serial", "local", "slurm"), default="serial",
-                   help="serial: every job in turn in this process; local: --jobs at once on this machine (submitit); "
-                        "slurm: one Slurm job array (submitit). Rerunning a local or slurm command submits only the jobs "
-                        "without a result")
-    x.add_argument("--jobs", type=positive_int, default=None,
-                   help="jobs at once (local: processes on this machine, at most one per GPU, default 1; slurm: the "
-                        "array's parallelism, default the whole grid)")
-    x.add_argument("--status", action="store_true", help="print the grid's jobs (finished, running, pending, failed, "
-                                                         "not started) and exit; starts nothing")
-    x.add_argument("--report-only", action="store_true", help="rewrite every output from the finished jobs; trains nothing")
+    x.add_argument(
+        "--executor",
+        choices=("serial", "local", "slurm"),
+        default="serial",
+        help="serial: every job in turn in this process; local: --jobs at once on this machine (submitit); "
+        "slurm: one Slurm job array (submitit). Rerunning a local or slurm command submits only the jobs "
+        "without a result",
+    )
+    x.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=None,
+        help="jobs at once (local: processes on this machine, at most one per GPU, default 1; slurm: the "
+        "array's parallelism, default the whole grid)",
+    )
+    x.add_argument(
+        "--status",
+        action="store_true",
+        help="print the grid's jobs (finished, running, pending, failed, not started) and exit; starts nothing",
+    )
+    x.add_argument(
+        "--report-only", action="store_true", help="rewrite every output from the finished jobs; trains nothing"
+    )
     x.add_argument("--slurm-partition", default=None, help="Slurm partition (default: the cluster's default)")
-    x.add_argument("--slurm-time", type=positive_int, default=None, metavar="MINUTES",
-                   help="time limit of each job in minutes (required with --executor slurm); a job stopped at its limit "
-                        "checkpoints mid-epoch and is requeued")
+    x.add_argument(
+        "--slurm-time",
+        type=positive_int,
+        default=None,
+        metavar="MINUTES",
+        help="time limit of each job in minutes (required with --executor slurm); a job stopped at its limit "
+        "checkpoints mid-epoch and is requeued",
+    )
     x.add_argument("--slurm-gpus", type=int, default=slurm_gpus, help="GPUs per job")
     x.add_argument("--slurm-cpus", type=positive_int, default=None, help="CPUs per job (default: Slurm's)")
-    x.add_argument("--slurm-extra", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="another sbatch option, e.g. --slurm-extra account=myproject (repeatable)")
-    x.add_argument("--job", default=None, help=argparse.SUPPRESS)  # SEED:VARIANT: run one job of the grid (what an executor starts)
+    x.add_argument(
+        "--slurm-extra",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sbatch option, e.g. --slurm-extra account=myproject (repeatable)",
+    )
+    x.add_argument(
+        "--job", default=None, help=argparse.SUPPRESS
+    )  # SEED:VARIANT: run one job of the grid (what an executor starts)
     return p
 
 
@@ -247,7 +371,10 @@ def other_protocol_metrics(args, out: str) -> Path | None:
 
 def validate_common(args) -> None:
     if args.batch_size < 2:
-        raise UsageError(f"--batch-size {args.batch_size} is too small: dual_engram splits each batch into two halves, so it needs at least 2")
+        raise UsageError(
+            f"--batch-size {args.batch_size} is too small: "
+            "dual_engram splits each batch into two halves, so it needs at least 2"
+        )
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds repeats a seed: {args.seeds}")
     if len(set(args.variants)) != len(args.variants):
@@ -260,12 +387,16 @@ def validate_execution(args) -> None:
     import os
 
     if args.executor == "slurm" and args.slurm_time is None and not (args.status or args.report_only):
-        raise UsageError("--executor slurm needs --slurm-time MINUTES: Slurm's and submitit's default limits are minutes "
-                         "and would stop a job long before it ends")
+        raise UsageError(
+            "--executor slurm needs --slurm-time MINUTES: Slurm's and submitit's default limits are minutes "
+            "and would stop a job long before it ends"
+        )
     if (args.jobs or 1) > 1 and args.executor == "serial":
         raise UsageError(f"--jobs {args.jobs} needs --executor local or slurm (serial runs one job at a time)")
     if args.ladder and args.rung:
-        raise UsageError(f"--ladder runs every rung itself; drop --rung {args.rung} (or drop --ladder to run that one rung)")
+        raise UsageError(
+            f"--ladder runs every rung itself; drop --rung {args.rung} (or drop --ladder to run that one rung)"
+        )
     if args.overwrite and args.resume:
         raise UsageError("--overwrite starts over and --resume continues: pass one of them")
     if args.executor == "local" and args.threads is None:

@@ -1,5 +1,6 @@
 """SST-2 from GLUE-layout TSV files or the hub, checked line by line; the word vocabulary of the
 small experiment; token-id matrices and the batches a seed and an epoch determine."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -36,7 +37,11 @@ def read_tsv(path, flag: str = DATA_FLAG) -> Split:
     path = Path(path)
     fix = f"fix the file or pass another with {flag}"
     if not path.is_file():
-        want = "NAME=PATH to a GLUE-layout TSV" if flag == EXTRA_FLAG else "a folder with GLUE-layout train.tsv and dev.tsv"
+        want = (
+            "NAME=PATH to a GLUE-layout TSV"
+            if flag == EXTRA_FLAG
+            else "a folder with GLUE-layout train.tsv and dev.tsv"
+        )
         raise UsageError(f"data file {path} not found; {flag} must name {want}")
     try:
         raw = path.read_bytes()
@@ -52,7 +57,9 @@ def read_tsv(path, flag: str = DATA_FLAG) -> Split:
         try:
             s = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(f"{path}:{n}: bytes that are not UTF-8 (at column {e.start + 1}); save it as UTF-8, or {fix}") from None
+            raise UsageError(
+                f"{path}:{n}: bytes that are not UTF-8 (at column {e.start + 1}); save it as UTF-8, or {fix}"
+            ) from None
         text.append(s.rstrip("\r"))
     text[0] = text[0].removeprefix("\ufeff")  # a byte-order mark some editors write
     if text[0].split("\t") != ["sentence", "label"]:
@@ -61,7 +68,9 @@ def read_tsv(path, flag: str = DATA_FLAG) -> Split:
     for n, line in enumerate(text[1:], start=2):
         cols = line.split("\t")
         if len(cols) != 2:
-            raise UsageError(f"{path}:{n}: expected 2 tab-separated columns (sentence, label), found {len(cols)}; {fix}")
+            raise UsageError(
+                f"{path}:{n}: expected 2 tab-separated columns (sentence, label), found {len(cols)}; {fix}"
+            )
         sentence, label = cols[0].strip(), cols[1].strip()
         if not sentence.split():
             raise UsageError(f"{path}:{n}: empty sentence; {fix}")
@@ -86,8 +95,10 @@ def load_sst2(data_dir=None) -> dict[str, Split]:
         from datasets import load_dataset
 
         ds = load_dataset(HUB_DATASET)
-        return {s: Split(list(ds[s]["sentence"]), [int(x) for x in ds[s]["label"]], f"hub:{HUB_DATASET}/{s}")
-                for s in ("train", "validation")}
+        return {
+            s: Split(list(ds[s]["sentence"]), [int(x) for x in ds[s]["label"]], f"hub:{HUB_DATASET}/{s}")
+            for s in ("train", "validation")
+        }
     except Exception as e:  # the hub is unreachable, or the cache is missing
         raise UsageError(
             f"could not load {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}); "
@@ -114,9 +125,11 @@ def check_analysable(split: Split, folds: int, what: str) -> None:
     counts = Counter(split.labels)
     short = [f"{counts.get(k, 0)} {name}" for k, name in ((0, "negative"), (1, "positive")) if counts.get(k, 0) < folds]
     if short:
-        raise UsageError(f"{what} has {' and '.join(short)} example(s); the analyses after training (the probes' "
-                         f"{folds}-fold cross-validation, K-Means, t-SNE) need at least {folds} of each label; "
-                         "give a larger set (or a larger --max-eval)")
+        raise UsageError(
+            f"{what} has {' and '.join(short)} example(s); the analyses after training (the probes' "
+            f"{folds}-fold cross-validation, K-Means, t-SNE) need at least {folds} of each label; "
+            "give a larger set (or a larger --max-eval)"
+        )
 
 
 # ----------------------------------------------------------------------------- vocabulary

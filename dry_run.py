@@ -9,6 +9,7 @@ transformers' own quantizer, then each weight made from random numbers and quant
 a time, so the GPU never holds more than one unquantised matrix (at most 18,944 x 3,584 in bf16,
 136 MB, at the 7B shape) and nothing is written to disk.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,11 +28,28 @@ from models import VARIANTS, count_parameters, free_memory
 from qlora import bnb_config, load_tokenizer, precision, resolve_model_source
 
 # Qwen2.5-7B's shape (its config.json), for the dry run without a download; and a tiny one for tests.
-QWEN25_7B_SHAPE = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                       rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+QWEN25_7B_SHAPE = dict(
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TINY_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 # An RTX 4080 ("16 GB") reports 16,376 MiB in total (nvidia-smi, torch.cuda.mem_get_info): the card
 # a dry run is asked about, in GiB.
@@ -106,8 +124,9 @@ def random_causal_lm(config, device, compute_dtype: torch.dtype, load_in_4bit: b
         quantizer = AutoHfQuantizer.from_config(bnb_config(compute_dtype), pre_quantized=False)
         quantizer.validate_environment(device_map={"": str(device)})
         # transformers' own swap of nn.Linear -> bnb Linear4bit (lm_head and tied embeddings stay)
-        quantizer.preprocess_model(model=lm, dtype=compute_dtype, device_map={"": str(device)}, checkpoint_files=None,
-                                   use_kernels=False)
+        quantizer.preprocess_model(
+            model=lm, dtype=compute_dtype, device_map={"": str(device)}, checkpoint_files=None, use_kernels=False
+        )
     gen = torch.Generator(device).manual_seed(seed)
     std = getattr(lm.config, "initializer_range", None) or 0.02
     for module in lm.modules():
@@ -135,14 +154,28 @@ def save_tiny_qwen(folder, sentences: list[str]) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        sentences,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"], pad_token_id=0, eos_token_id=0)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"],
+        pad_token_id=0,
+        eos_token_id=0,
+    )
     Qwen2ForCausalLM(config).save_pretrained(folder)
 
 
@@ -171,11 +204,15 @@ def check_disk(folder, needed_bytes: int) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < needed_bytes:
-        raise UsageError(f"the dry run needs {needed_bytes / 1e9:.1f} GB of disk in {where}, which has "
-                         f"{free / 1e9:.1f} GB free; free some space or point it elsewhere")
+        raise UsageError(
+            f"the dry run needs {needed_bytes / 1e9:.1f} GB of disk in {where}, which has "
+            f"{free / 1e9:.1f} GB free; free some space or point it elsewhere"
+        )
 
 
-def fits(peak_reserved_bytes: int, card_gib: float = CARD_16GB_GIB, overhead_gib: float = CUDA_CONTEXT_GIB) -> tuple[bool, float]:
+def fits(
+    peak_reserved_bytes: int, card_gib: float = CARD_16GB_GIB, overhead_gib: float = CUDA_CONTEXT_GIB
+) -> tuple[bool, float]:
     """(fits, margin in GiB): whether peak reserved memory plus the CUDA context fits the card
     (default: an RTX 4080's 16,376 MiB = 15.99 GiB, with CUDA_CONTEXT_GIB = 0.5). Reserved, not
     allocated: the caching allocator holds the reserved bytes, and fragmentation is real."""
@@ -202,8 +239,11 @@ def dry_run_table(runs) -> str:
     on the CPU, where memory is "n/a (CPU)"; a run with `oom` true ran out of memory: "OOM" cells
     (fits: "no" where the card is at least 16 GB, fits_16gb False). Ends with the line saying what
     "fits" assumed."""
-    lines = ["| Variant | Checkpointing | Batch × tokens | Seconds / step | Peak allocated (GiB) | Peak reserved (GiB) | "
-             "Fits 16 GB (margin) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Variant | Checkpointing | Batch × tokens | Seconds / step | Peak allocated (GiB) | Peak reserved (GiB) | "
+        "Fits 16 GB (margin) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         alloc = r.get("peak_allocated_gib", r.get("peak_gib"))
         reserved = r.get("peak_reserved_gib")
@@ -214,11 +254,20 @@ def dry_run_table(runs) -> str:
         else:
             ok, margin = fits(reserved * 2**30)
             seconds = f"{r['seconds_per_step']:.3f}"
-            mem = ["–" if alloc is None else f"{alloc:.2f}", f"{reserved:.2f}", f"{'yes' if ok else 'no'} ({margin:+.2f} GiB)"]
-        lines.append(f"| {r['variant']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size']} × "
-                     f"{r['max_length']} | {seconds} | " + " | ".join(mem) + " |")
-    lines += ["", f"Fits: peak reserved + {CUDA_CONTEXT_GIB} GiB CUDA context ≤ {CARD_16GB_GIB:.2f} GiB "
-              f"(an RTX 4080's 16,376 MiB); a display on the same card needs more."]
+            mem = [
+                "–" if alloc is None else f"{alloc:.2f}",
+                f"{reserved:.2f}",
+                f"{'yes' if ok else 'no'} ({margin:+.2f} GiB)",
+            ]
+        lines.append(
+            f"| {r['variant']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch_size']} × "
+            f"{r['max_length']} | {seconds} | " + " | ".join(mem) + " |"
+        )
+    lines += [
+        "",
+        f"Fits: peak reserved + {CUDA_CONTEXT_GIB} GiB CUDA context ≤ {CARD_16GB_GIB:.2f} GiB "
+        f"(an RTX 4080's 16,376 MiB); a display on the same card needs more.",
+    ]
     if any(r.get("oom") for r in runs):
         lines.append("OOM: the row ran out of memory on this device; the rows after it ran on.")
     return "\n".join(lines)
@@ -268,9 +317,16 @@ def _one_row(build, variant: str, enc: Encoded, device: torch.device, steps: int
     sec, loss = _time_steps(built, enc, device, steps)
     allocated, reserved = peak_memory(device)
     total, trainable = count_parameters(built.model)
-    row = {"oom": False, "seconds_per_step": sec, "loss": loss, "trainable_params": trainable, "total_params": total,
-           "peak_allocated_gib": None if allocated is None else allocated / 2**30,
-           "peak_reserved_gib": None if reserved is None else reserved / 2**30, "fits_16gb": None}
+    row = {
+        "oom": False,
+        "seconds_per_step": sec,
+        "loss": loss,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_allocated_gib": None if allocated is None else allocated / 2**30,
+        "peak_reserved_gib": None if reserved is None else reserved / 2**30,
+        "fits_16gb": None,
+    }
     if reserved is not None:
         row["fits_16gb"], row["margin_gib"] = fits(reserved)
     return row
@@ -285,8 +341,15 @@ def dry_run(args, device: torch.device, preset, make_builder) -> dict:
     from transformers import Qwen2Config
 
     compute_dtype, _ = precision(device)
-    report = {"shape": args.dry_run, "device": device_name(device), "max_length": args.max_length, "protocol": preset.name,
-              "compute_dtype": str(compute_dtype).replace("torch.", ""), "disk_needed_bytes": 0, "runs": []}
+    report = {
+        "shape": args.dry_run,
+        "device": device_name(device),
+        "max_length": args.max_length,
+        "protocol": preset.name,
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "disk_needed_bytes": 0,
+        "runs": [],
+    }
     if args.dry_run == "model":
         source = resolve_model_source(args.model, args.cache_dir)
         vocab = len(load_tokenizer(source))
@@ -295,8 +358,10 @@ def dry_run(args, device: torch.device, preset, make_builder) -> dict:
         config = Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"])
         vocab = shape["vocab_size"]
         source = functools.partial(random_causal_lm, config, seed=0)  # (device, compute_dtype, load_in_4bit)
-        print(f"random {args.dry_run} weights ({parameter_count(config):,} parameters), built on {device} one matrix "
-              "at a time: no download, no disk")
+        print(
+            f"random {args.dry_run} weights ({parameter_count(config):,} parameters), built on {device} one matrix "
+            "at a time: no download, no disk"
+        )
     g = torch.Generator().manual_seed(0)
     for checkpointing in (True, False):
         args.gradient_checkpointing = checkpointing
@@ -304,24 +369,52 @@ def dry_run(args, device: torch.device, preset, make_builder) -> dict:
         for variant in VARIANTS:
             bs = preset.batch_for(variant)
             ids = torch.randint(0, vocab, (bs, args.max_length), generator=g)  # [bs,T] random tokens
-            row = {"variant": variant, "gradient_checkpointing": checkpointing, "batch_size": bs, "max_length": args.max_length}
+            row = {
+                "variant": variant,
+                "gradient_checkpointing": checkpointing,
+                "batch_size": bs,
+                "max_length": args.max_length,
+            }
             label = f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}]"
             free_memory(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                row.update(_one_row(build, variant, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps))
-                print(f"{label} {row['seconds_per_step']:.3f} s/step at batch {bs} x {args.max_length} tokens"
-                      + ("" if row["peak_reserved_gib"] is None else f"; peak reserved {row['peak_reserved_gib']:.2f} GiB"))
+                row.update(
+                    _one_row(
+                        build, variant, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps
+                    )
+                )
+                print(
+                    f"{label} {row['seconds_per_step']:.3f} s/step at batch {bs} x {args.max_length} tokens"
+                    + (
+                        ""
+                        if row["peak_reserved_gib"] is None
+                        else f"; peak reserved {row['peak_reserved_gib']:.2f} GiB"
+                    )
+                )
             except OUT_OF_MEMORY as e:
                 # one row too big for this GPU must not lose the others: record it, free it, go on
                 gib = card_gib(device)
-                row.update(oom=True, seconds_per_step=None, loss=None, trainable_params=None, total_params=None,
-                           peak_allocated_gib=None, peak_reserved_gib=None,
-                           fits_16gb=False if gib is not None and gib >= CARD_16GB_GIB else None)
-                print(f"{label} out of memory at batch {bs} x {args.max_length} tokens ({str(e).splitlines()[0] if str(e) else ''})")
+                row.update(
+                    oom=True,
+                    seconds_per_step=None,
+                    loss=None,
+                    trainable_params=None,
+                    total_params=None,
+                    peak_allocated_gib=None,
+                    peak_reserved_gib=None,
+                    fits_16gb=False if gib is not None and gib >= CARD_16GB_GIB else None,
+                )
+                print(
+                    f"{label} out of memory at batch {bs} x {args.max_length} tokens "
+                    f"({str(e).splitlines()[0] if str(e) else ''})"
+                )
             report["runs"].append(row)
             free_memory(device)  # after the except clause: its traceback no longer holds the row's model
     report["table"] = dry_run_table(report["runs"])
-    print(f"\nDry run, protocol {preset.name}, {report['device']}, compute dtype {report['compute_dtype']}:\n\n{report['table']}")
+    print(
+        f"\nDry run, protocol {preset.name}, {report['device']}, compute dtype {report['compute_dtype']}:"
+        f"\n\n{report['table']}"
+    )
     return report

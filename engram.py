@@ -1,6 +1,7 @@
 """The engram mechanism beyond the modules: how a batch is run (the sequential-pair step and its
 evaluation ablations), and the measures of engrams (K-Means, ARI, cluster accuracy, cosine
 similarities, probes)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
     labels = np.asarray(labels)
     clusters = np.asarray(clusters)
     ls, cs = np.unique(labels), np.unique(clusters)
-    table = np.array([[np.sum((clusters == c) & (labels == l)) for l in ls] for c in cs])  # [C,L]
+    table = np.array([[np.sum((clusters == c) & (labels == lab)) for lab in ls] for c in cs])  # [C,L]
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / len(labels))
 

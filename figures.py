@@ -1,5 +1,6 @@
 """The two figures of a run: learning curves (mean over seeds with a ± 1 std band, the study's
 published curve dashed) and the t-SNE of the validation engrams and pooled states."""
+
 from __future__ import annotations
 
 import textwrap
@@ -75,13 +76,19 @@ def learning_curves(metrics: dict, panels: list[tuple[str, list[tuple[str, str]]
         axes[0][0].text(0.5, 0.5, "no finished variant yet", ha="center", va="center")
         axes[0][0].set_axis_off()
     band = f"mean of {n_seeds} seeds, band = ± 1 std across seeds" if n_seeds > 1 else "one seed"
-    fig.suptitle(wrapped(f"{subject(metrics)} ({setting(metrics)}): learning curves ({band}); "
-                         "dashed = the study's published run", fig.get_figwidth()))
+    fig.suptitle(
+        wrapped(
+            f"{subject(metrics)} ({setting(metrics)}): learning curves ({band}); dashed = the study's published run",
+            fig.get_figwidth(),
+        )
+    )
     fig.tight_layout()
     return fig
 
 
-def engram_clusters(engrams: np.ndarray, labels: np.ndarray, clusters: np.ndarray, pooled: np.ndarray, title: str, seed: int):
+def engram_clusters(
+    engrams: np.ndarray, labels: np.ndarray, clusters: np.ndarray, pooled: np.ndarray, title: str, seed: int
+):
     """Three t-SNE panels: the engrams coloured by true label and by K-Means cluster, and the pooled
     states they compress, coloured by true label."""
     plt = _pyplot()
@@ -90,7 +97,8 @@ def engram_clusters(engrams: np.ndarray, labels: np.ndarray, clusters: np.ndarra
     def tsne(x):
         n = len(x)
         return TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(
-            np.asarray(x, dtype=np.float32))  # [n,2]
+            np.asarray(x, dtype=np.float32)
+        )  # [n,2]
 
     xy_e, xy_p = tsne(engrams), tsne(pooled)
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))

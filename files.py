@@ -1,5 +1,6 @@
 """Files that survive a crash: atomic writes, JSON without NaN, the output-folder check, and the
 lock that keeps two runs from writing into one output folder."""
+
 from __future__ import annotations
 
 import io
@@ -73,7 +74,9 @@ def check_writable(folder) -> Path:
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UsageError(f"output folder {folder} is not writable ({e.strerror}); pass --out with a folder you can write")
+        raise UsageError(
+            f"output folder {folder} is not writable ({e.strerror}); pass --out with a folder you can write"
+        )
     return folder
 
 
@@ -117,8 +120,15 @@ class FolderLock:
 
     GUARD_STALE_S = 30.0  # a takeover guard seen unchanged this long was left by a process that died in it
 
-    def __init__(self, folder: Path, name: str = "run", command: str = "", wait_s: float = 0.0, who: dict | None = None,
-                 stale_s: float | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        name: str = "run",
+        command: str = "",
+        wait_s: float = 0.0,
+        who: dict | None = None,
+        stale_s: float | None = None,
+    ):
         self.path = Path(folder) / f".lock-{name}.json"
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.wait_s, self.stale_s = wait_s, stale_s
@@ -128,13 +138,24 @@ class FolderLock:
         self._seen: dict = {}  # another host's lock record, or a takeover guard -> when this process first saw it
 
     def _record(self) -> bytes:
-        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "command": self.command, **{k: v for k, v in self.who.items() if k not in ("pid", "host")}}).encode()
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": self.command,
+                **{k: v for k, v in self.who.items() if k not in ("pid", "host")},
+            }
+        ).encode()
 
     def _requeued_from(self, holder: dict) -> bool:
         """The holder is an earlier run of this same Slurm job (requeued since: more restarts)."""
         mine = self.who.get("slurm_job_id")
-        return bool(mine) and holder.get("slurm_job_id") == mine and self.who.get("restarts", 0) > holder.get("restarts", 0)
+        return (
+            bool(mine)
+            and holder.get("slurm_job_id") == mine
+            and self.who.get("restarts", 0) > holder.get("restarts", 0)
+        )
 
     def _try_create(self) -> bool:
         """The record is written to a temporary file first and hard-linked into place, so the lock
@@ -239,12 +260,16 @@ class FolderLock:
             first = self._seen.setdefault(raw, time.monotonic())
             if self.stale_s is not None and time.monotonic() - first >= self.stale_s:
                 return f"left by pid {pid} on {host} (unchanged for {self.stale_s:g} s: that run is taken for gone)"
-            raise UsageError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('started')} "
-                             f"(`{holder.get('command')}`); if that run is gone, delete {self.path}")
+            raise UsageError(
+                f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('started')} "
+                f"(`{holder.get('command')}`); if that run is gone, delete {self.path}"
+            )
         if alive(pid) and pid != os.getpid():
-            raise UsageError(f"{self.path.parent} is in use by a run still going (pid {pid}, since "
-                             f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out "
-                             f"(if that pid now belongs to another program, delete {self.path})")
+            raise UsageError(
+                f"{self.path.parent} is in use by a run still going (pid {pid}, since "
+                f"{holder.get('started')}: `{holder.get('command')}`); wait for it, stop it, or pass another --out "
+                f"(if that pid now belongs to another program, delete {self.path})"
+            )
         return f"left by an earlier run (pid {pid}, no longer running)"
 
     def release(self) -> None:

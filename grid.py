@@ -6,6 +6,7 @@ A job's own files live in its checkpoint folder, OUT/checkpoints/seed<S>/<varian
 (.lock-job.json, held while it trains), its epoch and mid-epoch checkpoints, and once finished its
 result.json and arrays.npz. A job is finished exactly when result.json and arrays.npz exist.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ class Job:
         return Path(out) / "checkpoints" / f"seed{self.seed}" / self.variant
 
     def result_state(self, out: Path) -> str | None:
-        """"finished" (result.json reads back and arrays.npz exists), "unreadable" (result.json is
+        """ "finished" (result.json reads back and arrays.npz exists), "unreadable" (result.json is
         there but cannot be parsed: a cut copy; the job runs again and finishes from its
         checkpoints), or None (no result)."""
         f = self.folder(out)
@@ -95,9 +96,13 @@ def identity() -> dict:
         slurm = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     elif env.get("SLURM_JOB_ID"):
         slurm = env["SLURM_JOB_ID"]
-    return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": slurm,
-            "restarts": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
-            "local_job_id": env.get("SUBMITIT_LOCAL_JOB_ID")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "slurm_job_id": slurm,
+        "restarts": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        "local_job_id": env.get("SUBMITIT_LOCAL_JOB_ID"),
+    }
 
 
 def record_path(out: Path, job: Job) -> Path:
@@ -149,8 +154,12 @@ def slurm_states(ids: list[str]) -> dict[str, str] | None:
         return {}
     try:
         # -r: one line per array element (without it, pending elements come as one "7_[2-4]" line)
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted(set(ids)))], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted(set(ids)))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -172,7 +181,15 @@ def queue_state(rec: dict, queued: dict | None) -> str:
         if queued is None:
             return "unknown"
         state = queued.get(str(rec["slurm_job_id"]))
-        return "gone" if state is None else "running" if state in SLURM_RUNNING else "pending" if state in SLURM_PENDING else "gone"
+        return (
+            "gone"
+            if state is None
+            else "running"
+            if state in SLURM_RUNNING
+            else "pending"
+            if state in SLURM_PENDING
+            else "gone"
+        )
     if rec.get("local_job_id"):  # submitit's local job id is its controller's pid, on the submitter's host
         # a record of earlier code names no submitter (and no host when its job never started): the local
         # executor started it on some host sharing this folder, taken to be this one, or its dead pid would
@@ -210,23 +227,37 @@ def job_states(out: Path, jobs: list[Job]) -> list[dict]:
         found = job.result_state(out)
         if found is None and rec.get("state") == "finished":
             rec = {}  # stale: the result it names is gone (the folder was cleared)
-        row = {"job": job.name, "seed": job.seed, "variant": job.variant, "state": "not started",
-               "job_id": rec.get("slurm_job_id") or rec.get("local_job_id"), "host": rec.get("host"), "gpu": rec.get("gpu"),
-               "submit_host": rec.get("submit_host"),
-               "minutes": None, "error": None, "log": rec.get("log")}
+        row = {
+            "job": job.name,
+            "seed": job.seed,
+            "variant": job.variant,
+            "state": "not started",
+            "job_id": rec.get("slurm_job_id") or rec.get("local_job_id"),
+            "host": rec.get("host"),
+            "gpu": rec.get("gpu"),
+            "submit_host": rec.get("submit_host"),
+            "minutes": None,
+            "error": None,
+            "log": rec.get("log"),
+        }
         where = queue_state(rec, queued) if rec else "unknown"
         if found == "finished":
             result = read_result(job.folder(out) / "result.json", job.label) or {}
             row.update(state="finished", minutes=result.get("seconds", 0) / 60)
         elif found == "unreadable" and where not in ("running", "pending"):
-            row.update(state="failed", error="its result.json cannot be read; a rerun finishes it again from its checkpoints")
+            row.update(
+                state="failed", error="its result.json cannot be read; a rerun finishes it again from its checkpoints"
+            )
         elif rec:
             state = rec.get("state")
             if state == "submitted":
                 state = {"running": "running", "gone": "failed"}.get(where, "pending")
                 if state == "failed":
-                    row["error"] = ("left the queue without starting" if rec.get("slurm_job_id") else
-                                    "its process ended before training started (see its log)")
+                    row["error"] = (
+                        "left the queue without starting"
+                        if rec.get("slurm_job_id")
+                        else "its process ended before training started (see its log)"
+                    )
             elif state == "running":
                 if where == "gone":
                     state = "failed"
@@ -251,7 +282,9 @@ def status_table(rows: list[dict]) -> str:
     lines = ["| Job | State | Job id | Host | Minutes | Last line (failed) |", "|---|---|---|---|---|---|"]
     for r in rows:
         minutes = "" if r["minutes"] is None else f"{r['minutes']:.1f}"
-        lines.append(f"| {r['job']} | {r['state']} | {r['job_id'] or ''} | {r['host'] or ''} | {minutes} | "
-                     f"{(r['error'] or '') if r['state'] == 'failed' else ''} |")
+        lines.append(
+            f"| {r['job']} | {r['state']} | {r['job_id'] or ''} | {r['host'] or ''} | {minutes} | "
+            f"{(r['error'] or '') if r['state'] == 'failed' else ''} |"
+        )
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     return "\n".join(lines) + f"\n\n{len(rows)} jobs: {summary}"

@@ -6,6 +6,7 @@ the base: per model, mean ± std over seeds, and each rung's difference from the
 interval over the seeds both have, paired by seed; and the study's H1 (Model 2 − Model 1, accuracy
 and effective rank) re-tested on every rung that trains both.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -26,9 +27,15 @@ from stats import SECONDARY, adjust_family, mean_ci, significant
 
 LADDER_MARGINS = ("accuracy", "best_epoch", "effective_rank", "ari")  # the margins the ladder's measures use
 # (key, label, digits): what each rung is measured by, per model
-MEASURES = (("best_val_acc", "best val (%)", 2), ("final_val_acc", "final val (%)", 2), ("best_epoch", "epoch of the best", 1),
-            ("epoch1_train_acc", "epoch-1 train (%)", 1), ("effective_rank", "effective rank", 1),
-            ("engram_ari", "engram ARI", 3), ("random_ari", "untrained-compressor ARI", 3))
+MEASURES = (
+    ("best_val_acc", "best val (%)", 2),
+    ("final_val_acc", "final val (%)", 2),
+    ("best_epoch", "epoch of the best", 1),
+    ("epoch1_train_acc", "epoch-1 train (%)", 1),
+    ("effective_rank", "effective rank", 1),
+    ("engram_ari", "engram ARI", 3),
+    ("random_ari", "untrained-compressor ARI", 3),
+)
 
 
 def _drop(argv: list[str], flag: str, values: int) -> list[str]:
@@ -48,8 +55,9 @@ def _drop(argv: list[str], flag: str, values: int) -> list[str]:
     return out
 
 
-def rung_argv(argv: list[str], out: Path, name: str, variants: tuple[str, ...], base: str, other: str,
-              wanted: list[str]) -> list[str] | None:
+def rung_argv(
+    argv: list[str], out: Path, name: str, variants: tuple[str, ...], base: str, other: str, wanted: list[str]
+) -> list[str] | None:
     """The command line of one rung: the user's, less --ladder, --out, --variants and --protocol,
     with the rung's own; None when the rung has none of the wanted variants."""
     keep = [v for v in VARIANTS if v in variants and v in wanted]
@@ -93,11 +101,14 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
         except Interrupted as e:
             report()
             again = continue_command(command, getattr(args, "executor", "serial"))
-            raise Interrupted(f"{e}; {out / 'ladder' / 'LADDER.md'} names what is missing; continue with: {again}",
-                              e.signum) from None
+            raise Interrupted(
+                f"{e}; {out / 'ladder' / 'LADDER.md'} names what is missing; continue with: {again}", e.signum
+            ) from None
     summary = report()
     if failed:
-        raise JobsFailed(f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them")
+        raise JobsFailed(
+            f"ladder rungs with unfinished jobs: {', '.join(failed)}; rerun the same command to finish them"
+        )
     return summary
 
 
@@ -110,7 +121,9 @@ def _per_seed(m: dict, variant: str) -> dict[int, dict]:
     for r in m["models"].get(variant, {}).get("runs", []):
         a = r.get("analysis") or {}
         out[r["seed"]] = {
-            "best_val_acc": r["best_val_acc"], "final_val_acc": r["final_val_acc"], "best_epoch": r["best_epoch"],
+            "best_val_acc": r["best_val_acc"],
+            "final_val_acc": r["final_val_acc"],
+            "best_epoch": r["best_epoch"],
             "epoch1_train_acc": r["history"][0]["train_acc"],
             "effective_rank": (a.get("rank") or {}).get("effective_rank"),
             "engram_ari": (a.get("engram") or {}).get("ari"),
@@ -126,7 +139,9 @@ def _read(folder: Path) -> dict | None:
         return None
 
 
-def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None) -> dict:
+def ladder_summary(
+    root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None
+) -> dict:
     """ladder.json: per rung, what it changes, the command the ladder runs for it and the one that
     wrote its outputs, which of its jobs (the rung's models that were asked for, times the seeds)
     have not finished, and per model each measure's mean ± std over seeds and its difference from
@@ -143,11 +158,22 @@ def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wante
             continue
         cells = {v: _per_seed(m, v) if m else {} for v in asked}
         missing = {v: [s for s in seeds if s not in cells[v]] for v in asked}
-        entry = {"rung": name, "changes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()},
-                 "variants": asked, "made_by": m["command"] if m else None,
-                 "command": (shlex.join(words[:2] + rung_argv(words[2:], root.parent, name, variants, base, out["other"], wanted))
-                             if words else m["command"] if m else None),
-                 "missing": {v: s for v, s in missing.items() if s}, "complete": not any(missing.values()), "models": {}}
+        entry = {
+            "rung": name,
+            "changes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()},
+            "variants": asked,
+            "made_by": m["command"] if m else None,
+            "command": (
+                shlex.join(words[:2] + rung_argv(words[2:], root.parent, name, variants, base, out["other"], wanted))
+                if words
+                else m["command"]
+                if m
+                else None
+            ),
+            "missing": {v: s for v, s in missing.items() if s},
+            "complete": not any(missing.values()),
+            "models": {},
+        }
         for v in asked:
             mine = {s: x for s, x in cells[v].items() if s in seeds}
             if not mine:
@@ -161,8 +187,9 @@ def ladder_summary(root: Path, presets: dict, base: str, seeds: list[int], wante
                 ref = {s: x[key] for s, x in base_seeds.get(v, {}).items() if x[key] is not None}
                 both = [s for s in vals if s in ref]
                 if name != "base" and both:
-                    t = delta_test([vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"),
-                                   [margin_for(key)])
+                    t = delta_test(
+                        [vals[s] for s in both], [ref[s] for s in both], ("higher", "lower"), [margin_for(key)]
+                    )
                     row[key]["vs_base"] = {"seeds": both, **t}
             entry["models"][v] = row
         entry["lm_head"] = lm_head_effect(m) if m else None
@@ -198,8 +225,12 @@ def lm_head_effect(m: dict) -> dict | None:
         return {**{k: (t or {}).get(k) for k in keep}, "delta": delta, "words": ["higher", "lower"]}
 
     final = test(h1.get("final") or {"p": h1["p"]}, h1["delta_final"])
-    return {"seeds": [r["seed"] for r in h1["per_seed"]], "final_val_acc": final,
-            "best_val_acc": {"delta": h1["delta_best"]}, "effective_rank": rank and test(rank, rank["delta"])}
+    return {
+        "seeds": [r["seed"] for r in h1["per_seed"]],
+        "final_val_acc": final,
+        "best_val_acc": {"delta": h1["delta_best"]},
+        "effective_rank": rank and test(rank, rank["delta"]),
+    }
 
 
 def moves(stat: dict) -> bool:
@@ -222,20 +253,35 @@ def ladder_markdown(s: dict) -> str:
         lines += [f"Made by `{s['command']}`; the same command with `--resume` runs whatever is missing.", ""]
     done = [r for r in s["rungs"] if r["complete"]]
     if len(done) < len(s["rungs"]):
-        todo = "; ".join(f"`{r['rung']}`: " + (", ".join(f"{v} seed{'s' * (len(x) > 1)} {' '.join(map(str, x))}"
-                                                        for v, x in r.get("missing", {}).items()) or "unfinished")
-                         for r in s["rungs"] if not r["complete"])
-        lines += [f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished. Not finished yet: {todo}.", ""]
+        todo = "; ".join(
+            f"`{r['rung']}`: "
+            + (
+                ", ".join(
+                    f"{v} seed{'s' * (len(x) > 1)} {' '.join(map(str, x))}" for v, x in r.get("missing", {}).items()
+                )
+                or "unfinished"
+            )
+            for r in s["rungs"]
+            if not r["complete"]
+        )
+        lines += [
+            f"> **Incomplete ladder**: {len(done)} of {len(s['rungs'])} rungs finished. Not finished yet: {todo}.",
+            "",
+        ]
     fam = s.get("family") or {}
     size, survive = fam.get("size", 0), fam.get("significant", 0)
     shown = ", ".join(f"{k.replace('_', ' ')} ±{v:g}" for k, v in MARGINS.items() if k in LADDER_MARGINS)
-    lines += ["Each rung is the base protocol with one difference switched to the other protocol's setting; `base` "
-              "and `other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, "
-              "with its 95 % t-interval, then p raw / adjusted. **One family**: every rung-versus-base test and every "
-              f"LM-head test below ({size} paired t-tests), Benjamini–Hochberg; **bold** and \"beyond seed noise\" "
-              f"mean an adjusted p < 0.05, nothing else ({survive} of {size}). Under each Δ: the TOST p against the measure's "
-              f"equivalence margin (fixed in code: {shown}) and the minimum detectable effect at 80 % power (MDE) over "
-              "these seeds. A Δ neither bold nor inside its margin shows neither an effect nor its absence.", ""]
+    lines += [
+        "Each rung is the base protocol with one difference switched to the other protocol's setting; `base` "
+        "and `other` are the two ends. Mean ± std over seeds; Δ is the rung minus the base, paired by seed, "
+        "with its 95 % t-interval, then p raw / adjusted. **One family**: every rung-versus-base test and every "
+        f"LM-head test below ({size} paired t-tests), Benjamini–Hochberg; **bold** and \"beyond seed noise\" "
+        f"mean an adjusted p < 0.05, nothing else ({survive} of {size}). "
+        "Under each Δ: the TOST p against the measure's "
+        f"equivalence margin (fixed in code: {shown}) and the minimum detectable effect at 80 % power (MDE) over "
+        "these seeds. A Δ neither bold nor inside its margin shows neither an effect nor its absence.",
+        "",
+    ]
     for r in s["rungs"]:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "nothing (the base)"
         lines.append(f"- `{r['rung']}`: {changes}" + ("" if r.get("made_by") else " (not run yet)"))
@@ -245,8 +291,12 @@ def ladder_markdown(s: dict) -> str:
         if not rows:
             continue
         keys = [(k, label, d) for k, label, d in MEASURES if any(k in r["models"][v] for r in rows)]
-        lines += [f"## {LABELS[v]}", "", "| Rung | " + " | ".join(label for _, label, _ in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+        lines += [
+            f"## {LABELS[v]}",
+            "",
+            "| Rung | " + " | ".join(label for _, label, _ in keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
         for r in rows:
             cells = []
             for k, _, d in keys:
@@ -263,18 +313,37 @@ def ladder_markdown(s: dict) -> str:
             lines.append(f"| `{r['rung']}` | " + " | ".join(cells) + " |")
         lines.append("")
     lines += lm_head_markdown(s)
-    movers = [(r["rung"], v, label, r, k) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
-              if k in r["models"][v] and moves(r["models"][v][k])]
+    movers = [
+        (r["rung"], v, label, r, k)
+        for r in s["rungs"]
+        for v in r["models"]
+        for k, label, _ in MEASURES
+        if k in r["models"][v] and moves(r["models"][v][k])
+    ]
     lines += ["## What moves beyond seed noise (BH-adjusted p < 0.05)", ""]
-    lines += [f"- `{rung}` moves {LABELS[v]}'s {label}: {claim(r['models'][v][k]['vs_base'], 2)}"
-              for rung, v, label, r, k in movers] or ["- nothing"]
-    same = [(r, v, k, label) for r in s["rungs"] for v in r["models"] for k, label, _ in MEASURES
-            if k in r["models"][v] and equal(r["models"][v][k])]
+    lines += [
+        f"- `{rung}` moves {LABELS[v]}'s {label}: {claim(r['models'][v][k]['vs_base'], 2)}"
+        for rung, v, label, r, k in movers
+    ] or ["- nothing"]
+    same = [
+        (r, v, k, label)
+        for r in s["rungs"]
+        for v in r["models"]
+        for k, label, _ in MEASURES
+        if k in r["models"][v] and equal(r["models"][v][k])
+    ]
     lines += ["", "## What is shown unchanged (TOST p < 0.05 inside the measure's margin; TOST p unadjusted)", ""]
-    lines += [f"- `{r['rung']}` leaves {LABELS[v]}'s {label} {claim(r['models'][v][k]['vs_base'])}"
-              for r, v, k, label in same] or ["- nothing: no rung is shown equivalent to the base on any measure"]
-    lines += ["", "![validation curves of every rung](ladder.png)", "",
-              "Each rung's own command, as the ladder runs it (an ordinary run: with `--resume` it finishes what is missing):", ""]
+    lines += [
+        f"- `{r['rung']}` leaves {LABELS[v]}'s {label} {claim(r['models'][v][k]['vs_base'])}" for r, v, k, label in same
+    ] or ["- nothing: no rung is shown equivalent to the base on any measure"]
+    lines += [
+        "",
+        "![validation curves of every rung](ladder.png)",
+        "",
+        "Each rung's own command, as the ladder runs it "
+        "(an ordinary run: with `--resume` it finishes what is missing):",
+        "",
+    ]
     lines += [f"- `{r['rung']}`: `{r['command']}`" for r in s["rungs"] if r["command"]]
     return "\n".join(lines) + "\n"
 
@@ -292,19 +361,25 @@ def lm_head_markdown(s: dict) -> list[str]:
     rows = [r for r in s["rungs"] if r.get("lm_head")]
     if not rows:
         return []
-    lines = ["## The LM head on each rung", "",
-             "The study's H1 and its rank explanation on every rung that trains Models 1 and 2: Model 2 − Model 1, paired "
-             "by seed over the rung's seeds, with the 95 % t-interval and p raw / adjusted (the ladder's one family); "
-             "**bold**: adjusted p < 0.05 (best val is not tested); the last column says what the final-val Δ "
-             "shows.", "",
-             "| Rung | seeds | final val Δ (points) | best val Δ (points) | effective rank Δ | final val Δ shows |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "## The LM head on each rung",
+        "",
+        "The study's H1 and its rank explanation on every rung that trains Models 1 and 2: Model 2 − Model 1, paired "
+        "by seed over the rung's seeds, with the 95 % t-interval and p raw / adjusted (the ladder's one family); "
+        "**bold**: adjusted p < 0.05 (best val is not tested); the last column says what the final-val Δ "
+        "shows.",
+        "",
+        "| Rung | seeds | final val Δ (points) | best val Δ (points) | effective rank Δ | final val Δ shows |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         e = r["lm_head"]
         f, er = e["final_val_acc"], e.get("effective_rank")
         rank = f"{_delta(er, 1)}<br>p {pp(er)}" if er else "–"
-        lines.append(f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(f, 2)}<br>p {pp(f)} | "
-                     f"{_delta(e['best_val_acc'], 2)} | {rank} | {claim(f, unit=' points')} |")
+        lines.append(
+            f"| `{r['rung']}` | {len(e['seeds'])} | {_delta(f, 2)}<br>p {pp(f)} | "
+            f"{_delta(e['best_val_acc'], 2)} | {rank} | {claim(f, unit=' points')} |"
+        )
     return lines + [""]
 
 
@@ -323,18 +398,23 @@ def ladder_figure(root: Path, s: dict):
             x, mean, _ = data
             style = "-" if r["rung"] not in ("base", "other") else "--"
             colour = "black" if r["rung"] == "base" else cmap(i % 10)  # a model's own colour would repeat a rung's
-            ax.plot(x, mean, style, marker="o", ms=3, color=colour, label=r["rung"], linewidth=2.2 if style == "--" else 1.4)
+            ax.plot(
+                x, mean, style, marker="o", ms=3, color=colour, label=r["rung"], linewidth=2.2 if style == "--" else 1.4
+            )
         ax.set_title(f"{LABELS[v]}: validation accuracy (%)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(wrapped(f"ladder from {s['base']} to {s['other']}: mean over seeds; dashed = the two ends",
-                         fig.get_figwidth()))
+    fig.suptitle(
+        wrapped(f"ladder from {s['base']} to {s['other']}: mean over seeds; dashed = the two ends", fig.get_figwidth())
+    )
     fig.tight_layout()
     return fig
 
 
-def write_ladder(root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None) -> dict:
+def write_ladder(
+    root: Path, presets: dict, base: str, seeds: list[int], wanted=VARIANTS, command: str | None = None
+) -> dict:
     s = ladder_summary(root, presets, base, seeds, wanted, command)
     write_json(root / "ladder.json", s)
     write_atomic(root / "LADDER.md", ladder_markdown(s))

@@ -14,6 +14,7 @@ Stops, preemption and time limits meet the project's own stop handling (cli.STOP
 - Ctrl-C in the submitting process: the local jobs run in their own sessions, so the terminal's
   SIGINT never reaches them; the submitter stops waiting, says how to watch them, and exits.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,7 +106,9 @@ def submit(args, header: dict, out: Path, jobs: list[Job], writer) -> dict:
     todo, rows = _to_submit(out, jobs)
     busy = [r for r in rows if r["state"] in ("running", "pending")]
     if busy:
-        print(f"{len(busy)} job(s) already running or queued, not submitted again: " + ", ".join(r["job"] for r in busy))
+        print(
+            f"{len(busy)} job(s) already running or queued, not submitted again: " + ", ".join(r["job"] for r in busy)
+        )
     if not todo:
         print("nothing to submit: " + ("every job has finished" if not busy else "the rest is running or queued"))
         return writer.write(final=not busy, tolerant=bool(busy))
@@ -126,8 +129,13 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
     except RuntimeError as e:  # no srun on PATH: not a Slurm cluster (submitit's words)
         raise UsageError(f"--executor slurm: {e}") from None
     # the array runs as wide as the queue lets it, unless --jobs caps it (submitit's default is 1: %1)
-    params = dict(time=args.slurm_time, job_name=f"engram-{out.resolve().name}", array_parallelism=args.jobs or len(todo),
-                  stderr_to_stdout=True, additional_parameters=dict(args.slurm_extra))
+    params = dict(
+        time=args.slurm_time,
+        job_name=f"engram-{out.resolve().name}",
+        array_parallelism=args.jobs or len(todo),
+        stderr_to_stdout=True,
+        additional_parameters=dict(args.slurm_extra),
+    )
     if args.slurm_partition:
         params["partition"] = args.slurm_partition
     if args.slurm_gpus:
@@ -139,12 +147,26 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
         with executor.batch():
             submitted = [(job, executor.submit(GridJob(script, argv, job, os.getcwd()))) for job in todo]
     except Exception as e:  # sbatch's own message (a wrong partition, an unknown option) in one line
-        raise UsageError(f"sbatch refused the job array: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from None
+        raise UsageError(
+            f"sbatch refused the job array: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+        ) from None
     for job, sj in submitted:
-        write_record(out, job, state="submitted", slurm_job_id=sj.job_id, local_job_id=None, gpu=None, log=str(sj.paths.stdout),
-                     submitted_at=time.time(), error=None)
-    print(f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
-          + (f", {args.jobs} at a time" if args.jobs else "") + f"; logs in {folder}/")
+        write_record(
+            out,
+            job,
+            state="submitted",
+            slurm_job_id=sj.job_id,
+            local_job_id=None,
+            gpu=None,
+            log=str(sj.paths.stdout),
+            submitted_at=time.time(),
+            error=None,
+        )
+    print(
+        f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
+        + (f", {args.jobs} at a time" if args.jobs else "")
+        + f"; logs in {folder}/"
+    )
     watch = continue_command(header["command"], "slurm")
     print(f"watch them with: {watch} --status   (the last job to finish writes the complete report)")
     return {"submitted": [sj.job_id for _, sj in submitted]}
@@ -175,8 +197,14 @@ def _others_gpus(out: Path, jobs: list[Job], mine: set) -> set[str]:
     """GPUs held by jobs of this grid that an earlier submitter started and that still run here."""
     import socket
 
-    return {r["gpu"] for j, r in zip(jobs, job_states(out, jobs)) if j not in mine and r["state"] in ("running", "pending")
-            and r["gpu"] is not None and r["submit_host"] == socket.gethostname()}
+    return {
+        r["gpu"]
+        for j, r in zip(jobs, job_states(out, jobs))
+        if j not in mine
+        and r["state"] in ("running", "pending")
+        and r["gpu"] is not None
+        and r["submit_host"] == socket.gethostname()
+    }
 
 
 def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> dict:
@@ -190,8 +218,11 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
     executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, signal_delay_s=LOCAL_SIGNAL_DELAY_S)
     queue, running = list(todo), {}
-    print(f"running {len(todo)} job(s), {width} at a time, {args.threads} thread(s) each"
-          + (f", one GPU each ({len(gpus)} here)" if gpus else "") + f"; logs in {folder}/")
+    print(
+        f"running {len(todo)} job(s), {width} at a time, {args.threads} thread(s) each"
+        + (f", one GPU each ({len(gpus)} here)" if gpus else "")
+        + f"; logs in {folder}/"
+    )
     checked, taken = 0.0, set()
     again = continue_command(header["command"], "local")  # never --overwrite: it would delete what has finished since
     try:
@@ -208,8 +239,18 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
                     executor.update_parameters(gpus_per_node=1, visible_gpus=(int(gpu) if gpu.isdigit() else 0,))
                 with _own_sessions():
                     sj = executor.submit(GridJob(script, argv, job, os.getcwd(), gpu))
-                write_record(out, job, state="submitted", local_job_id=sj.job_id, slurm_job_id=None, gpu=gpu,
-                             submit_host=socket.gethostname(), log=str(sj.paths.stderr), submitted_at=time.time(), error=None)
+                write_record(
+                    out,
+                    job,
+                    state="submitted",
+                    local_job_id=sj.job_id,
+                    slurm_job_id=None,
+                    gpu=gpu,
+                    submit_host=socket.gethostname(),
+                    log=str(sj.paths.stderr),
+                    submitted_at=time.time(),
+                    error=None,
+                )
                 running[job] = (sj, gpu)
             time.sleep(0.5)
             if STOP:
@@ -220,18 +261,26 @@ def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> d
                     print(f"[{job.name}] {'finished' if job.finished(out) else 'ended without a result'}")
     except Interrupted as e:
         left = [j.name for j in running]
-        raise Interrupted(f"{e}; {len(left)} job(s) keep running ({', '.join(left) or 'none'}), {len(queue)} not started; "
-                          f"watch them with: {again} --status; start the rest with: {again}", e.signum) from None
+        raise Interrupted(
+            f"{e}; {len(left)} job(s) keep running ({', '.join(left) or 'none'}), {len(queue)} not started; "
+            f"watch them with: {again} --status; start the rest with: {again}",
+            e.signum,
+        ) from None
     rows = job_states(out, jobs)
     others = [r["job"] for r in rows if r["state"] in ("running", "pending")]  # an earlier submitter's, still going
     m = writer.write(final=not others, tolerant=bool(others))
     failed = [r for r in rows if r["state"] not in ("finished", "running", "pending")]
     if failed:
         print(status_table(rows), file=sys.stderr)
-        raise JobsFailed(f"{len(failed)} of {len(rows)} job(s) did not finish (" + "; ".join(
-            f"{r['job']}: {r['error'] or r['state']}" for r in failed) + f"); the others' results are kept; rerun what is "
-            f"missing with: {again}")
+        raise JobsFailed(
+            f"{len(failed)} of {len(rows)} job(s) did not finish ("
+            + "; ".join(f"{r['job']}: {r['error'] or r['state']}" for r in failed)
+            + f"); the others' results are kept; rerun what is "
+            f"missing with: {again}"
+        )
     if others:
-        print(f"{len(others)} job(s) started by an earlier command still run ({', '.join(others)}); each rewrites the "
-              f"report when it finishes; watch them with: {again} --status")
+        print(
+            f"{len(others)} job(s) started by an earlier command still run ({', '.join(others)}); each rewrites the "
+            f"report when it finishes; watch them with: {again} --status"
+        )
     return m

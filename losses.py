@@ -1,5 +1,6 @@
 """The LM loss without full logits: a linear cross-entropy that keeps at most one chunk of
 [rows x vocabulary] logits alive, and the positions that are LM targets."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """What metrics.json and predictions.json hold: the run's header (command, protocol, settings,
 machine), per-model summaries over seeds, the hypothesis tests, and the controls' summaries."""
+
 from __future__ import annotations
 
 import functools
@@ -75,8 +76,10 @@ def run_header(scale: str, script: str, argv: list[str], args, default_epochs: i
 
 def data_source(args, extra: dict) -> dict:
     """Where the data came from, and the size of each --extra-eval set (the end of metrics.json's "data")."""
-    return {"source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
-            "extra": {k: len(v) for k, v in extra.items()}}
+    return {
+        "source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
+        "extra": {k: len(v) for k, v in extra.items()},
+    }
 
 
 def processor_name() -> str:
@@ -118,7 +121,9 @@ def code_version() -> dict:
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
             out["commit"] = head.stdout.strip()
-            st = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+            st = subprocess.run(
+                [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+            )
             if st.returncode == 0:  # "dirty": a tracked top-level source differs from the commit
                 changed = [line[3:].strip() for line in st.stdout.splitlines()]
                 out["dirty"] = any(c.endswith(".py") and "/" not in c for c in changed)
@@ -132,7 +137,9 @@ def describe_code(code: dict | None) -> str:
     if not code:
         return "unknown code (made before versions were recorded)"
     commit = code.get("commit")
-    return f"sources {code['sources']}" + (f" (commit {commit[:7]}{', edited' if code.get('dirty') else ''})" if commit else "")
+    return f"sources {code['sources']}" + (
+        f" (commit {commit[:7]}{', edited' if code.get('dirty') else ''})" if commit else ""
+    )
 
 
 def versions() -> dict:
@@ -161,8 +168,10 @@ def _run_summary(seed: int, r: dict) -> dict:
         "best_epoch": best_epoch,
         "final_val_acc": hist[-1]["val_acc"] if hist else None,
         # held-out sets at the epoch validation selects, and at the final epoch
-        "extra": {k: {"at_best": hist[best_epoch - 1]["extra"][k]["acc"], "final": hist[-1]["extra"][k]["acc"]}
-                  for k in extra_names},
+        "extra": {
+            k: {"at_best": hist[best_epoch - 1]["extra"][k]["acc"], "final": hist[-1]["extra"][k]["acc"]}
+            for k in extra_names
+        },
         "minutes": r["seconds"] / 60,
         "analysis": r.get("analysis"),
     }
@@ -179,12 +188,16 @@ def _model_summary(runs: list[tuple[int, dict]]) -> dict:
         "best_val_acc": mean_ci([x["best_val_acc"] for x in summaries]),
         "final_val_acc": mean_ci([x["final_val_acc"] for x in summaries]),
         "minutes": mean_ci([x["minutes"] for x in summaries]),
-        "extra": {k: {kind: mean_ci([x["extra"][k][kind] for x in summaries]) for kind in ("at_best", "final")}
-                  for k in summaries[0]["extra"]},
+        "extra": {
+            k: {kind: mean_ci([x["extra"][k][kind] for x in summaries]) for kind in ("at_best", "final")}
+            for k in summaries[0]["extra"]
+        },
     }
     analyses = [x["analysis"] for x in summaries if x["analysis"]]
     if analyses and "rank" in analyses[0]:
-        out["rank"] = {k: mean_ci([a["rank"][k] for a in analyses]) for k in RANK_KEYS if analyses[0]["rank"][k] is not None}
+        out["rank"] = {
+            k: mean_ci([a["rank"][k] for a in analyses]) for k in RANK_KEYS if analyses[0]["rank"][k] is not None
+        }
         out["pooled_kmeans"] = {k: mean_ci([a["pooled_kmeans"][k] for a in analyses]) for k in ENGRAM_KEYS}
     return out
 
@@ -219,23 +232,35 @@ def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
         per_seed = []
         for s in seeds:
             ra, rb = results[s][a], results[s][b]
-            per_seed.append({
-                "seed": s,
-                "delta_best": ra["best"]["acc"] - rb["best"]["acc"],
-                "delta_final": ra["history"][-1]["val_acc"] - rb["history"][-1]["val_acc"],
-                "mcnemar_final": mcnemar_exact(_correct(ra["final"], labels), _correct(rb["final"], labels)),
-            })
+            per_seed.append(
+                {
+                    "seed": s,
+                    "delta_best": ra["best"]["acc"] - rb["best"]["acc"],
+                    "delta_final": ra["history"][-1]["val_acc"] - rb["history"][-1]["val_acc"],
+                    "mcnemar_final": mcnemar_exact(_correct(ra["final"], labels), _correct(rb["final"], labels)),
+                }
+            )
         sd = {k: study["deltas"][k][h] for k in ("best", "final")}
-        final = delta_test([runs[a][s]["final_val_acc"] for s in seeds], [runs[b][s]["final_val_acc"] for s in seeds],
-                           margins=accuracy_margins(sd["final"]))
-        best = delta_test([runs[a][s]["best_val_acc"] for s in seeds], [runs[b][s]["best_val_acc"] for s in seeds],
-                          margins=accuracy_margins(sd["best"]))
+        final = delta_test(
+            [runs[a][s]["final_val_acc"] for s in seeds],
+            [runs[b][s]["final_val_acc"] for s in seeds],
+            margins=accuracy_margins(sd["final"]),
+        )
+        best = delta_test(
+            [runs[a][s]["best_val_acc"] for s in seeds],
+            [runs[b][s]["best_val_acc"] for s in seeds],
+            margins=accuracy_margins(sd["best"]),
+        )
         if len(seeds) == 1:  # one seed: the paired predictions are the only test there is
             final.update(p=per_seed[0]["mcnemar_final"]["p"], reason=None)
         extra = {}
         for k in runs[a][seeds[0]]["extra"]:
-            extra[k] = {kind: delta_test([runs[a][s]["extra"][k][kind] for s in seeds], [runs[b][s]["extra"][k][kind] for s in seeds])
-                        for kind in ("at_best", "final")}
+            extra[k] = {
+                kind: delta_test(
+                    [runs[a][s]["extra"][k][kind] for s in seeds], [runs[b][s]["extra"][k][kind] for s in seeds]
+                )
+                for kind in ("at_best", "final")
+            }
         pi = final["delta"]["prediction_interval"]
         out[h] = {
             "compare": f"{a} - {b}",
@@ -250,8 +275,10 @@ def hypotheses(models: dict, results: dict, labels, study: dict) -> dict:
             "study_delta": sd,
             "study_in_prediction_interval": None if pi is None else bool(pi[0] <= sd["final"] <= pi[1]),
             "seeds_needed": {k: seeds_needed(sd[k], t["delta"]["std"]) for k, t in (("final", final), ("best", best))},
-            "bootstrap_final": two_level_ci([_correct(results[s][a]["final"], labels) for s in seeds],
-                                            [_correct(results[s][b]["final"], labels) for s in seeds]),
+            "bootstrap_final": two_level_ci(
+                [_correct(results[s][a]["final"], labels) for s in seeds],
+                [_correct(results[s][b]["final"], labels) for s in seeds],
+            ),
             "extra": extra,
         }
     adjust_family([d["final"] for d in out.values()], PRIMARY, "primary: H1 and H2 at the final epoch")
@@ -278,9 +305,14 @@ def rank_test(models: dict) -> dict:
     ra = {r["seed"]: r["analysis"]["rank"] for r in models[a]["runs"]}
     rb = {r["seed"]: r["analysis"]["rank"] for r in models[b]["runs"]}
     seeds = [s for s in ra if s in rb]
-    return {"compare": f"{a} - {b}", "seeds": seeds,
-            **{k: delta_test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"), [margin_for(k)])
-               for k in models[a]["rank"]}}
+    return {
+        "compare": f"{a} - {b}",
+        "seeds": seeds,
+        **{
+            k: delta_test([ra[s][k] for s in seeds], [rb[s][k] for s in seeds], ("higher", "lower"), [margin_for(k)])
+            for k in models[a]["rank"]
+        },
+    }
 
 
 def tail_summary(runs: list[dict], threshold: float) -> dict:
@@ -297,16 +329,30 @@ def tail_summary(runs: list[dict], threshold: float) -> dict:
     for r in runs:
         ari = np.asarray(r["analysis"]["random_compressor_tail"]["ari"])
         own = r["analysis"]["engram"]["ari"]
-        per_seed.append({"seed": r["seed"], "draws": len(ari), "at_or_above": int((ari >= threshold).sum()),
-                         "fraction": float((ari >= threshold).mean()), "max": float(ari.max()),
-                         "trained_ari": own, "fraction_at_or_above_trained": float((ari >= own).mean()),
-                         "percentile": ari_percentile(own, ari)})
+        per_seed.append(
+            {
+                "seed": r["seed"],
+                "draws": len(ari),
+                "at_or_above": int((ari >= threshold).sum()),
+                "fraction": float((ari >= threshold).mean()),
+                "max": float(ari.max()),
+                "trained_ari": own,
+                "fraction_at_or_above_trained": float((ari >= own).mean()),
+                "percentile": ari_percentile(own, ari),
+            }
+        )
     draws = sum(x["draws"] for x in per_seed)
     hits = sum(x["at_or_above"] for x in per_seed)
-    return {"threshold": threshold, "draws": draws, "at_or_above": hits, "fraction": hits / draws,
-            "rate": tail_rate([x["fraction"] for x in per_seed]),
-            "percentile_test": percentile_test([x["percentile"] for x in per_seed]),
-            "max": max(x["max"] for x in per_seed), "per_seed": per_seed}
+    return {
+        "threshold": threshold,
+        "draws": draws,
+        "at_or_above": hits,
+        "fraction": hits / draws,
+        "rate": tail_rate([x["fraction"] for x in per_seed]),
+        "percentile_test": percentile_test([x["percentile"] for x in per_seed]),
+        "max": max(x["max"] for x in per_seed),
+        "per_seed": per_seed,
+    }
 
 
 def engram_summary(models: dict, study_ari: float | None = None) -> dict:
@@ -322,16 +368,23 @@ def engram_summary(models: dict, study_ari: float | None = None) -> dict:
     out["per_seed"] = [{"seed": r["seed"], **r["analysis"]["engram"]} for r in runs]
     if runs and "random_compressor" in runs[0]["analysis"]:
         draws = [d for r in runs for d in r["analysis"]["random_compressor"]["per_draw"]]
-        out["random_compressor"] = {k: {**mean_ci([d[k] for d in draws]), "min": min(d[k] for d in draws),
-                                        "max": max(d[k] for d in draws)} for k in (*ENGRAM_KEYS, "probe_accuracy")}
+        out["random_compressor"] = {
+            k: {**mean_ci([d[k] for d in draws]), "min": min(d[k] for d in draws), "max": max(d[k] for d in draws)}
+            for k in (*ENGRAM_KEYS, "probe_accuracy")
+        }
         out["random_compressor"]["draws"] = len(draws)
         out["trained_probe_accuracy"] = mean_ci([r["analysis"]["probe_engram"]["accuracy"] for r in runs])
         out["pooled_kmeans"] = {k: mean_ci([r["analysis"]["pooled_kmeans"][k] for r in runs]) for k in ENGRAM_KEYS}
         out["pooled_probe_accuracy"] = mean_ci([r["analysis"]["probe_pooled"]["accuracy"] for r in runs])
-        out["above_random"] = [{"seed": r["seed"], "ari": r["analysis"]["engram"]["ari"],
-                                "random_max": r["analysis"]["random_compressor"]["summary"]["ari"]["max"],
-                                "above": r["analysis"]["engram"]["ari"] > r["analysis"]["random_compressor"]["summary"]["ari"]["max"]}
-                               for r in runs]
+        out["above_random"] = [
+            {
+                "seed": r["seed"],
+                "ari": r["analysis"]["engram"]["ari"],
+                "random_max": r["analysis"]["random_compressor"]["summary"]["ari"]["max"],
+                "above": r["analysis"]["engram"]["ari"] > r["analysis"]["random_compressor"]["summary"]["ari"]["max"],
+            }
+            for r in runs
+        ]
     if study_ari is not None and all("random_compressor_tail" in r["analysis"] for r in runs):
         out["random_tail"] = tail_summary(runs, study_ari)
     return out
@@ -344,8 +397,11 @@ def build_metrics(results: dict, labels, complete: bool, header: dict, study: di
         if runs:
             models[v] = _model_summary(runs)
     variants = list(header.get("config", {}).get("variants") or VARIANTS)
-    not_run = {h: f"needs {' and '.join(v for v in pair if v not in variants)}, which this run does not train (--variants)"
-               for h, pair in HYPOTHESES.items() if not all(v in variants for v in pair)}
+    not_run = {
+        h: f"needs {' and '.join(v for v in pair if v not in variants)}, which this run does not train (--variants)"
+        for h, pair in HYPOTHESES.items()
+        if not all(v in variants for v in pair)
+    }
     hyp, rank = hypotheses(models, results, labels, study), rank_test(models)
     secondary_family(hyp, rank)
     return {
@@ -373,7 +429,9 @@ def from_jobs(results: dict) -> dict:
     names = sorted({x["device_name"] for x in machines if x.get("device_name")})
     if names:
         out["device"] = "; ".join(names)
-    dtypes = sorted({str((r.get("info") or {}).get("compute_dtype")) for r in runs if (r.get("info") or {}).get("compute_dtype")})
+    dtypes = sorted(
+        {str((r.get("info") or {}).get("compute_dtype")) for r in runs if (r.get("info") or {}).get("compute_dtype")}
+    )
     if dtypes:
         out["compute_dtype"] = "; ".join(dtypes)
     peaks = [x["peak_gpu_gib"] for x in machines if x.get("peak_gpu_gib") is not None]
@@ -388,5 +446,8 @@ def from_jobs(results: dict) -> dict:
 def predictions(results: dict, labels) -> dict:
     return {
         "labels": list(map(int, labels)),
-        "runs": {str(s): {v: {"best": r["best"], "final": r["final"]} for v, r in by_v.items()} for s, by_v in results.items()},
+        "runs": {
+            str(s): {v: {"best": r["best"], "final": r["final"]} for v, r in by_v.items()}
+            for s, by_v in results.items()
+        },
     }

@@ -12,6 +12,7 @@ below around a Hugging Face causal LM):
 
 `EngramModel` puts the heads of one variant on a backbone and returns what it computes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ class EngramModel(nn.Module):
         if self.uses_engram and engram is None:
             engram = self.zero_engram(B, input_ids.device)
         if self.uses_engram and not self.prefixed:
+
             def inject(h, batch_index):  # the engram of each row's sentence, joined to its input
                 return self.projector(h, engram[batch_index])  # [N,H]
         elif self.uses_engram:
@@ -258,8 +260,18 @@ def free_memory(device: torch.device) -> None:
 
 def build_small_model(variant: str, cfg: SmallConfig, sent_weight: float = 0.5, lm_weight: float = 0.5) -> EngramModel:
     backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
-    spec = ModelSpec(variant=variant, pooling="mean", engram_dim=cfg.engram_dim, sent_weight=sent_weight,
-                     lm_weight=lm_weight, lm_all_positions=cfg.impl == "padded", injection=cfg.engram_injection)
-    head = small_sentiment_head(cfg.d_model) if cfg.head == "linear" else mlp_sentiment_head(cfg.d_model, cfg.head_width, cfg.dropout)
+    spec = ModelSpec(
+        variant=variant,
+        pooling="mean",
+        engram_dim=cfg.engram_dim,
+        sent_weight=sent_weight,
+        lm_weight=lm_weight,
+        lm_all_positions=cfg.impl == "padded",
+        injection=cfg.engram_injection,
+    )
+    head = (
+        small_sentiment_head(cfg.d_model)
+        if cfg.head == "linear"
+        else mlp_sentiment_head(cfg.d_model, cfg.head_width, cfg.dropout)
+    )
     return EngramModel(backbone, spec, head)
-

@@ -4,6 +4,7 @@ engram and the K-Means cluster of the run's validation engrams (of the same epoc
 
 A sentence is scored alone, with a zero engram (as the first half of every evaluation batch is):
 its prediction does not depend on which other sentences are given with it."""
+
 from __future__ import annotations
 
 import json
@@ -70,23 +71,32 @@ def job_folders(run: Path, seed: int | None, which: str, variants: list[str]) ->
         raise UsageError(f"{run} is not a folder; give the output folder of a finished run")
     root = run / "checkpoints"
     seeds = sorted(int(p.name[4:]) for p in root.glob("seed*") if p.name[4:].lstrip("-").isdigit())
-    with_weights = [s for s in seeds if any((weights_folder(root / f"seed{s}" / v, which) / "weights.json").is_file()
-                                            for v in variants)]
+    with_weights = [
+        s
+        for s in seeds
+        if any((weights_folder(root / f"seed{s}" / v, which) / "weights.json").is_file() for v in variants)
+    ]
     if seed is None:
         if not with_weights:
-            raise UsageError(f"{run} holds no saved weights ({which}): its jobs are unfinished, or ran before weights "
-                             "were kept; rerun them (weights are kept from this version on)")
+            raise UsageError(
+                f"{run} holds no saved weights ({which}): its jobs are unfinished, or ran before weights "
+                "were kept; rerun them (weights are kept from this version on)"
+            )
         seed = with_weights[0]
     elif seed not in with_weights:
-        raise UsageError(f"{run} holds no saved weights ({which}) of seed {seed}; seeds with weights: "
-                         f"{', '.join(map(str, with_weights)) or 'none'}")
+        raise UsageError(
+            f"{run} holds no saved weights ({which}) of seed {seed}; seeds with weights: "
+            f"{', '.join(map(str, with_weights)) or 'none'}"
+        )
     found = {v: weights_folder(root / f"seed{seed}" / v, which) for v in variants}
     return seed, {v: f for v, f in found.items() if (f / "weights.json").is_file()}
 
 
 def cannot_rebuild(folder: Path, meta: dict, reason: str) -> UsageError:
-    return UsageError(f"this code cannot rebuild the model saved in {folder} ({reason}); it was saved by "
-                      f"{describe_code(meta.get('code'))}: check out that version to use it")
+    return UsageError(
+        f"this code cannot rebuild the model saved in {folder} ({reason}); it was saved by "
+        f"{describe_code(meta.get('code'))}: check out that version to use it"
+    )
 
 
 def load_small(folder: Path, meta: dict, device: torch.device) -> Loaded:
@@ -99,7 +109,7 @@ def load_small(folder: Path, meta: dict, device: torch.device) -> Loaded:
         model_cfg = SmallConfig(**cfg["model_config"])
         words = json.loads((folder / "vocab.json").read_text())
         specials = tuple(words["specials"])
-        vocab = Vocab(specials, words["itos"][len(specials):], words["bos_eos"])
+        vocab = Vocab(specials, words["itos"][len(specials) :], words["bos_eos"])
     except (TypeError, KeyError, ValueError, OSError) as e:
         raise cannot_rebuild(folder, meta, f"{type(e).__name__}: {e}") from None
     if len(vocab) != model_cfg.vocab_size:
@@ -113,8 +123,9 @@ def load_small(folder: Path, meta: dict, device: torch.device) -> Loaded:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise cannot_rebuild(folder, meta, first) from None
     model.to(device).eval()
-    return Loaded(meta["variant"], model, lambda s: vocab.encode(s, model_cfg.max_len), vocab.pad, None, meta,
-                  read_kmeans(folder))
+    return Loaded(
+        meta["variant"], model, lambda s: vocab.encode(s, model_cfg.max_len), vocab.pad, None, meta, read_kmeans(folder)
+    )
 
 
 def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | None, cache_dir: Path | None) -> Loaded:
@@ -133,17 +144,24 @@ def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | 
     lm = qlora.load_base(path, device, compute_dtype, cfg["load_in_4bit"], checkpointing=False)
     try:
         with warnings.catch_warnings():  # peft's own call of a deprecated transformers name, as in qlora.with_lora
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             lm = PeftModel.from_pretrained(lm, str(folder / "adapter"))
     except Exception as e:  # a missing file, or an adapter of another base
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"the adapter in {folder / 'adapter'} does not load on {path} ({first})") from None
     qlora.keep_training_layout(lm)  # the layout the run evaluated in (its CPU 4-bit kernels' numbers)
     backbone = HFBackbone(lm, compute_dtype if cfg["autocast"] else None)
-    spec = ModelSpec(variant=meta["variant"], pooling=cfg["pooling"], engram_dim=cfg["engram_dim"],
-                     sent_weight=cfg["sent_weight"], lm_weight=cfg["lm_weight"], lm_chunk_rows=cfg["lm_chunk_rows"],
-                     prefix_predicts_first=cfg["prefix_predicts_first"])
+    spec = ModelSpec(
+        variant=meta["variant"],
+        pooling=cfg["pooling"],
+        engram_dim=cfg["engram_dim"],
+        sent_weight=cfg["sent_weight"],
+        lm_weight=cfg["lm_weight"],
+        lm_chunk_rows=cfg["lm_chunk_rows"],
+        prefix_predicts_first=cfg["prefix_predicts_first"],
+    )
     engram_model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, cfg["head_width"]))
     for name in ("sentiment_head", "compressor", "projector"):
         if getattr(engram_model, name) is not None:
@@ -184,8 +202,11 @@ def score(loaded: Loaded, sentences: list[str], device: torch.device) -> list[di
     probs, engrams = [], []
     for i in range(0, len(enc), BATCH):
         ids, mask, _ = collate(enc, np.arange(i, min(i + BATCH, len(enc))), device)
-        ctx = (torch.autocast(device.type, dtype=loaded.autocast_dtype) if loaded.autocast_dtype is not None
-               else torch.autocast(device.type, enabled=False))
+        ctx = (
+            torch.autocast(device.type, dtype=loaded.autocast_dtype)
+            if loaded.autocast_dtype is not None
+            else torch.autocast(device.type, enabled=False)
+        )
         with ctx:
             out = run_single(loaded.model, ids, mask, None)
         probs.append(sentiment_probabilities(out.sent_logits).cpu())  # [b]
@@ -197,9 +218,14 @@ def score(loaded: Loaded, sentences: list[str], device: torch.device) -> list[di
     rows = []
     for i, sentence in enumerate(sentences):
         label = int(prob[i] > 0.5)  # as the evaluation decides
-        row = {"sentence": sentence, "variant": loaded.variant, "label": LABELS[label],
-               "probability": float(prob[i] if label else 1 - prob[i]), "prob_positive": float(prob[i]),
-               "epoch": loaded.meta["epoch"]}
+        row = {
+            "sentence": sentence,
+            "variant": loaded.variant,
+            "label": LABELS[label],
+            "probability": float(prob[i] if label else 1 - prob[i]),
+            "prob_positive": float(prob[i]),
+            "epoch": loaded.meta["epoch"],
+        }
         if engram is not None:
             row["engram"] = [round(float(x), 6) for x in engram[i]]
         if clusters is not None:
@@ -218,8 +244,11 @@ def text_lines(sentence: str, rows: list[dict]) -> list[str]:
         line = f"  {r['variant']:<15} {r['label']:<8} {r['probability']:.3f}"
         if "cluster" in r:
             share = r["cluster_positive_share"]
-            line += (f"  cluster {r['cluster']} ({r['cluster_size']} validation sentences, "
-                     f"{100 * share:.0f}% positive)" if share is not None else f"  cluster {r['cluster']}")
+            line += (
+                f"  cluster {r['cluster']} ({r['cluster_size']} validation sentences, {100 * share:.0f}% positive)"
+                if share is not None
+                else f"  cluster {r['cluster']}"
+            )
         if "engram" in r:
             e = r["engram"]
             shown = " ".join(f"{x:+.2f}" for x in e[:6])
@@ -228,9 +257,19 @@ def text_lines(sentence: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def predict(run: Path, sentences: list[str], *, which: str = "best", seed: int | None = None,
-            variants: list[str] | None = None, model: str | None = None, cache_dir: Path | None = None,
-            device: torch.device | None = None, as_json: bool = False, out=None) -> list[dict]:
+def predict(
+    run: Path,
+    sentences: list[str],
+    *,
+    which: str = "best",
+    seed: int | None = None,
+    variants: list[str] | None = None,
+    model: str | None = None,
+    cache_dir: Path | None = None,
+    device: torch.device | None = None,
+    as_json: bool = False,
+    out=None,
+) -> list[dict]:
     """Load every variant's saved set of one seed, score the sentences, print them; the rows."""
     device = device or torch.device("cpu")
     out = out or sys.stdout  # at call time: a caller (or a test) may have replaced it

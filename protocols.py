@@ -6,6 +6,7 @@ of the study. A protocol is data that the shared code reads; adding one is addin
   its waste: no padding to 64 or 128 tokens, no LM logits at pad positions (the same numbers,
   computed only where they count), and each model seeded on its own instead of one global stream.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,9 @@ def _pct(correct: int) -> float:
 def _deltas(best: dict, final: dict) -> dict:
     """H1 = dual_head - sentiment_only, H2 = dual_engram - dual_head, in points, best and final epoch."""
     pairs = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
-    return {kind: {h: acc[a] - acc[b] for h, (a, b) in pairs.items()} for kind, acc in (("best", best), ("final", final))}
+    return {
+        kind: {h: acc[a] - acc[b] for h, (a, b) in pairs.items()} for kind, acc in (("best", best), ("final", final))
+    }
 
 
 SMALL_STUDY = {
@@ -83,9 +86,16 @@ BIG_STUDY["curves"] = {"val_acc": BIG_STUDY["epochs"]}
 # ----------------------------------------------------------------------------- presets
 
 
-CHOICES = {"vocab_ties": ("alphabetical", "first_seen"), "positions": ("learned", "sinusoidal"), "init": ("normal", "torch"),
-           "head": ("linear", "mlp"), "engram_injection": ("prefix", "concat"), "schedule": ("none", "cosine_per_epoch"),
-           "pooling": ("last", "mean"), "eval_mode": ("pair", "zero")}
+CHOICES = {
+    "vocab_ties": ("alphabetical", "first_seen"),
+    "positions": ("learned", "sinusoidal"),
+    "init": ("normal", "torch"),
+    "head": ("linear", "mlp"),
+    "engram_injection": ("prefix", "concat"),
+    "schedule": ("none", "cosine_per_epoch"),
+    "pooling": ("last", "mean"),
+    "eval_mode": ("pair", "zero"),
+}
 
 
 class _Checked:
@@ -170,30 +180,91 @@ class BigProtocol(_Checked):
 
 SMALL = {
     "written": SmallProtocol(
-        name="written", vocab_words=7000, specials=("<pad>", "<unk>", "<bos>", "<eos>"), bos_eos=True,
-        vocab_ties="alphabetical", d_ff=512, causal=True, norm_first=True, final_norm=True, positions="learned",
-        ff_dropout=False, init="normal", head="linear", head_width=64, engram_injection="prefix", engram_feedback=True,
-        batch_size=64, weight_decay=0.0, clip_norm=None, schedule="none", drop_last=False, sent_weight=0.5, lm_weight=0.5,
+        name="written",
+        vocab_words=7000,
+        specials=("<pad>", "<unk>", "<bos>", "<eos>"),
+        bos_eos=True,
+        vocab_ties="alphabetical",
+        d_ff=512,
+        causal=True,
+        norm_first=True,
+        final_norm=True,
+        positions="learned",
+        ff_dropout=False,
+        init="normal",
+        head="linear",
+        head_width=64,
+        engram_injection="prefix",
+        engram_feedback=True,
+        batch_size=64,
+        weight_decay=0.0,
+        clip_norm=None,
+        schedule="none",
+        drop_last=False,
+        sent_weight=0.5,
+        lm_weight=0.5,
     ),
     "published": SmallProtocol(
-        name="published", vocab_words=7998, specials=("<PAD>", "<UNK>"), bos_eos=False, vocab_ties="first_seen",
-        d_ff=256, causal=False, norm_first=False, final_norm=False, positions="sinusoidal", ff_dropout=True, init="torch",
-        head="mlp", head_width=64, engram_injection="concat", engram_feedback=False,
-        batch_size=64, weight_decay=0.01, clip_norm=1.0, schedule="cosine_per_epoch", drop_last=True, sent_weight=1.0,
+        name="published",
+        vocab_words=7998,
+        specials=("<PAD>", "<UNK>"),
+        bos_eos=False,
+        vocab_ties="first_seen",
+        d_ff=256,
+        causal=False,
+        norm_first=False,
+        final_norm=False,
+        positions="sinusoidal",
+        ff_dropout=True,
+        init="torch",
+        head="mlp",
+        head_width=64,
+        engram_injection="concat",
+        engram_feedback=False,
+        batch_size=64,
+        weight_decay=0.01,
+        clip_norm=1.0,
+        schedule="cosine_per_epoch",
+        drop_last=True,
+        sent_weight=1.0,
         lm_weight=0.3,
     ),
 }
 
 BIG = {
     "written": BigProtocol(
-        name="written", pooling="last", batch_size=8, engram_batch_size=None, accum_steps=1, engram_accum_steps=1,
-        weight_decay=0.0, warmup_ratio=0.03, clip_norm=None, drop_last=False, sent_weight=0.5, lm_weight=0.5,
-        prefix_predicts_first=False, eval_mode="pair", autocast=True,
+        name="written",
+        pooling="last",
+        batch_size=8,
+        engram_batch_size=None,
+        accum_steps=1,
+        engram_accum_steps=1,
+        weight_decay=0.0,
+        warmup_ratio=0.03,
+        clip_norm=None,
+        drop_last=False,
+        sent_weight=0.5,
+        lm_weight=0.5,
+        prefix_predicts_first=False,
+        eval_mode="pair",
+        autocast=True,
     ),
     "published": BigProtocol(
-        name="published", pooling="mean", batch_size=8, engram_batch_size=4, accum_steps=2, engram_accum_steps=4,
-        weight_decay=0.01, warmup_ratio=0.05, clip_norm=1.0, drop_last=True, sent_weight=0.5, lm_weight=0.5,
-        prefix_predicts_first=True, eval_mode="zero", autocast=False,
+        name="published",
+        pooling="mean",
+        batch_size=8,
+        engram_batch_size=4,
+        accum_steps=2,
+        engram_accum_steps=4,
+        weight_decay=0.01,
+        warmup_ratio=0.05,
+        clip_norm=1.0,
+        drop_last=True,
+        sent_weight=0.5,
+        lm_weight=0.5,
+        prefix_predicts_first=True,
+        eval_mode="zero",
+        autocast=False,
     ),
 }
 
@@ -215,24 +286,54 @@ class Rung:
 
 ALL = ("sentiment_only", "dual_head", "dual_engram")
 SMALL_RUNGS = (
-    Rung("vocabulary", ("vocab_words", "specials", "bos_eos", "vocab_ties"), ("sentiment_only", "dual_head"),
-         "vocabulary size, special tokens and the order of ties"),
+    Rung(
+        "vocabulary",
+        ("vocab_words", "specials", "bos_eos", "vocab_ties"),
+        ("sentiment_only", "dual_head"),
+        "vocabulary size, special tokens and the order of ties",
+    ),
     Rung("attention", ("causal",), ("sentiment_only", "dual_head"), "causal or bidirectional attention"),
-    Rung("blocks", ("d_ff", "norm_first", "final_norm", "positions", "ff_dropout", "init"), ("sentiment_only", "dual_head"),
-         "pre-LN blocks with N(0, 0.02) init, or PyTorch's post-LN layer with its init, width and dropout"),
+    Rung(
+        "blocks",
+        ("d_ff", "norm_first", "final_norm", "positions", "ff_dropout", "init"),
+        ("sentiment_only", "dual_head"),
+        "pre-LN blocks with N(0, 0.02) init, or PyTorch's post-LN layer with its init, width and dropout",
+    ),
     Rung("head", ("head", "head_width"), ("sentiment_only",), "linear or MLP sentiment head"),
     Rung("loss_weights", ("sent_weight", "lm_weight"), ("dual_head",), "0.5 LM + 0.5 CE, or CE + 0.3 LM"),
-    Rung("engram", ("engram_injection", "engram_feedback"), ("dual_engram",),
-         "prefix fed back in pairs, or concatenated and never fed back"),
-    Rung("optimiser", ("weight_decay", "clip_norm", "schedule", "drop_last"), ("sentiment_only", "dual_head"),
-         "Adam with no schedule, or AdamW with decay, cosine schedule, clipping and drop_last"),
+    Rung(
+        "engram",
+        ("engram_injection", "engram_feedback"),
+        ("dual_engram",),
+        "prefix fed back in pairs, or concatenated and never fed back",
+    ),
+    Rung(
+        "optimiser",
+        ("weight_decay", "clip_norm", "schedule", "drop_last"),
+        ("sentiment_only", "dual_head"),
+        "Adam with no schedule, or AdamW with decay, cosine schedule, clipping and drop_last",
+    ),
 )
 BIG_RUNGS = (
     Rung("pooling", ("pooling",), ALL, "last real token or mean over the sentence"),
-    Rung("batches", ("batch_size", "engram_batch_size", "accum_steps", "engram_accum_steps"), ALL,
-         "batch size and gradient accumulation"),
-    Rung("lm_targets", ("prefix_predicts_first",), ("dual_engram",), "whether the prefix position predicts the first token"),
-    Rung("optimiser", ("weight_decay", "warmup_ratio", "clip_norm", "drop_last"), ALL, "decay, warm-up, clipping, drop_last"),
+    Rung(
+        "batches",
+        ("batch_size", "engram_batch_size", "accum_steps", "engram_accum_steps"),
+        ALL,
+        "batch size and gradient accumulation",
+    ),
+    Rung(
+        "lm_targets",
+        ("prefix_predicts_first",),
+        ("dual_engram",),
+        "whether the prefix position predicts the first token",
+    ),
+    Rung(
+        "optimiser",
+        ("weight_decay", "warmup_ratio", "clip_norm", "drop_last"),
+        ALL,
+        "decay, warm-up, clipping, drop_last",
+    ),
     Rung("evaluation", ("eval_mode",), ("dual_engram",), "Model 3 evaluated in pairs or with a zero engram"),
     Rung("precision", ("autocast",), ALL, "the decoder under autocast or not"),
 )
@@ -254,8 +355,17 @@ def ladder(presets: dict, rungs: tuple[Rung, ...], base: str) -> list[tuple[str,
     out = [("base", ALL, {})]
     for r in rungs:
         out.append((r.name, r.variants, {f: getattr(o, f) for f in r.fields if getattr(o, f) != getattr(b, f)}))
-    out.append(("other", ALL, {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
-                               if f.name != "name" and getattr(o, f.name) != getattr(b, f.name)}))
+    out.append(
+        (
+            "other",
+            ALL,
+            {
+                f.name: getattr(o, f.name)
+                for f in dataclasses.fields(o)
+                if f.name != "name" and getattr(o, f.name) != getattr(b, f.name)
+            },
+        )
+    )
     return out
 
 

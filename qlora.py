@@ -1,6 +1,7 @@
 """Loading a causal LM for QLoRA: the precision a device gets, the checks on a model source (a hub
 id, a model folder, or a GGUF file dequantised once into a cached folder), the tokenizer, the
 4-bit (or unquantised) base model, and the LoRA-wrapped EngramModel on top of it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,9 +46,11 @@ def precision_note(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major >= 8:
         return None
-    return (f"note: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no native bf16, and "
-            "Qwen2/2.5 overflow in fp16, so the model computes in fp32: correct, slower, more activation memory "
-            "(--dry-run shows whether it fits)")
+    return (
+        f"note: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no native bf16, and "
+        "Qwen2/2.5 overflow in fp16, so the model computes in fp32: correct, slower, more activation memory "
+        "(--dry-run shows whether it fits)"
+    )
 
 
 def use_tf32(enabled: bool, device: torch.device) -> str | None:
@@ -154,7 +157,9 @@ def check_model_source(model: str) -> None:
         return
     folder = Path(model).expanduser()
     if not folder.is_dir():
-        raise UsageError(f"model folder {folder} not found; pass --model with a local folder or a hub id such as {DEFAULT_MODEL}")
+        raise UsageError(
+            f"model folder {folder} not found; pass --model with a local folder or a hub id such as {DEFAULT_MODEL}"
+        )
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -182,8 +187,10 @@ def check_bitsandbytes(device: torch.device) -> None:
     try:
         import bitsandbytes as bnb
     except Exception as e:
-        raise UsageError(f"4-bit loading needs bitsandbytes, which cannot run here ({_cause(e)}); "
-                         "install bitsandbytes for this device, or pass --no-4bit") from None
+        raise UsageError(
+            f"4-bit loading needs bitsandbytes, which cannot run here ({_cause(e)}); "
+            "install bitsandbytes for this device, or pass --no-4bit"
+        ) from None
     try:
         x = torch.linspace(-1, 1, 64 * 64, device=device).reshape(64, 64)  # [64,64], blocks of 64
         q, state = bnb.functional.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
@@ -192,11 +199,15 @@ def check_bitsandbytes(device: torch.device) -> None:
         # absmax (here at most 1): more is a broken kernel
         error = float((back.float() - x).abs().max())
     except Exception as e:
-        raise UsageError(f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot quantise to 4 bits on {device} "
-                         f"({_cause(e)}); {advice}") from None
+        raise UsageError(
+            f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot quantise to 4 bits on {device} "
+            f"({_cause(e)}); {advice}"
+        ) from None
     if not error < 0.2:
-        raise UsageError(f"bitsandbytes {getattr(bnb, '__version__', '?')} quantises wrongly on {device} (NF4 round trip "
-                         f"off by {error:.3g}); {advice}")
+        raise UsageError(
+            f"bitsandbytes {getattr(bnb, '__version__', '?')} quantises wrongly on {device} (NF4 round trip "
+            f"off by {error:.3g}); {advice}"
+        )
 
 
 def load_tokenizer(model: str):
@@ -206,8 +217,10 @@ def load_tokenizer(model: str):
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"could not load a tokenizer from {model} ({first}); pass --model with a local model folder, "
-                         "or check the hub id and the network") from None
+        raise UsageError(
+            f"could not load a tokenizer from {model} ({first}); pass --model with a local model folder, "
+            "or check the hub id and the network"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -234,8 +247,12 @@ def bnb_config(compute_dtype: torch.dtype):
     """The study's quantisation: 4-bit NF4 with double quantisation, computing in compute_dtype."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def load_base(model, device: torch.device, compute_dtype: torch.dtype, load_in_4bit: bool, checkpointing: bool = True):
@@ -250,7 +267,11 @@ def load_base(model, device: torch.device, compute_dtype: torch.dtype, load_in_4
     if callable(model):
         return prepare_base(model(device, compute_dtype, load_in_4bit), load_in_4bit, checkpointing)
 
-    kwargs = dict(dtype=compute_dtype, trust_remote_code=False, device_map={"": str(device) if device.type == "cpu" else device.index or 0})
+    kwargs = dict(
+        dtype=compute_dtype,
+        trust_remote_code=False,
+        device_map={"": str(device) if device.type == "cpu" else device.index or 0},
+    )
     if load_in_4bit:
         kwargs["quantization_config"] = bnb_config(compute_dtype)
     try:
@@ -280,8 +301,14 @@ def with_lora(lm, r: int, alpha: int, dropout: float):
     """LoRA on the seven projections of every decoder layer of a base model from load_base."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS), bias="none",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` inside get_peft_model; the
         # call is peft's, not ours, so only that one message is silenced, here only
@@ -302,8 +329,9 @@ def keep_training_layout(lm) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str,
-                      preset=None) -> EngramModel:
+def build_qlora_model(
+    args, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str, preset=None
+) -> EngramModel:
     """`preset` (a protocols.BigProtocol) sets the pooling, the loss weights and whether the decoder
     runs under autocast; default: written."""
     if preset is None:
@@ -315,14 +343,18 @@ def build_qlora_model(args, variant: str, device: torch.device, compute_dtype: t
     # under autocast the decoder's input is cast to the compute dtype; without it (the study's code)
     # the embeddings stay in their dtype, fp32 after prepare_model_for_kbit_training
     backbone = HFBackbone(lm, compute_dtype if preset.autocast else None)
-    spec = ModelSpec(variant=variant, pooling=preset.pooling, engram_dim=args.engram_dim, sent_weight=preset.sent_weight,
-                     lm_weight=preset.lm_weight, lm_chunk_rows=args.lm_chunk_rows,
-                     prefix_predicts_first=preset.prefix_predicts_first)
+    spec = ModelSpec(
+        variant=variant,
+        pooling=preset.pooling,
+        engram_dim=args.engram_dim,
+        sent_weight=preset.sent_weight,
+        lm_weight=preset.lm_weight,
+        lm_chunk_rows=args.lm_chunk_rows,
+        prefix_predicts_first=preset.prefix_predicts_first,
+    )
     model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, args.head_width))
     # Heads are created in fp32 and stay fp32; only they and the LoRA weights are trainable.
     for module in (model.sentiment_head, model.compressor, model.projector):
         if module is not None:
             module.to(device=device, dtype=torch.float32)
     return model
-
-

@@ -1,9 +1,18 @@
 """The small formatters every report shares (REPORT.md, LADDER.md): numbers, intervals, p-values."""
+
 from __future__ import annotations
 
-LABELS = {"sentiment_only": "Model 1: Sentiment Only", "dual_head": "Model 2: Dual Head", "dual_engram": "Model 3: Dual + Engram"}
-ENGRAM_ROWS = (("ARI", "ari", 3, 1), ("Cluster accuracy (%)", "cluster_accuracy", 1, 100),
-               ("Within-class cosine", "within_class_cosine", 3, 1), ("Between-class cosine", "between_class_cosine", 3, 1))
+LABELS = {
+    "sentiment_only": "Model 1: Sentiment Only",
+    "dual_head": "Model 2: Dual Head",
+    "dual_engram": "Model 3: Dual + Engram",
+}
+ENGRAM_ROWS = (
+    ("ARI", "ari", 3, 1),
+    ("Cluster accuracy (%)", "cluster_accuracy", 1, 100),
+    ("Within-class cosine", "within_class_cosine", 3, 1),
+    ("Between-class cosine", "between_class_cosine", 3, 1),
+)
 
 
 def _f(x, digits=2, pct=False):
@@ -21,11 +30,13 @@ def _msd(stat: dict | None, digits=2, scale=1.0) -> str:
 
 
 def _ci(stat: dict, digits=2, scale=1.0) -> str:
-    return "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
+    return (
+        "–" if stat.get("ci") is None else f"[{stat['ci'][0] * scale:.{digits}f}, {stat['ci'][1] * scale:.{digits}f}]"
+    )
 
 
 def _ci_if_any(stat: dict, digits=2) -> str:
-    """" [lo, hi]" where there is a 95 % CI, else nothing (a single seed has none)."""
+    """ " [lo, hi]" where there is a 95 % CI, else nothing (a single seed has none)."""
     return f" {_ci(stat, digits)}" if stat.get("ci") is not None else ""
 
 

@@ -1,5 +1,6 @@
 """REPORT.md: the study's tables filled with a run's numbers beside the study's, the controls, and
 the findings in words. Formatting only: every number comes from metrics.json."""
+
 from __future__ import annotations
 
 import report_evidence as ev
@@ -20,31 +21,50 @@ from stats import mean_ci
 def report_header(m: dict, title: str) -> list[str]:
     lines = [f"# {title} — protocol `{m['protocol']}`", ""]
     if m.get("stopped"):
-        lines += [f"> **Incomplete: stopped by {m['stopped']}**. The tables hold the finished variants only; "
-                  "continue with the command below plus `--resume`.", ""]
+        lines += [
+            f"> **Incomplete: stopped by {m['stopped']}**. The tables hold the finished variants only; "
+            "continue with the command below plus `--resume`.",
+            "",
+        ]
     elif not m["complete"]:
         jobs = m.get("jobs")
         done = f" ({jobs['finished']} of {jobs['total']} jobs finished)" if jobs else ""
-        lines += [f"> **Incomplete**{done}: this run is still going or stopped early; the tables hold the finished jobs only.", ""]
+        lines += [
+            f"> **Incomplete**{done}: this run is still going or stopped early; "
+            "the tables hold the finished jobs only.",
+            "",
+        ]
     failed = (m.get("jobs") or {}).get("failed") or []
     if failed:
-        lines += [f"> **{len(failed)} job(s) failed**: " + "; ".join(f"`{f['job']}`: {f['error'] or 'no error line'}" for f in failed) +
-                  f". Rerun what is missing (finished jobs are kept) with `{m['jobs']['rerun']}`.", ""]
+        lines += [
+            f"> **{len(failed)} job(s) failed**: "
+            + "; ".join(f"`{f['job']}`: {f['error'] or 'no error line'}" for f in failed)
+            + f". Rerun what is missing (finished jobs are kept) with `{m['jobs']['rerun']}`.",
+            "",
+        ]
     if m["shortened"]:
-        lines += ["> **Shortened run** (fewer epochs or examples than the study): not comparable with the study's figures.", ""]
+        lines += [
+            "> **Shortened run** (fewer epochs or examples than the study): not comparable with the study's figures.",
+            "",
+        ]
     if m.get("code_versions"):
-        lines += [f"> **Trained under {len(m['code_versions'])} code versions** (a job resumed under edited code): "
-                  + "; ".join(m["code_versions"]) + ".", ""]
+        lines += [
+            f"> **Trained under {len(m['code_versions'])} code versions** (a job resumed under edited code): "
+            + "; ".join(m["code_versions"])
+            + ".",
+            "",
+        ]
     mach = m.get("machine", {})
     lines += [
         f"Command: `{m['command']}`",
         "",
         *ev.declaration(),
-        f"Protocol `{m['protocol']}`" + (f" with overrides {m['overrides']}" if m.get("overrides") else "") +
-        f" · seeds: {', '.join(map(str, m['seeds']))} · device: {m['device']}" +
-        (f" · threads: {mach['threads']}" if mach.get("threads") else "") +
-        f" · train rows: {m['data']['train']:,} · validation rows: {m['data']['validation']:,}" +
-        (f" · vocabulary: {m['data']['vocab_size']:,}" if m["data"].get("vocab_size") else ""),
+        f"Protocol `{m['protocol']}`"
+        + (f" with overrides {m['overrides']}" if m.get("overrides") else "")
+        + f" · seeds: {', '.join(map(str, m['seeds']))} · device: {m['device']}"
+        + (f" · threads: {mach['threads']}" if mach.get("threads") else "")
+        + f" · train rows: {m['data']['train']:,} · validation rows: {m['data']['validation']:,}"
+        + (f" · vocabulary: {m['data']['vocab_size']:,}" if m["data"].get("vocab_size") else ""),
         "",
     ]
     return lines
@@ -53,14 +73,18 @@ def report_header(m: dict, title: str) -> list[str]:
 def accuracy_table(m: dict) -> list[str]:
     s = m["study"]
     multi = len(m["seeds"]) > 1
-    head = "| Model | Best val (ours) | Final val (ours) |" + (" Best 95 % CI | Final 95 % CI |" if multi else "") + \
-        " Best (study) | Final (study) | Params (total / trainable) | Minutes |"
+    head = (
+        "| Model | Best val (ours) | Final val (ours) |"
+        + (" Best 95 % CI | Final 95 % CI |" if multi else "")
+        + " Best (study) | Final (study) | Params (total / trainable) | Minutes |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for v, mm in m["models"].items():
         row = f"| {LABELS[v]} | {_msd(mm['best_val_acc'])} | {_msd(mm['final_val_acc'])} |"
         if multi:
             row += f" {_ci(mm['best_val_acc'])} | {_ci(mm['final_val_acc'])} |"
-        row += f" {_f(s['best'][v])} | {_f(s['final'][v])} | {mm['total_params']:,} / {mm['trainable_params']:,} | {_msd(mm['minutes'], 1)} |"
+        row += f" {_f(s['best'][v])} | {_f(s['final'][v])} | {mm['total_params']:,} / {mm['trainable_params']:,} | "
+        row += f"{_msd(mm['minutes'], 1)} |"
         lines.append(row)
     return lines + [""]
 
@@ -68,8 +92,12 @@ def accuracy_table(m: dict) -> list[str]:
 def per_seed_table(m: dict) -> list[str]:
     if len(m["seeds"]) < 2:
         return []
-    lines = ["Per seed (best / final validation accuracy, %, and the best epoch):", "",
-             "| Seed | " + " | ".join(LABELS[v] for v in m["models"]) + " |", "|---|" + "---|" * len(m["models"])]
+    lines = [
+        "Per seed (best / final validation accuracy, %, and the best epoch):",
+        "",
+        "| Seed | " + " | ".join(LABELS[v] for v in m["models"]) + " |",
+        "|---|" + "---|" * len(m["models"]),
+    ]
     for seed in m["seeds"]:
         cells = []
         for mm in m["models"].values():
@@ -83,14 +111,22 @@ def extra_section(m: dict) -> list[str]:
     names = sorted({k for mm in m["models"].values() for k in mm["extra"]})
     if not names:
         return []
-    lines = ["## Held-out sets (`--extra-eval`)", "",
-             "Accuracy (%) at the epoch with the best validation accuracy (the honest held-out number: the epoch is chosen "
-             "on validation, not on this set) and at the final epoch; mean ± std [95 % CI] over seeds.", "",
-             "| Set | Model | At the selected epoch | Final epoch |", "|---|---|---|---|"]
+    lines = [
+        "## Held-out sets (`--extra-eval`)",
+        "",
+        "Accuracy (%) at the epoch with the best validation accuracy (the honest held-out number: the epoch is chosen "
+        "on validation, not on this set) and at the final epoch; mean ± std [95 % CI] over seeds.",
+        "",
+        "| Set | Model | At the selected epoch | Final epoch |",
+        "|---|---|---|---|",
+    ]
     for k in names:
         for v, mm in m["models"].items():
             e = mm["extra"][k]
-            lines.append(f"| {k} | {LABELS[v]} | {_msd(e['at_best'])} {_ci(e['at_best'])} | {_msd(e['final'])} {_ci(e['final'])} |")
+            lines.append(
+                f"| {k} | {LABELS[v]} | {_msd(e['at_best'])} {_ci(e['at_best'])} | "
+                f"{_msd(e['final'])} {_ci(e['final'])} |"
+            )
     return lines + ev.extra_section_tests(m)
 
 
@@ -102,9 +138,15 @@ def engram_section(m: dict, study_engram: dict) -> list[str]:
     e = m["engram"]
     if not e:
         return []
-    lines = ["## Engram clustering (H3)", "",
-             "K-Means (k = 2) on each validation sentence's own engram (zero-engram pass) of the final model; mean ± std over seeds.", "",
-             "| Metric | Ours | Study |", "|---|---|---|"]
+    lines = [
+        "## Engram clustering (H3)",
+        "",
+        "K-Means (k = 2) on each validation sentence's own engram (zero-engram pass) of the final model; "
+        "mean ± std over seeds.",
+        "",
+        "| Metric | Ours | Study |",
+        "|---|---|---|",
+    ]
     for name, key, digits, scale in ENGRAM_ROWS:
         study = study_engram.get(key)  # as the study's results file gives it (4 decimals)
         lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {'–' if study is None else f'{study:g}'} |")
@@ -126,29 +168,53 @@ def control_section(m: dict) -> list[str]:
     rc, pk = e["random_compressor"], e["pooled_kmeans"]
     trains = engram_trains(m)
     own = "trained engram" if trains else "never-trained engram"
-    lines = ["### Control: is the organisation the engram's, or the pooled state's?", "",
-             ("" if trains else "Under this preset no engram is ever fed back (the engram passed in is always zero), so no "
-              "loss reaches Model 3's compressor: its engram is a random projection of the pooled states, one more draw "
-              "of the control's kind, with this seed's initialisation. ") +
-             f"The same measures on the same pooled validation states of Model 3: its {'trained' if trains else 'own'} compressor; {rc['draws']} "
-             "freshly initialised, never trained compressors of the same shape (mean ± std [min, max] over all draws of all "
-             "seeds); and K-Means on the pooled states themselves. Probe = 5-fold logistic regression.", "",
-             "| Features | " + " | ".join(r[0] for r in ENGRAM_ROWS) + " | Probe accuracy (%) |", "|---|" + "---|" * (len(ENGRAM_ROWS) + 1)]
-    lines.append(f"| {own.capitalize()} | " + " | ".join(_msd(e[k], d, s) for _, k, d, s in ENGRAM_ROWS) +
-                 f" | {_msd(e['trained_probe_accuracy'], 1, 100)} |")
-    lines.append("| Untrained compressor | " + " | ".join(
-        f"{_msd(rc[k], d, s)} [{rc[k]['min'] * s:.{d}f}, {rc[k]['max'] * s:.{d}f}]" for _, k, d, s in ENGRAM_ROWS) +
-        f" | {_msd(rc['probe_accuracy'], 1, 100)} |")
-    lines.append("| Pooled state (K-Means on it) | " + " | ".join(_msd(pk[k], d, s) for _, k, d, s in ENGRAM_ROWS) +
-                 f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |")
+    lines = [
+        "### Control: is the organisation the engram's, or the pooled state's?",
+        "",
+        (
+            ""
+            if trains
+            else "Under this preset no engram is ever fed back (the engram passed in is always zero), so no "
+            "loss reaches Model 3's compressor: its engram is a random projection of the pooled states, one more draw "
+            "of the control's kind, with this seed's initialisation. "
+        )
+        + "The same measures on the same pooled validation states of Model 3: its "
+        f"{'trained' if trains else 'own'} compressor; {rc['draws']} "
+        "freshly initialised, never trained compressors of the same shape (mean ± std [min, max] over all draws of all "
+        "seeds); and K-Means on the pooled states themselves. Probe = 5-fold logistic regression.",
+        "",
+        "| Features | " + " | ".join(r[0] for r in ENGRAM_ROWS) + " | Probe accuracy (%) |",
+        "|---|" + "---|" * (len(ENGRAM_ROWS) + 1),
+    ]
+    lines.append(
+        f"| {own.capitalize()} | "
+        + " | ".join(_msd(e[k], d, s) for _, k, d, s in ENGRAM_ROWS)
+        + f" | {_msd(e['trained_probe_accuracy'], 1, 100)} |"
+    )
+    lines.append(
+        "| Untrained compressor | "
+        + " | ".join(
+            f"{_msd(rc[k], d, s)} [{rc[k]['min'] * s:.{d}f}, {rc[k]['max'] * s:.{d}f}]" for _, k, d, s in ENGRAM_ROWS
+        )
+        + f" | {_msd(rc['probe_accuracy'], 1, 100)} |"
+    )
+    lines.append(
+        "| Pooled state (K-Means on it) | "
+        + " | ".join(_msd(pk[k], d, s) for _, k, d, s in ENGRAM_ROWS)
+        + f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |"
+    )
     above = [a for a in e["above_random"] if a["above"]]
     n = len(e["above_random"])
     per, pt = rc["draws"] // max(n, 1), (e.get("random_tail") or {}).get("percentile_test")
     below = "; the test across seeds is the percentile test below" if pt else ""
-    lines += ["", f"**Does the {own} separate sentiment better than a random projection?** {ev.percentile_answer(pt)}: "
-                  f"per seed its ARI lies above every one of that seed's {per} probed random draws in {len(above)} of "
-                  f"{n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, pooled state "
-                  f"{_msd(pk['ari'], 3)}){below}.", ""]
+    lines += [
+        "",
+        f"**Does the {own} separate sentiment better than a random projection?** {ev.percentile_answer(pt)}: "
+        f"per seed its ARI lies above every one of that seed's {per} probed random draws in {len(above)} of "
+        f"{n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, pooled state "
+        f"{_msd(pk['ari'], 3)}){below}.",
+        "",
+    ]
     return lines + ev.h3_lines(e, own)
 
 
@@ -156,11 +222,17 @@ def ablation_section(m: dict) -> list[str]:
     runs = [r for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
     base = runs[0]["analysis"]["ablation"]["base"]
     others = [mode for mode in ("pair", "zero", "shuffled") if mode != base]
-    lines = ["### Does the model read its engram? (evaluation ablation, Model 3, final epoch)", "",
-             f"Validation accuracy with the engrams it is evaluated with (`{base}`), and with the other conditions; "
-             "\"changed\" counts the predictions that differ from those, out of the predictions whose engram differs "
-             "(under `pair` the first half of every batch already has a zero engram, so against `zero` only the second halves can change).", "",
-             f"| Seed | {base} | " + " | ".join(others) + " |", "|---|---|" + "---|" * len(others)]
+    lines = [
+        "### Does the model read its engram? (evaluation ablation, Model 3, final epoch)",
+        "",
+        f"Validation accuracy with the engrams it is evaluated with (`{base}`), and with the other conditions; "
+        "\"changed\" counts the predictions that differ from those, out of the predictions whose engram differs "
+        "(under `pair` the first half of every batch already has a zero engram, "
+        "so against `zero` only the second halves can change).",
+        "",
+        f"| Seed | {base} | " + " | ".join(others) + " |",
+        "|---|---|" + "---|" * len(others),
+    ]
     for r in runs:
         ab = r["analysis"]["ablation"]
         cells = [f"{ab[mode]:.2f} ({ab[f'changed_{mode}']} of {ab[f'could_change_{mode}']} changed)" for mode in others]
@@ -172,13 +244,22 @@ def rank_section(m: dict) -> list[str]:
     rows = [(v, mm["rank"]) for v, mm in m["models"].items() if "rank" in mm]
     if not rows:
         return []
-    keys = [("effective_rank", "Effective rank", 1), ("participation_ratio", "Participation ratio", 2),
-            ("dims_90", "Dims for 90 % variance", 1), ("top1_share", "Top-1 variance share", 3)]
-    lines = ["## Rank of the pooled states (the study's anti-collapse explanation of H1)", "",
-             "Per model, over the pooled validation states of the final model (centred): effective rank (exp of the entropy "
-             "of the normalised singular values), participation ratio, principal axes holding 90 % of the variance, and the "
-             "first axis's share; mean ± std [95 % CI] over seeds.", "",
-             "| Model | " + " | ".join(k[1] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    keys = [
+        ("effective_rank", "Effective rank", 1),
+        ("participation_ratio", "Participation ratio", 2),
+        ("dims_90", "Dims for 90 % variance", 1),
+        ("top1_share", "Top-1 variance share", 3),
+    ]
+    lines = [
+        "## Rank of the pooled states (the study's anti-collapse explanation of H1)",
+        "",
+        "Per model, over the pooled validation states of the final model (centred): effective rank (exp of the entropy "
+        "of the normalised singular values), participation ratio, principal axes holding 90 % of the variance, and the "
+        "first axis's share; mean ± std [95 % CI] over seeds.",
+        "",
+        "| Model | " + " | ".join(k[1] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
     for v, rk in rows:
         lines.append(f"| {LABELS[v]} | " + " | ".join(_msd_ci(rk.get(k), d) for k, _, d in keys) + " |")
     t = m.get("rank_test")
@@ -193,33 +274,50 @@ def probe_section(m: dict) -> list[str]:
         for key, what in (("probe_pooled", "pooled hidden state"), ("probe_engram", "engram")):
             stats = [r["analysis"][key] for r in mm["runs"] if r["analysis"] and key in r["analysis"]]
             if stats:
-                acc, ctl, sel = (mean_ci([100 * s[k] for s in stats]) for k in ("accuracy", "control_accuracy", "selectivity"))
+                acc, ctl, sel = (
+                    mean_ci([100 * s[k] for s in stats]) for k in ("accuracy", "control_accuracy", "selectivity")
+                )
                 rows.append(f"| {LABELS[v]} | {what} | {_msd(acc)} | {_msd(ctl)} | {_msd(sel)} |")
     if not rows:
         return []
-    return ["## Probes", "",
-            "5-fold cross-validated logistic regression of sentiment on validation features of the final model; "
-            "control = the same probe on shuffled labels; selectivity = accuracy − control (points).", "",
-            "| Model | Features | Probe accuracy | Control accuracy | Selectivity |", "|---|---|---|---|---|", *rows, ""]
+    return [
+        "## Probes",
+        "",
+        "5-fold cross-validated logistic regression of sentiment on validation features of the final model; "
+        "control = the same probe on shuffled labels; selectivity = accuracy − control (points).",
+        "",
+        "| Model | Features | Probe accuracy | Control accuracy | Selectivity |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def history_section(m: dict) -> list[str]:
     seed = m["seeds"][0]
     lines = ["## Per-epoch history" + (f" (seed {seed})" if len(m["seeds"]) > 1 else ""), ""]
-    extra_names = sorted({k for mm in m["models"].values() for r in mm["runs"] for h in r["history"] for k in h["extra"]})
+    extra_names = sorted(
+        {k for mm in m["models"].values() for r in mm["runs"] for h in r["history"] for k in h["extra"]}
+    )
     for v, mm in m["models"].items():
         run = next((r for r in mm["runs"] if r["seed"] == seed), None)
         if run is None:
             continue
-        lines += [f"**{LABELS[v]}**", "",
-                  "| Epoch | Train loss | Train sent | Train LM | Train acc | Val acc | Val sent | Val LM |" +
-                  "".join(f" {n} acc |" for n in extra_names) + " Seconds |",
-                  "|---|---|---|---|---|---|---|---|" + "---|" * len(extra_names) + "---|"]
+        lines += [
+            f"**{LABELS[v]}**",
+            "",
+            "| Epoch | Train loss | Train sent | Train LM | Train acc | Val acc | Val sent | Val LM |"
+            + "".join(f" {n} acc |" for n in extra_names)
+            + " Seconds |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(extra_names) + "---|",
+        ]
         for h in run["history"]:
             extra = "".join(f" {_f(h['extra'].get(n, {}).get('acc'))} |" for n in extra_names)
             lines.append(
-                f"| {h['epoch']} | {_f(h['train_loss'], 4)} | {_f(h['train_sent_loss'], 4)} | {_f(h['train_lm_loss'], 4)} | "
-                f"{_f(h['train_acc'])} | {_f(h['val_acc'])} | {_f(h['val_sent_loss'], 4)} | {_f(h['val_lm_loss'], 4)} |{extra} {h['seconds']:.1f} |"
+                f"| {h['epoch']} | {_f(h['train_loss'], 4)} | {_f(h['train_sent_loss'], 4)} | "
+                f"{_f(h['train_lm_loss'], 4)} | "
+                f"{_f(h['train_acc'])} | {_f(h['val_acc'])} | {_f(h['val_sent_loss'], 4)} | "
+                f"{_f(h['val_lm_loss'], 4)} |{extra} {h['seconds']:.1f} |"
             )
         lines.append("")
     return lines
@@ -235,8 +333,10 @@ def summary_section(m: dict) -> list[str]:
         runs = [r["analysis"]["ablation"] for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
         key = "zero" if runs[0]["base"] != "zero" else "pair"
         changed = [f"{a[f'changed_{key}']} of {a[f'could_change_{key}']}" for a in runs]
-        lines.append(f"- **Is the engram read?** Switching the engrams to `{key}` changes {', '.join(changed)} validation "
-                     "predictions that could change, per seed (ablation table above).")
+        lines.append(
+            f"- **Is the engram read?** Switching the engrams to `{key}` changes {', '.join(changed)} validation "
+            "predictions that could change, per seed (ablation table above)."
+        )
     return lines + [""]
 
 
@@ -249,7 +349,7 @@ def _run_extent(r: dict) -> str:
 
 
 def _verdict_cell(d: dict) -> str:
-    """"+1.22 (inconclusive; Holm p 0.514; MDE 3.46)": the adjusted p and MDE where the run's metrics.json has them
+    """ "+1.22 (inconclusive; Holm p 0.514; MDE 3.46)": the adjusted p and MDE where the run's metrics.json has them
     (one written before issue 32 has the verdict only)."""
     extra = ""
     if "p_adj" in d:
@@ -259,9 +359,15 @@ def _verdict_cell(d: dict) -> str:
 
 
 def protocols_section(m: dict, other: dict | None) -> list[str]:
-    """"As written vs as run": this run beside the other protocol's run of the same scale, each
+    """ "As written vs as run": this run beside the other protocol's run of the same scale, each
     number beside the study's figure."""
-    if not other or "preset" not in other or other["protocol"] == m["protocol"] or not other.get("models") or not m["models"]:
+    if (
+        not other
+        or "preset" not in other
+        or other["protocol"] == m["protocol"]
+        or not other.get("models")
+        or not m["models"]
+    ):
         return []  # absent, of the same protocol, or written by an older version of this code
     if other["config"].get("model") != m["config"].get("model"):
         return []  # another base model: its differences are not the protocols'
@@ -270,34 +376,53 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
     if w is None or p is None:
         return []
     s = m["study"]
-    lines = ["## As written vs as run", "",
-             f"The same code run under both readings of the study: `written` (the write-up; {_run_extent(w)}) by `{w['command']}`, "
-             f"`published` (the study's code as run; {_run_extent(p)}) by `{p['command']}`. Mean [95 % CI] over seeds.", "",
-             "| Model | Best, written | Best, published | Best (study) | Final, written | Final, published | Final (study) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## As written vs as run",
+        "",
+        f"The same code run under both readings of the study: `written` (the write-up; {_run_extent(w)}) "
+        f"by `{w['command']}`, "
+        f"`published` (the study's code as run; {_run_extent(p)}) by `{p['command']}`. Mean [95 % CI] over seeds.",
+        "",
+        "| Model | Best, written | Best, published | Best (study) | "
+        "Final, written | Final, published | Final (study) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in w["models"]:
         if v in p["models"]:
             a, b = w["models"][v], p["models"][v]
-            lines.append(f"| {LABELS[v]} | {_f(a['best_val_acc']['mean'])} {_ci(a['best_val_acc'])} | "
-                         f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'][v])} | "
-                         f"{_f(a['final_val_acc']['mean'])} {_ci(a['final_val_acc'])} | {_f(b['final_val_acc']['mean'])} "
-                         f"{_ci(b['final_val_acc'])} | {_f(s['final'][v])} |")
-    lines += ["", "| Hypothesis | Final delta, written (verdict; Holm p; MDE) | Final delta, published (verdict; Holm p; "
-              "MDE) | Study final | Best delta, written | Best delta, published | Study best |",
-              "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {LABELS[v]} | {_f(a['best_val_acc']['mean'])} {_ci(a['best_val_acc'])} | "
+                f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'][v])} | "
+                f"{_f(a['final_val_acc']['mean'])} {_ci(a['final_val_acc'])} | {_f(b['final_val_acc']['mean'])} "
+                f"{_ci(b['final_val_acc'])} | {_f(s['final'][v])} |"
+            )
+    lines += [
+        "",
+        "| Hypothesis | Final delta, written (verdict; Holm p; MDE) | Final delta, published (verdict; Holm p; "
+        "MDE) | Study final | Best delta, written | Best delta, published | Study best |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for h in ("H1", "H2"):
         a, b = w["hypotheses"].get(h), p["hypotheses"].get(h)
         if a and b:
-            lines.append(f"| {h} ({a['compare']}) | {_verdict_cell(a)} | {_verdict_cell(b)} | "
-                         f"{a['study_delta']['final']:+.2f} | {a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | "
-                         f"{a['study_delta']['best']:+.2f} |")
+            lines.append(
+                f"| {h} ({a['compare']}) | {_verdict_cell(a)} | {_verdict_cell(b)} | "
+                f"{a['study_delta']['final']:+.2f} | {a['delta_best']['mean']:+.2f} | {b['delta_best']['mean']:+.2f} | "
+                f"{a['study_delta']['best']:+.2f} |"
+            )
     ew, ep = w["engram"], p["engram"]
     if ew and ep:
         lines += ["", "| Engram (Model 3) | Written | Published | Study |", "|---|---|---|---|"]
         for name, key, digits, scale in ENGRAM_ROWS[:2]:
-            own = [_msd(x["engram"][key], digits, scale) + ("" if engram_trains(x) else " (never trained)") for x in (w, p)]
-            lines.append(f"| {name}, Model 3's own compressor | {own[0]} | {own[1]} | {_f(s['engram'].get(key), digits)} |")
+            own = [
+                _msd(x["engram"][key], digits, scale) + ("" if engram_trains(x) else " (never trained)") for x in (w, p)
+            ]
+            lines.append(
+                f"| {name}, Model 3's own compressor | {own[0]} | {own[1]} | {_f(s['engram'].get(key), digits)} |"
+            )
             if "random_compressor" in ew and "random_compressor" in ep:
-                lines.append(f"| {name}, untrained compressors | {_msd(ew['random_compressor'][key], digits, scale)} | "
-                             f"{_msd(ep['random_compressor'][key], digits, scale)} | – |")
+                lines.append(
+                    f"| {name}, untrained compressors | {_msd(ew['random_compressor'][key], digits, scale)} | "
+                    f"{_msd(ep['random_compressor'][key], digits, scale)} | – |"
+                )
     return lines + [""]

@@ -1,5 +1,6 @@
 """The small transformer backbone trained from scratch: its config, blocks (pre- or post-LN, causal
 or bidirectional, on packed real rows or a padded batch), positions and the fast dropout."""
+
 from __future__ import annotations
 
 import copy

@@ -2,6 +2,7 @@
 output from the finished jobs after each, so that a crash, a full disk, Ctrl-C or a preemption
 never loses a finished job; or hand the grid to an executor (launch.py) that runs the jobs as
 processes or Slurm jobs, each of them this same code with --job."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
             if recipe.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(recipe.device)
             result, built = train_variant(recipe, job.variant, job.seed, train, evals, folder, resume=True)
-            result["analysis"], arrays = analyse(built.model, evals["validation"], recipe, built.autocast_dtype, job.seed)
+            result["analysis"], arrays = analyse(
+                built.model, evals["validation"], recipe, built.autocast_dtype, job.seed
+            )
             result["machine"] = job_machine(recipe.device, who)
             write_npz(folder / "arrays.npz", arrays)
             check_stop(f"the analysis of {job.variant}")  # before the random-compressor control, which polls no stop
@@ -74,7 +77,9 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
             write_record(out, job, state="stopped", error=str(e))
             raise
         except BaseException as e:
-            write_record(out, job, state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            write_record(
+                out, job, state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
             raise
         finally:
             built = None  # the last reference: the collector can free the model now
@@ -86,9 +91,16 @@ def run_job(job: Job, recipe: Recipe, train, evals: dict, out: Path, command: st
 def job_machine(device: torch.device, who: dict) -> dict:
     """Where a job ran, kept in its result: metrics.json reads device, GPU and peak GPU memory from
     the jobs, not from whichever process (a submitter, a login node) writes the outputs."""
-    mine = {"host": who["host"], "threads": torch.get_num_threads(), "device": str(device), "device_name": device_name(device)}
+    mine = {
+        "host": who["host"],
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": device_name(device),
+    }
     if device.type == "cuda":
-        mine.update(gpu=torch.cuda.get_device_name(device), peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        mine.update(
+            gpu=torch.cuda.get_device_name(device), peak_gpu_gib=torch.cuda.max_memory_allocated(device) / 2**30
+        )
     return mine
 
 
@@ -100,8 +112,18 @@ def outputs_of(m: dict) -> list[str]:
     return [o for o in OUTPUTS if drawable.get(o, True)]
 
 
-def write_outputs(out: Path, results: dict, labels, complete: bool, header: dict, study: dict, panels,
-                  report_fn, stopped: str | None = None, engram_png: tuple[bytes, dict] | None = None) -> dict:
+def write_outputs(
+    out: Path,
+    results: dict,
+    labels,
+    complete: bool,
+    header: dict,
+    study: dict,
+    panels,
+    report_fn,
+    stopped: str | None = None,
+    engram_png: tuple[bytes, dict] | None = None,
+) -> dict:
     """metrics.json, predictions.json, learning_curves.png, engram_clusters.png and REPORT.md, each
     written atomically. `report_fn(metrics)` returns the report's text. `engram_png` is the engram
     figure drawn beforehand (engram_figure: outside the outputs lock), or None when the one on disk
@@ -132,8 +154,10 @@ def engram_stamp(out: Path, results: dict, seeds: list[int], header: dict) -> di
     if e is None:
         return None
     st = (out / "checkpoints" / f"seed{first}" / "dual_engram" / "arrays.npz").stat()
-    title = (f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
-             f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%")
+    title = (
+        f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
+        f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%"
+    )
     return {"seed": first, "arrays": [st.st_size, st.st_mtime_ns], "title": title}
 
 
@@ -153,8 +177,9 @@ def engram_figure(out: Path, results: dict, seeds: list[int], header: dict) -> t
     if stamp is None or engram_on_disk(out) == stamp:
         return None
     a = load_arrays(out, stamp["seed"], "dual_engram")
-    return figure_png(engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], stamp["title"],
-                                      stamp["seed"])), stamp
+    return figure_png(
+        engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], stamp["title"], stamp["seed"])
+    ), stamp
 
 
 class Outputs:
@@ -164,7 +189,9 @@ class Outputs:
     LOCK_WAIT_S = 600  # how long a writer waits for another's outputs lock
     LOCK_STALE_S = 300  # another host's outputs lock unchanged this long: its writer died there
 
-    def __init__(self, out: Path, jobs: list[Job], labels, header: dict, study: dict, panels, report_fn, recipe: Recipe):
+    def __init__(
+        self, out: Path, jobs: list[Job], labels, header: dict, study: dict, panels, report_fn, recipe: Recipe
+    ):
         self.out, self.jobs, self.labels, self.header = out, jobs, labels, header
         self.study, self.panels, self.report_fn, self.recipe = study, panels, report_fn, recipe
 
@@ -178,8 +205,14 @@ class Outputs:
             # seed (each move is to an earlier seed, so the choice settles within len(seeds) tries)
             for tries_left in range(len(seeds), -1, -1):
                 figure = engram_figure(self.out, finished_results(self.out, self.jobs), seeds, self.header)
-                with FolderLock(self.out, "outputs", self.header["command"], wait_s=self.LOCK_WAIT_S, who=identity(),
-                                stale_s=self.LOCK_STALE_S):
+                with FolderLock(
+                    self.out,
+                    "outputs",
+                    self.header["command"],
+                    wait_s=self.LOCK_WAIT_S,
+                    who=identity(),
+                    stale_s=self.LOCK_STALE_S,
+                ):
                     results = finished_results(self.out, self.jobs)
                     want = engram_stamp(self.out, results, seeds, self.header)
                     if want is None or engram_on_disk(self.out) == want:
@@ -190,13 +223,25 @@ class Outputs:
                         figure = engram_figure(self.out, results, seeds, self.header)  # the choice kept moving
                     header = {**self.header, "jobs": jobs_summary(job_states(self.out, self.jobs), self.header)}
                     complete = all(j.finished(self.out) for j in self.jobs)
-                    return write_outputs(self.out, results, self.labels, complete, header, self.study, self.panels,
-                                         self.report_fn, stopped, figure)
+                    return write_outputs(
+                        self.out,
+                        results,
+                        self.labels,
+                        complete,
+                        header,
+                        self.study,
+                        self.panels,
+                        self.report_fn,
+                        stopped,
+                        figure,
+                    )
         except Exception as e:
             if final and not tolerant:
                 raise
-            print(f"warning: could not write the outputs now ({type(e).__name__}: {e}); the finished jobs are kept",
-                  file=sys.stderr)
+            print(
+                f"warning: could not write the outputs now ({type(e).__name__}: {e}); the finished jobs are kept",
+                file=sys.stderr,
+            )
             return {}
 
 
@@ -204,10 +249,15 @@ def jobs_summary(rows: list[dict], header: dict) -> dict:
     """The grid in metrics.json: how many jobs finished, which failed and why, and the command that
     runs what is missing (the same command: a rerun skips the finished jobs)."""
     command = continue_command(header["command"], header["config"].get("executor", "serial"))
-    return {"total": len(rows), "finished": sum(r["state"] == "finished" for r in rows),
-            "states": {r["job"]: r["state"] for r in rows},
-            "failed": [{k: r[k] for k in ("job", "error", "log", "job_id", "host")} for r in rows if r["state"] == "failed"],
-            "rerun": command}
+    return {
+        "total": len(rows),
+        "finished": sum(r["state"] == "finished" for r in rows),
+        "states": {r["job"]: r["state"] for r in rows},
+        "failed": [
+            {k: r[k] for k in ("job", "error", "log", "job_id", "host")} for r in rows if r["state"] == "failed"
+        ],
+        "rerun": command,
+    }
 
 
 def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, study: dict, panels, report_fn) -> dict:
@@ -218,8 +268,10 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
     jobs = grid(args.seeds, args.variants)
     for variant in args.variants:  # refuse at the start what would fail after hours
         if recipe.steps_per_epoch(variant, len(train)) == 0:
-            raise UsageError(f"{len(train)} training rows make no full batch of {recipe.batch_size(variant)} for {variant} "
-                             "(the protocol drops an epoch's short last batch); use more rows or a smaller --batch-size")
+            raise UsageError(
+                f"{len(train)} training rows make no full batch of {recipe.batch_size(variant)} for {variant} "
+                "(the protocol drops an epoch's short last batch); use more rows or a smaller --batch-size"
+            )
     writer = Outputs(out, jobs, evals["validation"].labels, header, study, panels, report_fn, recipe)
     if args.report_only:
         return writer.write(final=True)
@@ -228,13 +280,22 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         import launch
 
         # a grid continues its folder (with --overwrite: starts it over first)
-        prepare_checkpoints(ckpt_root, header["config"], resume=not args.overwrite, overwrite=args.overwrite,
-                            start_over="rerun with --overwrite")  # an executor's grid always resumes
+        prepare_checkpoints(
+            ckpt_root,
+            header["config"],
+            resume=not args.overwrite,
+            overwrite=args.overwrite,
+            start_over="rerun with --overwrite",
+        )  # an executor's grid always resumes
         return launch.submit(args, header, out, jobs, writer)
     mine = jobs if args.job is None else [parse_job(args.job, jobs)]
-    prepare_checkpoints(ckpt_root, header["config"], resume=args.resume or args.job is not None,
-                        overwrite=args.overwrite,
-                        start_over="run without --resume" if args.job is None else "rerun the grid with --overwrite")
+    prepare_checkpoints(
+        ckpt_root,
+        header["config"],
+        resume=args.resume or args.job is not None,
+        overwrite=args.overwrite,
+        start_over="run without --resume" if args.job is None else "rerun the grid with --overwrite",
+    )
     command = header["command"]
     for job in mine:
         if job.result_state(out) and (args.resume or args.job is not None):
@@ -250,10 +311,14 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
             if args.job is not None:
                 # a job of an executor stops within its signal's grace: its checkpoint is saved, it exits at once
                 # (no outputs rewritten, no t-SNE, no lock waited for); the next job to finish rewrites them
-                raise Interrupted(f"{e}; kept " + (f"checkpoint {last}" if last else "no checkpoint yet"), e.signum) from None
+                raise Interrupted(
+                    f"{e}; kept " + (f"checkpoint {last}" if last else "no checkpoint yet"), e.signum
+                ) from None
             writer.write(stopped=signal.Signals(e.signum).name)
             done = sum(j.finished(out) for j in jobs)
-            kept = f"{done} finished job(s) and " + (f"checkpoint {last}" if last else f"no checkpoint of {job.variant} seed {job.seed} yet")
+            kept = f"{done} finished job(s) and " + (
+                f"checkpoint {last}" if last else f"no checkpoint of {job.variant} seed {job.seed} yet"
+            )
             raise Interrupted(f"{e}; kept {kept}; continue with: {continue_command(command)}", e.signum) from None
         except (UsageError, NonFiniteLoss):
             writer.write(tolerant=True)
@@ -261,8 +326,10 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         if STOP and args.job is not None:
             # the stop came after the job's last look (its result is kept): within the signal's grace it exits at
             # once, rewriting nothing; its requeue (or the next job to finish, or --report-only) writes the outputs
-            raise Interrupted(f"{STOP.name} after {job.label} finished; its result is kept, the outputs are left to "
-                              "the next writer", STOP.signum)
+            raise Interrupted(
+                f"{STOP.name} after {job.label} finished; its result is kept, the outputs are left to the next writer",
+                STOP.signum,
+            )
         if job is not mine[-1]:
             writer.write(tolerant=True)  # after the last job, the write below is the one
     m = writer.write(final=args.job is None)

@@ -6,6 +6,7 @@ One step axis for every scalar: the job's forward batches counted across epochs.
 batches: the mean training losses (total, sentiment, LM) over those batches and the learning rate;
 after each epoch, at that epoch's last batch: the epoch's row of metrics.json's history (training
 and validation accuracy and losses, and those of each --extra-eval set)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,11 +18,19 @@ EPOCH_KEYS = ("train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "va
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("logging")
-    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
-                   help="tensorboard: write each job's training curves to OUT/tensorboard/<seed>/<variant>/ "
-                        "(needs the optional tensorboard package: pip install tensorboard)")
-    g.add_argument("--log-steps", type=positive_int, default=50,
-                   help="with --report-to tensorboard: training losses and learning rate every this many batches")
+    g.add_argument(
+        "--report-to",
+        choices=("none", "tensorboard"),
+        default="none",
+        help="tensorboard: write each job's training curves to OUT/tensorboard/<seed>/<variant>/ "
+        "(needs the optional tensorboard package: pip install tensorboard)",
+    )
+    g.add_argument(
+        "--log-steps",
+        type=positive_int,
+        default=50,
+        help="with --report-to tensorboard: training losses and learning rate every this many batches",
+    )
 
 
 def tensorboard_root(args, out: Path) -> Path | None:

@@ -1,5 +1,6 @@
 """The loop that trains one variant: batches, steps, gradient accumulation, clipping, schedules,
 evaluation after every epoch, and a checkpoint after every epoch."""
+
 from __future__ import annotations
 
 import sys
@@ -148,7 +149,9 @@ def _optimizer_step(built: Built, recipe: Recipe) -> None:
         built.scheduler.step()
 
 
-def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict[str, Encoded], ckpt: Path, resume: bool):
+def train_variant(
+    recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict[str, Encoded], ckpt: Path, resume: bool
+):
     """Train one variant for recipe.epochs, evaluating after every epoch; checkpoint every epoch.
 
     Returns (result dict, the Built variant). `evals` holds "validation" and any extra sets."""
@@ -158,7 +161,10 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     bs = recipe.batch_size(variant)
     total, trainable = count_parameters(model)
     dtype = f"; compute dtype {built.info['compute_dtype']}" if "compute_dtype" in built.info else ""
-    print(f"[{variant} seed {seed}] parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f} %){dtype}")
+    print(
+        f"[{variant} seed {seed}] parameters: {trainable:,} trainable of {total:,} "
+        f"({100 * trainable / total:.2f} %){dtype}"
+    )
     code = code_version()
     state = {"history": [], "best": None, "final": None, "seconds": 0.0, "code": [code]}
     start_epoch, done_steps, partial = 1, 0, None
@@ -173,8 +179,11 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
         # and in the result (state["code"] lists every version the job ran under; REPORT.md names them)
         state["code"] = state.get("code") or [None]
         if (state["code"][-1] or {}).get("sources") != code["sources"]:
-            print(f"note: {variant} seed {seed}: its checkpoint was made by {describe_code(state['code'][-1])}, this is "
-                  f"{describe_code(code)}; it continues, and its result names both", file=sys.stderr)
+            print(
+                f"note: {variant} seed {seed}: its checkpoint was made by {describe_code(state['code'][-1])}, this is "
+                f"{describe_code(code)}; it continues, and its result names both",
+                file=sys.stderr,
+            )
             state["code"].append(code)
 
     def stop_position(epoch: int, step: int, sums: dict, seconds: float) -> None:
@@ -187,15 +196,43 @@ def train_variant(recipe: Recipe, variant: str, seed: int, train: Encoded, evals
     n_batches = len(epoch_batches(len(train), bs, seed, 1, recipe.drop_last))
     log = TrainLog(recipe.tensorboard, seed, variant, recipe.log_steps, (start_epoch - 1) * n_batches + done_steps + 1)
     try:
-        _epochs(recipe, variant, seed, train, evals, ckpt, built, state, start_epoch, done_steps, partial,
-                stop_position, log, code)
+        _epochs(
+            recipe,
+            variant,
+            seed,
+            train,
+            evals,
+            ckpt,
+            built,
+            state,
+            start_epoch,
+            done_steps,
+            partial,
+            stop_position,
+            log,
+            code,
+        )
     finally:
         log.close()
     return {"total": total, "trainable": trainable, "info": built.info, **state}, built
 
 
-def _epochs(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict, ckpt: Path, built: Built, state: dict,
-            start_epoch: int, done_steps: int, partial, stop_position, log: TrainLog, code: dict) -> None:
+def _epochs(
+    recipe: Recipe,
+    variant: str,
+    seed: int,
+    train: Encoded,
+    evals: dict,
+    ckpt: Path,
+    built: Built,
+    state: dict,
+    start_epoch: int,
+    done_steps: int,
+    partial,
+    stop_position,
+    log: TrainLog,
+    code: dict,
+) -> None:
     """The epochs of train_variant from start_epoch on: train, evaluate, keep the weights, checkpoint."""
     model, opt = built.model, built.optimizer
     bs, accum = recipe.batch_size(variant), recipe.accum_steps(variant)
@@ -203,7 +240,17 @@ def _epochs(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict
     opt.zero_grad(set_to_none=True)
     for epoch in range(start_epoch, recipe.epochs + 1):
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "sent": 0.0, "lm": 0.0, "lm_n": 0, "correct": 0, "n": 0, "steps": 0, "sent_bm": 0.0, "lm_bm": 0.0}
+        sums = {
+            "loss": 0.0,
+            "sent": 0.0,
+            "lm": 0.0,
+            "lm_n": 0,
+            "correct": 0,
+            "n": 0,
+            "steps": 0,
+            "sent_bm": 0.0,
+            "lm_bm": 0.0,
+        }
         skip, elapsed = 0, 0.0
         if epoch == start_epoch and partial is not None:  # a mid-epoch checkpoint: its sums, then the steps after it
             sums, skip, elapsed = partial["sums"], done_steps, partial["seconds"]
@@ -242,7 +289,9 @@ def _epochs(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict
             lr = opt.param_groups[0]["lr"]
             log.step((epoch - 1) * len(batches) + step, loss_value, out.sent_mean, out.lm_mean, lr)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.3f}", acc=f"{100 * sums['correct'] / sums['n']:.1f}")
+                bar.set_postfix(
+                    loss=f"{sums['loss'] / sums['steps']:.3f}", acc=f"{100 * sums['correct'] / sums['n']:.1f}"
+                )
         if STOP and skip < len(batches):
             # every step is done, the evaluation not yet (at 7B it takes minutes, longer than a
             # preemption's grace): keep the trained epoch; a resume skips straight to its evaluation
@@ -253,16 +302,29 @@ def _epochs(recipe: Recipe, variant: str, seed: int, train: Encoded, evals: dict
         try:
             results = {name: evaluate(model, enc, recipe, built.autocast_dtype) for name, enc in evals.items()}
             best = state["best"] is None or results["validation"]["acc"] > state["best"]["acc"]
-            keep_epoch(recipe, model, ckpt, epoch, evals["validation"], results["validation"]["pred"], best,
-                       built.autocast_dtype, seed, code)
+            keep_epoch(
+                recipe,
+                model,
+                ckpt,
+                epoch,
+                evals["validation"],
+                results["validation"]["pred"],
+                best,
+                built.autocast_dtype,
+                seed,
+                code,
+            )
         except Interrupted as e:
             # a stop during the evaluation: the trained epoch is kept as the position after its last step
             # (the state the evaluation started from); the resume evaluates it again
             set_rng_state(*before, recipe.device)
             stop_position(epoch, len(batches), sums, train_seconds)
-            raise Interrupted(f"{STOP.name} during {variant} seed {seed}, epoch {epoch}, its evaluation", e.signum) from None
+            raise Interrupted(
+                f"{STOP.name} during {variant} seed {seed}, epoch {epoch}, its evaluation", e.signum
+            ) from None
         if built.scheduler is not None and built.scheduler_per == "epoch":
-            built.scheduler.step()  # after the evaluation (which no learning rate touches): a stop in it saved the state before
+            # after the evaluation (which no learning rate touches): a stop in it saved the state before
+            built.scheduler.step()
         val = results["validation"]
         row = {
             "epoch": epoch,

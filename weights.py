@@ -13,6 +13,7 @@ beside the job's checkpoints, with what rebuilding the model needs.
 
 Never the (4-bit) base model. weights.json is written last: a folder without it is incomplete.
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,9 +73,13 @@ def kmeans_record(engrams: np.ndarray, labels: np.ndarray, seed: int) -> dict:
 
     km = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(engrams)  # engrams [n,e]
     labels = np.asarray(labels)
-    clusters = [{"size": int((km.labels_ == c).sum()),
-                 "positive_share": float(labels[km.labels_ == c].mean()) if (km.labels_ == c).any() else None}
-                for c in range(2)]
+    clusters = [
+        {
+            "size": int((km.labels_ == c).sum()),
+            "positive_share": float(labels[km.labels_ == c].mean()) if (km.labels_ == c).any() else None,
+        }
+        for c in range(2)
+    ]
     return {"seed": seed, "n": len(labels), "centroids": km.cluster_centers_.tolist(), "clusters": clusters}
 
 
@@ -85,8 +90,9 @@ def nearest_cluster(record: dict, engrams: np.ndarray) -> np.ndarray:
     return d.argmin(1)
 
 
-def save_weights(folder: Path, spec: WeightSpec, model, epoch: int, code: dict, half: bool = False,
-                 kmeans: dict | None = None) -> Path:
+def save_weights(
+    folder: Path, spec: WeightSpec, model, epoch: int, code: dict, half: bool = False, kmeans: dict | None = None
+) -> Path:
     """Write one set into a temporary folder, weights.json last, and move it into place."""
     from safetensors.torch import save_file
 
@@ -103,14 +109,27 @@ def save_weights(folder: Path, spec: WeightSpec, model, epoch: int, code: dict, 
         write_json(tmp / "vocab.json", spec.vocab)
     else:
         model.backbone.lm.save_pretrained(str(tmp / "adapter"))  # the PeftModel: adapter files only
-        heads = {f"{m}.{k}": v.detach().cpu().contiguous() for m in HEAD_MODULES if getattr(model, m) is not None
-                 for k, v in getattr(model, m).state_dict().items()}
+        heads = {
+            f"{m}.{k}": v.detach().cpu().contiguous()
+            for m in HEAD_MODULES
+            if getattr(model, m) is not None
+            for k, v in getattr(model, m).state_dict().items()
+        }
         save_file(heads, str(tmp / "heads.safetensors"))
         dtype = str(next(iter(heads.values())).dtype).replace("torch.", "")
     if kmeans is not None:
         write_json(tmp / "kmeans.json", kmeans)
-    write_json(tmp / "weights.json", {"kind": spec.kind, "variant": model.variant, "epoch": epoch, "dtype": dtype,
-                                      "code": code, "config": spec.config})
+    write_json(
+        tmp / "weights.json",
+        {
+            "kind": spec.kind,
+            "variant": model.variant,
+            "epoch": epoch,
+            "dtype": dtype,
+            "code": code,
+            "config": spec.config,
+        },
+    )
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -143,7 +162,7 @@ def load_heads(model, folder: Path) -> None:
         module = getattr(model, name)
         if module is None:
             continue
-        mine = {k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")}
+        mine = {k[len(name) + 1 :]: v for k, v in heads.items() if k.startswith(name + ".")}
         module.load_state_dict(mine)
 
 
@@ -165,8 +184,18 @@ def predicted_labels(model, enc, recipe, autocast_dtype) -> np.ndarray:
     return (torch.cat(probs).numpy() > 0.5).astype(int)  # [n]
 
 
-def keep_epoch(recipe, model, job_folder: Path, epoch: int, val_enc, val_pred: np.ndarray, becomes_best: bool,
-               autocast_dtype, seed: int, code: dict) -> None:
+def keep_epoch(
+    recipe,
+    model,
+    job_folder: Path,
+    epoch: int,
+    val_enc,
+    val_pred: np.ndarray,
+    becomes_best: bool,
+    autocast_dtype,
+    seed: int,
+    code: dict,
+) -> None:
     """After an epoch's evaluation, before its checkpoint (so a job stopped after its selected
     epoch still has that epoch's weights): save "best" when this epoch becomes the selected one,
     and "final" after the last epoch; a set already holding this epoch (an earlier attempt of

@@ -9,6 +9,7 @@ per second, the projected seconds per epoch and per full run (8 epochs, training
 achieved FLOP rate as a fraction of a plain fp32 matmul peak measured in the same process, and the
 speedup over the reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engram import run_batch  # noqa: E402
-from models import VARIANTS, SmallConfig, build_small_model  # noqa: E402
 from data import Encoded, collate, epoch_batches, load_sst2  # noqa: E402
+from engram import run_batch  # noqa: E402
 from experiment import small_config, small_vocab  # noqa: E402
+from models import VARIANTS, SmallConfig, build_small_model  # noqa: E402
 from protocols import SMALL  # noqa: E402
 
 
@@ -102,24 +103,46 @@ def main(argv=None) -> dict:
     rows = {}
     for variant in VARIANTS:
         fast = time_variant(variant, "packed", len(vocab), enc, batches, args.warmup, 42, preset)
-        naive = fast if args.no_naive else time_variant(variant, "padded", len(vocab), enc, batches, args.warmup, 42, preset)
-        rows[variant] = {"fast": fast, "naive": naive, "epoch_seconds": fast["seconds_per_step"] * len(all_batches),
-                         "naive_epoch_seconds": naive["seconds_per_step"] * len(all_batches),
-                         "fraction_of_peak": fast["flop_rate"] / peak, "speedup": naive["seconds_per_step"] / fast["seconds_per_step"]}
+        naive = (
+            fast
+            if args.no_naive
+            else time_variant(variant, "padded", len(vocab), enc, batches, args.warmup, 42, preset)
+        )
+        rows[variant] = {
+            "fast": fast,
+            "naive": naive,
+            "epoch_seconds": fast["seconds_per_step"] * len(all_batches),
+            "naive_epoch_seconds": naive["seconds_per_step"] * len(all_batches),
+            "fraction_of_peak": fast["flop_rate"] / peak,
+            "speedup": naive["seconds_per_step"] / fast["seconds_per_step"],
+        }
     full = 8 * sum(r["epoch_seconds"] for r in rows.values())
     naive_full = 8 * sum(r["naive_epoch_seconds"] for r in rows.values())
-    print(f"matmul peak (fp32, 1024^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s; "
-          f"{args.steps} timed steps per row, batch 64, {len(all_batches)} steps per epoch")
+    print(
+        f"matmul peak (fp32, 1024^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s; "
+        f"{args.steps} timed steps per row, batch 64, {len(all_batches)} steps per epoch"
+    )
     print()
     print("| variant | tokens/s | projected epoch s | fraction of peak | naive epoch s | speedup |")
     print("|---|---|---|---|---|---|")
     for v, r in rows.items():
-        print(f"| {v} | {r['fast']['tokens_per_second']:,.0f} | {r['epoch_seconds']:.1f} | {r['fraction_of_peak']:.1%} | "
-              f"{r['naive_epoch_seconds']:.1f} | {r['speedup']:.2f}x |")
+        print(
+            f"| {v} | {r['fast']['tokens_per_second']:,.0f} | {r['epoch_seconds']:.1f} | {r['fraction_of_peak']:.1%} | "
+            f"{r['naive_epoch_seconds']:.1f} | {r['speedup']:.2f}x |"
+        )
     print()
-    print(f"projected full run (3 variants x 8 epochs, training only): {full / 60:.1f} min; naive reference {naive_full / 60:.1f} min")
-    result = {"peak_flops": peak, "threads": torch.get_num_threads(), "steps": args.steps, "variants": rows,
-              "projected_full_run_seconds": full, "naive_projected_full_run_seconds": naive_full}
+    print(
+        f"projected full run (3 variants x 8 epochs, training only): "
+        f"{full / 60:.1f} min; naive reference {naive_full / 60:.1f} min"
+    )
+    result = {
+        "peak_flops": peak,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "variants": rows,
+        "projected_full_run_seconds": full,
+        "naive_projected_full_run_seconds": naive_full,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

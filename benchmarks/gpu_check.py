@@ -20,6 +20,7 @@ environment: DEVICE (auto|cpu|cuda), STEPS (default abcd), MAX_TRAIN, MAX_EVAL, 
 this; default 1 on a GPU, 4 on the CPU), DRY_RUN_PROTOCOLS (default "written"), DRY_RUN_ARGS (more
 dry-run flags, e.g. "--max-length 16"), KEEP_WORK=1 (keep the runs' folders; gpu_check.sh).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the shared real SST-2 beside the checkout (this project's machines) or inside it (a device machine's copy)
-SST2 = next((d for d in (ROOT.parent / "shared" / "data" / "sst2", ROOT / "shared" / "data" / "sst2") if d.is_dir()),
-            ROOT.parent / "shared" / "data" / "sst2")
+SST2 = next(
+    (d for d in (ROOT.parent / "shared" / "data" / "sst2", ROOT / "shared" / "data" / "sst2") if d.is_dir()),
+    ROOT.parent / "shared" / "data" / "sst2",
+)
 LOG_LIMIT = 15 * 2**20  # bytes kept of a log (its end): what comes back from a device is at most 16 MiB a file
 # each step's own limit in seconds on a GPU; LIMIT_FACTOR times as long (default: 4 on the CPU)
 LIMITS = {"a": 150, "b_written": 75, "b_published": 75, "c": 90, "d": 90}
@@ -128,8 +131,12 @@ def tiny_qwen(folder: Path, data: Path) -> None:
     from dry_run import save_tiny_qwen
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar, in setup.log
-    sentences = [line.split("\t")[0] for name in ("train.tsv", "dev.tsv")
-                 for line in (data / name).read_text().split("\n")[1:] if line]
+    sentences = [
+        line.split("\t")[0]
+        for name in ("train.tsv", "dev.tsv")
+        for line in (data / name).read_text().split("\n")[1:]
+        if line
+    ]
     save_tiny_qwen(folder, sentences)
 
 
@@ -156,8 +163,14 @@ def run(argv: list[str], log: Path, limit: float, stop_when=None, header: str = 
         f.write(f"{header}$ {shlex.join(argv)}\n")
         f.flush()
         t0 = time.monotonic()
-        p = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"})  # no network there
+        p = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # no network there
         stopped_at, code = None, None
         while code is None:
             try:
@@ -204,8 +217,13 @@ def compare(ours: dict | None, reference: dict | None) -> dict:
     both = sorted(set(ours or {}) & set(reference or {}))
     diffs = [abs(a - b) for v in both for a, b in zip(ours[v], reference[v])]
     same = bool(both) and all(len(ours[v]) == len(reference[v]) for v in both) and not any(diffs)
-    return {"compared": both, "max_abs_val_acc_diff": max(diffs) if diffs else None, "identical": same,
-            "val_acc": ours, "reference_val_acc": {v: reference[v] for v in both} if both else reference}
+    return {
+        "compared": both,
+        "max_abs_val_acc_diff": max(diffs) if diffs else None,
+        "identical": same,
+        "val_acc": ours,
+        "reference_val_acc": {v: reference[v] for v in both} if both else reference,
+    }
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -218,20 +236,49 @@ def dry_run_step(py: str, device: str, out: Path, work: Path, clock: Clock, fact
     log, runs = out / "a_dry_run.log", []
     for protocol in os.environ.get("DRY_RUN_PROTOCOLS", "written").split():
         report = work / f"dry_run_{protocol}.json"
-        keep = ("import json, sys; import experiment_7b as e; r = e.main(sys.argv[2:]); "
-                "open(sys.argv[1], 'w').write(json.dumps(r, default=str))")
-        flags = ["--dry-run", shape, "--protocol", protocol, "--device", device, "--no-progress",
-                 *shlex.split(os.environ.get("DRY_RUN_ARGS", ""))]
-        r = run([py, "-c", keep, str(report), *flags], log, clock.limit(LIMITS["a"] * factor),
-                header=f"# the dry run, protocol {protocol}\n")
+        keep = (
+            "import json, sys; import experiment_7b as e; r = e.main(sys.argv[2:]); "
+            "open(sys.argv[1], 'w').write(json.dumps(r, default=str))"
+        )
+        flags = [
+            "--dry-run",
+            shape,
+            "--protocol",
+            protocol,
+            "--device",
+            device,
+            "--no-progress",
+            *shlex.split(os.environ.get("DRY_RUN_ARGS", "")),
+        ]
+        r = run(
+            [py, "-c", keep, str(report), *flags],
+            log,
+            clock.limit(LIMITS["a"] * factor),
+            header=f"# the dry run, protocol {protocol}\n",
+        )
         r["cli"] = shlex.join(["python", "experiment_7b.py", *flags])
         r["protocol"] = protocol
         if report.is_file():
             rep = json.loads(report.read_text())
-            keys = ("variant", "gradient_checkpointing", "batch_size", "max_length", "seconds_per_step", "peak_allocated_gib",
-                    "peak_reserved_gib", "fits_16gb", "margin_gib", "oom")
-            r.update(shape=shape, compute_dtype=rep["compute_dtype"], device_name=rep["device"],
-                     rows=[{k: x.get(k) for k in keys} for x in rep["runs"]], table=rep["table"])
+            keys = (
+                "variant",
+                "gradient_checkpointing",
+                "batch_size",
+                "max_length",
+                "seconds_per_step",
+                "peak_allocated_gib",
+                "peak_reserved_gib",
+                "fits_16gb",
+                "margin_gib",
+                "oom",
+            )
+            r.update(
+                shape=shape,
+                compute_dtype=rep["compute_dtype"],
+                device_name=rep["device"],
+                rows=[{k: x.get(k) for k in keys} for x in rep["runs"]],
+                table=rep["table"],
+            )
         r["ok"] = r["exit_code"] == 0 and len(r.get("rows", [])) == 6
         runs.append(r)
     trim_log(log)
@@ -239,9 +286,27 @@ def dry_run_step(py: str, device: str, out: Path, work: Path, clock: Clock, fact
 
 
 def tiny_argv(py: str, model: Path, data: Path, device: str, work: Path) -> list[str]:
-    return [py, "experiment_7b.py", "--model", str(model), "--data-dir", str(data), "--device", device, "--no-progress",
-            "--epochs", os.environ.get("EPOCHS", "2"), "--max-train", os.environ.get("MAX_TRAIN", "200"),
-            "--max-eval", os.environ.get("MAX_EVAL", "64"), "--seeds", "42", "--small-results", str(work / "none.json")]
+    return [
+        py,
+        "experiment_7b.py",
+        "--model",
+        str(model),
+        "--data-dir",
+        str(data),
+        "--device",
+        device,
+        "--no-progress",
+        "--epochs",
+        os.environ.get("EPOCHS", "2"),
+        "--max-train",
+        os.environ.get("MAX_TRAIN", "200"),
+        "--max-eval",
+        os.environ.get("MAX_EVAL", "64"),
+        "--seeds",
+        "42",
+        "--small-results",
+        str(work / "none.json"),
+    ]
 
 
 def end_to_end_step(base: list[str], out: Path, work: Path, clock: Clock, factor: int) -> dict:
@@ -250,10 +315,16 @@ def end_to_end_step(base: list[str], out: Path, work: Path, clock: Clock, factor
     res = {}
     for protocol, folder in (("written", work / "b"), ("published", work / "b" / "published")):
         log = out / f"b_{protocol}.log"
-        r = run([*base, "--protocol", protocol, "--out", str(folder)], log, clock.limit(LIMITS[f"b_{protocol}"] * factor))
+        r = run(
+            [*base, "--protocol", protocol, "--out", str(folder)], log, clock.limit(LIMITS[f"b_{protocol}"] * factor)
+        )
         acc = val_accuracies(folder)
-        r.update(log=log.name, val_acc=acc, ok=r["exit_code"] == 0 and acc is not None and len(acc) == 3,
-                 report=(folder / "REPORT.md").is_file())
+        r.update(
+            log=log.name,
+            val_acc=acc,
+            ok=r["exit_code"] == 0 and acc is not None and len(acc) == 3,
+            report=(folder / "REPORT.md").is_file(),
+        )
         trim_log(log)
         res[protocol] = r
     return {**res, "ok": all(r["ok"] for r in res.values())}
@@ -265,8 +336,12 @@ def reference(base: list[str], work: Path, log: Path, clock: Clock, factor: int)
     for folder in (work / "b", work / "reference"):
         if val_accuracies(folder) is not None:
             return val_accuracies(folder)
-    run([*base, *TWO, "--out", str(work / "reference")], log, clock.limit(LIMITS["b_written"] * factor),
-        header="# the uninterrupted reference run (step b did not run)\n")
+    run(
+        [*base, *TWO, "--out", str(work / "reference")],
+        log,
+        clock.limit(LIMITS["b_written"] * factor),
+        header="# the uninterrupted reference run (step b did not run)\n",
+    )
     return val_accuracies(work / "reference")
 
 
@@ -280,24 +355,43 @@ def stop_resume_step(base: list[str], out: Path, work: Path, clock: Clock, facto
     def first_checkpoint() -> bool:
         return any((folder / "checkpoints").glob("seed*/*/epoch_*/COMPLETE"))
 
-    stop = run([*base, *TWO, "--out", str(folder)], log, clock.limit(limit), stop_when=first_checkpoint,
-               header="# the run to stop\n")
-    resume = run([*base, *TWO, "--out", str(folder), "--resume"], log, clock.limit(limit - (time.monotonic() - t0)),
-                 header="# its --resume\n")
+    stop = run(
+        [*base, *TWO, "--out", str(folder)],
+        log,
+        clock.limit(limit),
+        stop_when=first_checkpoint,
+        header="# the run to stop\n",
+    )
+    resume = run(
+        [*base, *TWO, "--out", str(folder), "--resume"],
+        log,
+        clock.limit(limit - (time.monotonic() - t0)),
+        header="# its --resume\n",
+    )
     text = log.read_text()
     stopped = [line for line in text.splitlines() if "stopped at step" in line or line.startswith("stopped:")]
     trim_log(log)
     # 143 = 128 + SIGTERM: stopped at a step boundary; 0: it finished before the signal (a fast GPU)
     ok = stop["exit_code"] in (0, 143) and resume["exit_code"] == 0 and val_accuracies(folder) is not None
-    return {"log": log.name, "stopped_run": stop, "resumed_run": resume, "stop_lines": stopped[:4],
-            **compare(val_accuracies(folder), ref), "ok": ok}
+    return {
+        "log": log.name,
+        "stopped_run": stop,
+        "resumed_run": resume,
+        "stop_lines": stopped[:4],
+        **compare(val_accuracies(folder), ref),
+        "ok": ok,
+    }
 
 
 def local_executor_step(base: list[str], out: Path, work: Path, clock: Clock, factor: int) -> dict:
     """Step d: the same run as jobs started by submitit on this machine, one at a time."""
     log, folder = out / "d_local.log", work / "d"
     ref = reference(base, work, log, clock, factor)
-    r = run([*base, *TWO, "--out", str(folder), "--executor", "local", "--jobs", "1"], log, clock.limit(LIMITS["d"] * factor))
+    r = run(
+        [*base, *TWO, "--out", str(folder), "--executor", "local", "--jobs", "1"],
+        log,
+        clock.limit(LIMITS["d"] * factor),
+    )
     trim_log(log)
     acc = val_accuracies(folder)
     return {"log": log.name, **r, **compare(acc, ref), "ok": r["exit_code"] == 0 and acc is not None and len(acc) == 2}
@@ -324,11 +418,28 @@ def main(argv: list[str]) -> int:
     factor = env_int("LIMIT_FACTOR", 1 if device == "cuda" else 4)
     clock = Clock(env_int("BUDGET_S", 450 * factor) - (time.time() - t_start))
     steps = os.environ.get("STEPS", "abcd")
-    summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)), "steps_asked": steps,
-               "machine": {"device": device, **info}, "versions": versions(), "wheels_installed": args.installed.split(),
-               "settings": {k: os.environ.get(k) for k in ("DEVICE", "MAX_TRAIN", "MAX_EVAL", "EPOCHS", "BUDGET_S", "LIMIT_FACTOR",
-                                                             "DRY_RUN_PROTOCOLS", "DRY_RUN_ARGS") if os.environ.get(k)},
-               "steps": {}}
+    summary = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
+        "steps_asked": steps,
+        "machine": {"device": device, **info},
+        "versions": versions(),
+        "wheels_installed": args.installed.split(),
+        "settings": {
+            k: os.environ.get(k)
+            for k in (
+                "DEVICE",
+                "MAX_TRAIN",
+                "MAX_EVAL",
+                "EPOCHS",
+                "BUDGET_S",
+                "LIMIT_FACTOR",
+                "DRY_RUN_PROTOCOLS",
+                "DRY_RUN_ARGS",
+            )
+            if os.environ.get(k)
+        },
+        "steps": {},
+    }
     json_path = out / "gpu_check.json"
 
     def save() -> None:
@@ -347,10 +458,12 @@ def main(argv: list[str]) -> int:
         except Exception as e:
             summary["setup_error"] = f"{type(e).__name__}: {e}"
         summary["tiny_model_seconds"] = round(time.monotonic() - t0, 1)
-    for name, step in (("a", lambda: dry_run_step(py, device, out, work, clock, factor)),
-                       ("b", lambda: end_to_end_step(base, out, work, clock, factor)),
-                       ("c", lambda: stop_resume_step(base, out, work, clock, factor)),
-                       ("d", lambda: local_executor_step(base, out, work, clock, factor))):
+    for name, step in (
+        ("a", lambda: dry_run_step(py, device, out, work, clock, factor)),
+        ("b", lambda: end_to_end_step(base, out, work, clock, factor)),
+        ("c", lambda: stop_resume_step(base, out, work, clock, factor)),
+        ("d", lambda: local_executor_step(base, out, work, clock, factor)),
+    ):
         if name not in steps:
             continue
         t0 = time.monotonic()
@@ -361,8 +474,11 @@ def main(argv: list[str]) -> int:
         except Exception as e:  # a broken step is recorded; the next one still runs
             summary["steps"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         summary["steps"][name]["step_seconds"] = round(time.monotonic() - t0, 1)
-        print(f"gpu_check step {name}: {'ok' if summary['steps'][name]['ok'] else 'FAILED'} "
-              f"({summary['steps'][name]['step_seconds']:.0f} s)", flush=True)
+        print(
+            f"gpu_check step {name}: {'ok' if summary['steps'][name]['ok'] else 'FAILED'} "
+            f"({summary['steps'][name]['step_seconds']:.0f} s)",
+            flush=True,
+        )
         save()
     save()
     print(f"gpu_check: {'passed' if summary['passed'] else 'FAILED'} in {summary['seconds']:.0f} s; {json_path}")

@@ -16,7 +16,7 @@ def pytest_configure(config):
 
 
 def write_tsv(path: Path, rows, header="sentence\tlabel") -> Path:
-    path.write_text("\n".join([header, *(f"{s}\t{l}" for s, l in rows)]) + "\n")
+    path.write_text("\n".join([header, *(f"{s}\t{label}" for s, label in rows)]) + "\n")
     return path
 
 
@@ -29,7 +29,9 @@ def comparable(out):
             r.pop("minutes")
             for h in r["history"]:
                 h.pop("seconds"), h.pop("train_seconds")
-    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads((Path(out) / "predictions.json").read_text())
+    return {k: m[k] for k in ("models", "engram", "hypotheses")}, json.loads(
+        (Path(out) / "predictions.json").read_text()
+    )
 
 
 def crash_after_saving(monkeypatch, variant: str, epoch: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
@@ -100,7 +102,11 @@ def tiny_qwen(tmp_path_factory, sst2_small) -> Path:
     from dry_run import save_tiny_qwen
 
     folder = tmp_path_factory.mktemp("tiny_qwen")
-    sentences = [line.split("\t")[0] for name in ("train.tsv", "dev.tsv")
-                 for line in (sst2_small / name).read_text().split("\n")[1:] if line]
+    sentences = [
+        line.split("\t")[0]
+        for name in ("train.tsv", "dev.tsv")
+        for line in (sst2_small / name).read_text().split("\n")[1:]
+        if line
+    ]
     save_tiny_qwen(folder, sentences)
     return folder

@@ -1,5 +1,6 @@
 """The 7B path on a tiny random Qwen2 model loaded through from_pretrained with real NF4
 quantisation on the CPU: no GPU, no network."""
+
 import json
 import os
 import re
@@ -12,9 +13,9 @@ import torch
 
 import experiment_7b as e7
 import qlora
-from engram import run_batch
 from cli import UsageError
 from data import Encoded, collate
+from engram import run_batch
 from experiment_7b import parse_args
 from qlora import LORA_TARGETS, build_qlora_model
 
@@ -62,7 +63,9 @@ def test_gradients_reach_lora_and_the_compressor_through_the_second_half(engram_
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_qwen)
-    enc = Encoded(tok(["a fine film", "dull", "it is not bad at all", "bad"])["input_ids"], [1, 0, 1, 0], tok.pad_token_id)
+    enc = Encoded(
+        tok(["a fine film", "dull", "it is not bad at all", "bad"])["input_ids"], [1, 0, 1, 0], tok.pad_token_id
+    )
     ids, mask, labels = collate(enc, range(4), "cpu")
     engram_model.train()
     engram_model.zero_grad()
@@ -72,7 +75,9 @@ def test_gradients_reach_lora_and_the_compressor_through_the_second_half(engram_
     assert torch.count_nonzero(engram_model.compressor.linear.weight.grad) > 0
     # the first half alone does not train the compressor
     engram_model.zero_grad()
-    engram_model(ids[:2, :int(mask[:2].sum(1).max())], mask[:2, :int(mask[:2].sum(1).max())], labels=labels[:2]).loss.backward()
+    engram_model(
+        ids[:2, : int(mask[:2].sum(1).max())], mask[:2, : int(mask[:2].sum(1).max())], labels=labels[:2]
+    ).loss.backward()
     g = engram_model.compressor.linear.weight.grad
     assert g is None or torch.count_nonzero(g) == 0
 
@@ -91,8 +96,10 @@ def test_last_token_pooling_ignores_padding_with_the_prefix_present(engram_model
         alone = engram_model(ids[1:, : int(mask[1].sum())], mask[1:, : int(mask[1].sum())])
         assert torch.allclose(batched.pooled[1], alone.pooled[0], atol=1e-4)
         # and it is the last real position, not position -1 (a pad)
-        embeds = torch.cat([engram_model.projector(engram_model.zero_engram(2, "cpu")).unsqueeze(1),
-                            engram_model.backbone.embed(ids)], 1)
+        embeds = torch.cat(
+            [engram_model.projector(engram_model.zero_engram(2, "cpu")).unsqueeze(1), engram_model.backbone.embed(ids)],
+            1,
+        )
         hidden = engram_model.backbone(embeds, torch.cat([mask.new_ones(2, 1), mask], 1))[:, 1:]
         assert torch.allclose(batched.pooled[1], hidden[1, int(mask[1].sum()) - 1].float(), atol=1e-5)
         assert not torch.allclose(batched.pooled[1], hidden[1, -1].float(), atol=1e-3)
@@ -100,8 +107,25 @@ def test_last_token_pooling_ignores_padding_with_the_prefix_present(engram_model
 
 def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
     small = tmp_path / "small_metrics.json"
-    m = e7.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(tmp_path / "out"),
-                 "--max-train", "24", "--max-eval", "16", "--epochs", "2", "--no-progress", "--small-results", str(small)])
+    m = e7.main(
+        [
+            "--model",
+            str(tiny_qwen),
+            "--data-dir",
+            str(sst2_small),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-train",
+            "24",
+            "--max-eval",
+            "16",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--small-results",
+            str(small),
+        ]
+    )
     out = tmp_path / "out"
     for name in ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png"):
         assert (out / name).stat().st_size > 0
@@ -112,7 +136,10 @@ def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
         assert 0 < mm["trainable_params"] < mm["total_params"]
         assert mm["info"]["load_in_4bit"] and mm["info"]["compute_dtype"] == "float32"
         assert [h["epoch"] for h in mm["runs"][0]["history"]] == [1, 2]
-    assert saved["engram"]["ari"]["n"] == 1 and saved["models"]["dual_engram"]["runs"][0]["analysis"]["engram"]["dim"] == 128
+    assert (
+        saved["engram"]["ari"]["n"] == 1
+        and saved["models"]["dual_engram"]["runs"][0]["analysis"]["engram"]["dim"] == 128
+    )
     # adapters and heads only in the checkpoint, never the base model
     from safetensors.torch import load_file
 
@@ -141,29 +168,55 @@ def test_a_7b_run_prints_nothing_on_stderr_no_library_warning_either(tiny_qwen, 
     are noise on every run. A short training run and a dry run, both with nothing on stderr."""
     root = Path(e7.__file__).resolve().parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # Python's default filters, as a user has them
-    for argv in (["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--max-train", "16", "--max-eval", "16",
-                  "--epochs", "1", "--variants", "dual_engram", "--out", str(tmp_path / "out")],
-                 ["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--dry-run-steps", "1"]):
-        p = subprocess.run([sys.executable, "experiment_7b.py", *argv, "--no-progress"], cwd=root, env=env,
-                           capture_output=True, text=True, timeout=300)
+    for argv in (
+        [
+            "--model",
+            str(tiny_qwen),
+            "--data-dir",
+            str(sst2_small),
+            "--max-train",
+            "16",
+            "--max-eval",
+            "16",
+            "--epochs",
+            "1",
+            "--variants",
+            "dual_engram",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        ["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--dry-run-steps", "1"],
+    ):
+        p = subprocess.run(
+            [sys.executable, "experiment_7b.py", *argv, "--no-progress"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
 
 
 def test_dry_run_tiny_shape_runs_every_variant(tmp_path):
     r = e7.main(["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--dry-run-steps", "1"])
     assert [(x["variant"], x["gradient_checkpointing"]) for x in r["runs"]] == [
-        (v, gc) for gc in (True, False) for v in ("sentiment_only", "dual_head", "dual_engram")]
+        (v, gc) for gc in (True, False) for v in ("sentiment_only", "dual_head", "dual_engram")
+    ]
     assert all(x["seconds_per_step"] > 0 and x["trainable_params"] > 0 and x["batch_size"] == 4 for x in r["runs"])
     # random weights built in memory: no disk; on the CPU no GPU memory to judge
     assert r["disk_needed_bytes"] == 0 and all(x["fits_16gb"] is None for x in r["runs"])
     assert r["table"].count("n/a (CPU)") == 3 * 6 and "| dual_engram | off | 4 × 16 |" in r["table"]
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: None, "model folder .* not found"),
-    (lambda p: p.mkdir(), "has no config.json"),
-    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"architectures": ["BertModel"]}')), "not a causal LM"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "model folder .* not found"),
+        (lambda p: p.mkdir(), "has no config.json"),
+        (lambda p: (p.mkdir(), (p / "config.json").write_text('{"architectures": ["BertModel"]}')), "not a causal LM"),
+    ],
+)
 def test_model_folder_errors(setup, message, tmp_path):
     folder = tmp_path / "model"
     setup(folder)
@@ -190,8 +243,18 @@ def test_cli_help_shows_the_studys_defaults(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = capsys.readouterr().out
-    for needle in ("Qwen/Qwen2.5-7B", "(default: 16)", "(default: 32)", "(default: 0.05)", "(default: 0.0002)",
-                   "preset: written 8", "(default: 3)", "(default: 128)", "preset: written 0.03", "--dry-run"):
+    for needle in (
+        "Qwen/Qwen2.5-7B",
+        "(default: 16)",
+        "(default: 32)",
+        "(default: 0.05)",
+        "(default: 0.0002)",
+        "preset: written 8",
+        "(default: 3)",
+        "(default: 128)",
+        "preset: written 0.03",
+        "--dry-run",
+    ):
         assert needle in text, needle
     # each default said once: "passes over the training set (default 3) (default: 3)" was printed
     flat = " ".join(text.split())
@@ -225,9 +288,28 @@ def test_training_checkpoints_as_asked(tiny_qwen, sst2_small, tmp_path, monkeypa
 
     monkeypatch.setattr(e7, "build_qlora_model", build)
     for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
-        e7.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(tmp_path / flag), "--max-train", "16",
-                 "--max-eval", "16", "--epochs", "1", "--variants", "sentiment_only", "--no-progress", flag,
-                 "--small-results", str(tmp_path / "none.json")])
+        e7.main(
+            [
+                "--model",
+                str(tiny_qwen),
+                "--data-dir",
+                str(sst2_small),
+                "--out",
+                str(tmp_path / flag),
+                "--max-train",
+                "16",
+                "--max-eval",
+                "16",
+                "--epochs",
+                "1",
+                "--variants",
+                "sentiment_only",
+                "--no-progress",
+                flag,
+                "--small-results",
+                str(tmp_path / "none.json"),
+            ]
+        )
     batches = 16 // 8
     assert calls == {True: 2 * batches, False: batches}
 
@@ -242,9 +324,11 @@ def test_a_bitsandbytes_that_cannot_quantise_is_one_line(monkeypatch):
     import bitsandbytes as bnb
 
     def broken(*a, **k):  # what bitsandbytes' stand-in library raises, shortened
-        raise RuntimeError("\n🚨 CUDA SETUP ERROR: Missing dependency: libcudart.so.13 🚨\n\nCUDA 13.x runtime libraries were "
-                           "not found in the LD_LIBRARY_PATH.\n\nOriginal error: libcudart.so.13: cannot open shared object "
-                           "file: No such file or directory\n\n🔍 Run this command for detailed diagnostics:\npython -m bitsandbytes\n")
+        raise RuntimeError(
+            "\n🚨 CUDA SETUP ERROR: Missing dependency: libcudart.so.13 🚨\n\nCUDA 13.x runtime libraries were "
+            "not found in the LD_LIBRARY_PATH.\n\nOriginal error: libcudart.so.13: cannot open shared object "
+            "file: No such file or directory\n\n🔍 Run this command for detailed diagnostics:\npython -m bitsandbytes\n"
+        )
 
     monkeypatch.setattr(bnb.functional, "quantize_4bit", broken)
     with pytest.raises(UsageError) as e:
@@ -259,7 +343,9 @@ def test_a_bitsandbytes_that_cannot_quantise_is_one_line(monkeypatch):
         qlora.check_bitsandbytes(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "capability, dtype", [((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]
+)
 def test_precision_never_fp16_on_older_gpus(monkeypatch, args, tiny_qwen, capability, dtype):
     """A GPU without native bf16 (compute capability < 8) computes in fp32, without a loss scaler,
     and says why in one line: Qwen2/2.5 overflow fp16, which a loss scaler cannot help."""
@@ -275,7 +361,10 @@ def test_precision_never_fp16_on_older_gpus(monkeypatch, args, tiny_qwen, capabi
         assert "fp16" in note
     else:
         assert note is None
-    assert qlora.precision(torch.device("cpu")) == (torch.float32, False) and qlora.precision_note(torch.device("cpu")) is None
+    assert (
+        qlora.precision(torch.device("cpu")) == (torch.float32, False)
+        and qlora.precision_note(torch.device("cpu")) is None
+    )
 
 
 def test_tf32_is_opt_in_and_a_note_on_the_cpu(monkeypatch, capsys):
@@ -283,7 +372,9 @@ def test_tf32_is_opt_in_and_a_note_on_the_cpu(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--tf32" in help_text and "TF32" in help_text and "change slightly" in help_text and "default: off" in help_text
+    assert (
+        "--tf32" in help_text and "TF32" in help_text and "change slightly" in help_text and "default: off" in help_text
+    )
     # on a CUDA device it turns TF32 on for matmuls and cuDNN (the flags are settable without a GPU;
     # torch's backend objects refuse monkeypatch's undo, hence by hand)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -296,10 +387,24 @@ def test_tf32_is_opt_in_and_a_note_on_the_cpu(monkeypatch, capsys):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     # on the CPU: nothing set, one note line, and the run goes on (recorded in the config as any flag)
     before = torch.backends.cuda.matmul.allow_tf32
-    r = e7.main(["--dry-run", "tiny", "--batch-size", "4", "--max-length", "8", "--dry-run-steps", "1", "--tf32", "--no-progress"])
+    r = e7.main(
+        [
+            "--dry-run",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "8",
+            "--dry-run-steps",
+            "1",
+            "--tf32",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "--tf32" in line] == [
-        "note: --tf32 has no effect on the CPU (TF32 is a CUDA tensor-core format); fp32 matmuls stay fp32"]
+        "note: --tf32 has no effect on the CPU (TF32 is a CUDA tensor-core format); fp32 matmuls stay fp32"
+    ]
     assert torch.backends.cuda.matmul.allow_tf32 == before and len(r["runs"]) == 6
 
 

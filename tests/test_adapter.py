@@ -2,6 +2,7 @@
 loaded base, and with the saved heads gives the validation predictions the run recorded for that
 epoch: on the tiny random Qwen2 here, and on SmolLM2-135M (4-bit, as the study loads its base) in
 test_real_model.py, which shares its dequantised copy of the GGUF file."""
+
 import json
 from pathlib import Path
 
@@ -20,9 +21,28 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 
 def shortened_run(tmp_path, sst2_small, model_args: list[str], epochs: int) -> tuple[Path, list[str]]:
     out = tmp_path / "out"
-    argv = [*model_args, "--data-dir", str(sst2_small), "--out", str(out), "--max-train", "16", "--max-eval", "16",
-            "--epochs", str(epochs), "--batch-size", "4", "--max-length", "24", "--no-progress", "--variants",
-            "dual_engram", "--small-results", str(tmp_path / "none.json")]
+    argv = [
+        *model_args,
+        "--data-dir",
+        str(sst2_small),
+        "--out",
+        str(out),
+        "--max-train",
+        "16",
+        "--max-eval",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "24",
+        "--no-progress",
+        "--variants",
+        "dual_engram",
+        "--small-results",
+        str(tmp_path / "none.json"),
+    ]
     e7.main(argv)
     return out, argv
 
@@ -42,7 +62,10 @@ def check_adapter(out: Path, argv: list[str], base_folder: Path, sst2_small: Pat
         assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_folder)
         assert all("lora_" in k for k in load_file(str(adapter / "adapter_model.safetensors")))  # never the base
         assert {k.split(".")[0] for k in load_file(str(folder / "heads.safetensors"))} == {
-            "sentiment_head", "compressor", "projector"}
+            "sentiment_head",
+            "compressor",
+            "projector",
+        }
         # PEFT's own loader on a plain fresh base: the adapter's weights are the run's
         lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_folder)), str(adapter))
         lora = {k: v for k, v in lm.state_dict().items() if "lora_" in k}
@@ -66,4 +89,3 @@ def check_adapter(out: Path, argv: list[str], base_folder: Path, sst2_small: Pat
 def test_tiny_qwen_adapter_loads_with_peft_and_reproduces_the_recorded_predictions(tiny_qwen, sst2_small, tmp_path):
     out, argv = shortened_run(tmp_path, sst2_small, ["--model", str(tiny_qwen)], epochs=2)
     check_adapter(out, argv, tiny_qwen, sst2_small)
-

@@ -2,6 +2,7 @@
 representation rank, the untrained-compressor control, the ablation's denominators, the learning
 curves, fp32 heads under autocast, the linear cross-entropy's second backward, the hypothesis
 tests' degenerate cases, and one short end-to-end run of experiment.py."""
+
 import copy
 import inspect
 import json
@@ -133,16 +134,28 @@ def test_with_tail_adds_the_tail_to_a_finished_result_once(tmp_path):
 
     rng = np.random.default_rng(5)
     labels = np.tile([0, 1], 20)
-    write_npz(tmp_path / "arrays.npz", {"labels": labels, "pooled": rng.standard_normal((40, 12)).astype(np.float16),
-                                        "engrams": rng.standard_normal((40, 4))})
+    write_npz(
+        tmp_path / "arrays.npz",
+        {
+            "labels": labels,
+            "pooled": rng.standard_normal((40, 12)).astype(np.float16),
+            "engrams": rng.standard_normal((40, 4)),
+        },
+    )
     result = {"analysis": {"engram": {"ari": 0.1}}}
     write_json(tmp_path / "result.json", result)
     out = study.with_tail(tmp_path, result, seed=3)
     kept = json.loads((tmp_path / "result.json").read_text())
-    assert kept["analysis"]["random_compressor_tail"]["draws"] == analysis.TAIL_DRAWS == len(out["analysis"]["random_compressor_tail"]["ari"])
+    assert (
+        kept["analysis"]["random_compressor_tail"]["draws"]
+        == analysis.TAIL_DRAWS
+        == len(out["analysis"]["random_compressor_tail"]["ari"])
+    )
     (tmp_path / "arrays.npz").unlink()  # a result that has its tail is not computed again
     assert study.with_tail(tmp_path, kept, seed=3) is kept
-    assert study.with_tail(tmp_path, {"analysis": {"rank": {}}}, seed=3) == {"analysis": {"rank": {}}}  # no engram, no tail
+    assert study.with_tail(tmp_path, {"analysis": {"rank": {}}}, seed=3) == {
+        "analysis": {"rank": {}}
+    }  # no engram, no tail
 
 
 def test_random_compressor_is_seeded_and_leaves_the_global_rng_alone():
@@ -157,23 +170,28 @@ def test_random_compressor_is_seeded_and_leaves_the_global_rng_alone():
     assert a["per_draw"] == b["per_draw"]
     assert a["per_draw"][0] != a["per_draw"][1]  # each draw is a different compressor
     c = random_compressor_control(x, labels, 8, seed=6, draws=1)
-    assert c["per_draw"][0]["within_class_cosine"] != a["per_draw"][0]["within_class_cosine"]  # another seed, other draws
+    assert (
+        c["per_draw"][0]["within_class_cosine"] != a["per_draw"][0]["within_class_cosine"]
+    )  # another seed, other draws
     assert torch.equal(torch.get_rng_state(), before)
 
 
 # ----------------------------------------------------------------------------- could_change
 
 
-@pytest.mark.parametrize("n, bs, base, mode, expected", [
-    (96, 64, "pair", "zero", 48),  # batches of 64 and 32: second halves 32 + 16
-    (96, 64, "zero", "pair", 48),
-    (96, 64, "pair", "shuffled", 96),
-    (96, 64, "zero", "shuffled", 96),
-    (7, 7, "pair", "zero", 3),  # odd batch: 4 + 3, the extra example goes to the first half
-    (7, 2, "pair", "zero", 3),  # batches 2, 2, 2, 1: 1 + 1 + 1 + 0
-    (1, 64, "pair", "zero", 0),
-    (872, 64, "pair", "zero", 13 * 32 + 20),  # the study's validation set: 13 full batches and one of 40
-])
+@pytest.mark.parametrize(
+    "n, bs, base, mode, expected",
+    [
+        (96, 64, "pair", "zero", 48),  # batches of 64 and 32: second halves 32 + 16
+        (96, 64, "zero", "pair", 48),
+        (96, 64, "pair", "shuffled", 96),
+        (96, 64, "zero", "shuffled", 96),
+        (7, 7, "pair", "zero", 3),  # odd batch: 4 + 3, the extra example goes to the first half
+        (7, 2, "pair", "zero", 3),  # batches 2, 2, 2, 1: 1 + 1 + 1 + 0
+        (1, 64, "pair", "zero", 0),
+        (872, 64, "pair", "zero", 13 * 32 + 20),  # the study's validation set: 13 full batches and one of 40
+    ],
+)
 def test_could_change(n, bs, base, mode, expected):
     assert could_change(n, bs, base, mode) == expected
 
@@ -183,12 +201,17 @@ def test_could_change(n, bs, base, mode, expected):
 
 def _curve_metrics(histories: dict) -> dict:
     """A metrics-like dict: histories[variant] = one list of history rows per seed."""
-    return {"scale": "small", "protocol": "written",
-            "models": {v: {"runs": [{"history": h} for h in runs]} for v, runs in histories.items()}}
+    return {
+        "scale": "small",
+        "protocol": "written",
+        "models": {v: {"runs": [{"history": h} for h in runs]} for v, runs in histories.items()},
+    }
 
 
 def _rows(vals, lm=None):
-    return [{"val_acc": a, "train_acc": a + 5, "train_lm_loss": None if lm is None else lm[i]} for i, a in enumerate(vals)]
+    return [
+        {"val_acc": a, "train_acc": a + 5, "train_lm_loss": None if lm is None else lm[i]} for i, a in enumerate(vals)
+    ]
 
 
 def test_curve_data_is_the_mean_and_sample_std_over_seeds():
@@ -213,8 +236,11 @@ def test_learning_curves_never_draw_an_empty_panel():
 
     seeds = [[70.0, 75.0], [72.0, 74.0]]
     m = _curve_metrics({v: [_rows(s) for s in seeds] for v in ("sentiment_only", "dual_head", "dual_engram")})
-    panels = [("validation accuracy (%)", [("val_acc", "val")]), ("LM loss", [("train_lm_loss", "train")]),
-              ("training accuracy (%)", [("train_acc", "train")])]
+    panels = [
+        ("validation accuracy (%)", [("val_acc", "val")]),
+        ("LM loss", [("train_lm_loss", "train")]),
+        ("training accuracy (%)", [("train_acc", "train")]),
+    ]
     fig = figures.learning_curves(m, panels, {"val_acc": {"dual_head": [80.0, 81.0]}})
     try:
         assert len(fig.axes) == len(_data_axes(fig)) == 2
@@ -229,7 +255,7 @@ def test_learning_curves_never_draw_an_empty_panel():
     try:
         assert len(fig.axes) == len(_data_axes(fig)) == 3
         lm_ax = fig.axes[1]
-        assert lm_ax.get_title() == "LM loss" and [l.get_label() for l in lm_ax.lines] == ["dual_head (train)"]
+        assert lm_ax.get_title() == "LM loss" and [line.get_label() for line in lm_ax.lines] == ["dual_head (train)"]
     finally:
         plt.close(fig)
 
@@ -237,7 +263,9 @@ def test_learning_curves_never_draw_an_empty_panel():
 def test_learning_curves_with_no_finished_variant_say_so():
     import matplotlib.pyplot as plt
 
-    fig = figures.learning_curves({"scale": "small", "models": {}}, [("validation accuracy (%)", [("val_acc", "val")])], {})
+    fig = figures.learning_curves(
+        {"scale": "small", "models": {}}, [("validation accuracy (%)", [("val_acc", "val")])], {}
+    )
     try:
         assert len(fig.axes) == 1 and not fig.axes[0].lines
         assert [t.get_text() for t in fig.axes[0].texts] == ["no finished variant yet"]
@@ -245,16 +273,23 @@ def test_learning_curves_with_no_finished_variant_say_so():
         plt.close(fig)
 
 
-@pytest.mark.parametrize("scale, config, title", [
-    ("small", {}, "small transformers (written)"),
-    ("7b", {"model": "Qwen/Qwen2.5-7B"}, "Qwen2.5-7B (written)"),
-    ("7b", {"model": "/x/SmolLM2-135M-Instruct.Q4_1.gguf"}, "SmolLM2-135M-Instruct.Q4_1.gguf (written)")])
+@pytest.mark.parametrize(
+    "scale, config, title",
+    [
+        ("small", {}, "small transformers (written)"),
+        ("7b", {"model": "Qwen/Qwen2.5-7B"}, "Qwen2.5-7B (written)"),
+        ("7b", {"model": "/x/SmolLM2-135M-Instruct.Q4_1.gguf"}, "SmolLM2-135M-Instruct.Q4_1.gguf (written)"),
+    ],
+)
 def test_figure_titles_name_the_model_that_was_trained(scale, config, title):
     import matplotlib.pyplot as plt
 
     assert metrics.subject({"scale": scale, "config": config}) == title.split(" (")[0]
-    fig = figures.learning_curves({"scale": scale, "config": config, "protocol": "written", "models": {}},
-                                  [("validation accuracy (%)", [("val_acc", "val")])], {})
+    fig = figures.learning_curves(
+        {"scale": scale, "config": config, "protocol": "written", "models": {}},
+        [("validation accuracy (%)", [("val_acc", "val")])],
+        {},
+    )
     try:
         assert " ".join(fig._suptitle.get_text().split()).startswith(title + ": learning curves")
     finally:
@@ -265,11 +300,19 @@ def test_a_figure_title_names_the_settings_a_run_changed():
     """A ladder rung's figures once read "(written)", like its base's."""
     import matplotlib.pyplot as plt
 
-    m = {"scale": "small", "config": {"rung": "engram"}, "protocol": "written", "models": {},
-         "overrides": {"engram_injection": "concat", "engram_feedback": False}}
+    m = {
+        "scale": "small",
+        "config": {"rung": "engram"},
+        "protocol": "written",
+        "models": {},
+        "overrides": {"engram_injection": "concat", "engram_feedback": False},
+    }
     assert metrics.setting(m) == "written, rung engram (engram_injection=concat, engram_feedback=False)"
     assert metrics.setting({"protocol": "published", "config": {"rung": None}, "overrides": {}}) == "published"
-    assert metrics.setting({"protocol": "written", "config": {}, "overrides": {"lm_weight": 0.3}}) == "written (lm_weight=0.3)"
+    assert (
+        metrics.setting({"protocol": "written", "config": {}, "overrides": {"lm_weight": 0.3}})
+        == "written (lm_weight=0.3)"
+    )
     fig = figures.learning_curves(m, [("validation accuracy (%)", [("val_acc", "val")])], {})
     try:
         assert " ".join(fig._suptitle.get_text().split()).startswith(f"small transformers ({metrics.setting(m)}): ")
@@ -284,10 +327,15 @@ def test_figure_titles_fit_inside_the_figure(model):
     import matplotlib.pyplot as plt
 
     runs = [{"history": [{"train_acc": 60.0 + e, "val_acc": 70.0 + e} for e in range(3)]} for _ in range(5)]
-    m = {"scale": "7b" if model else "small", "config": {"model": model}, "protocol": "published",
-         "models": {v: {"runs": runs} for v in ("sentiment_only", "dual_head")}}
-    fig = figures.learning_curves(m, [("training accuracy (%)", [("train_acc", "train")]),
-                                      ("validation accuracy (%)", [("val_acc", "val")])], {})
+    m = {
+        "scale": "7b" if model else "small",
+        "config": {"model": model},
+        "protocol": "published",
+        "models": {v: {"runs": runs} for v in ("sentiment_only", "dual_head")},
+    }
+    fig = figures.learning_curves(
+        m, [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])], {}
+    )
     try:
         fig.canvas.draw()
         box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
@@ -417,14 +465,26 @@ def _result(acc: float, seed_variant: int, analysis_: dict | None = None) -> dic
     """What train_variant and analyse return for one seed and variant, by hand (one epoch)."""
     rng = np.random.default_rng(seed_variant)
     pred = rng.integers(0, 2, N_VAL).tolist()
-    return {"history": [{"epoch": 1, "val_acc": acc, "extra": {}}], "best": {"acc": acc, "epoch": 1, "pred": pred},
-            "final": {"pred": pred}, "seconds": 60.0, "total": 1000, "trainable": 1000, "analysis": analysis_}
+    return {
+        "history": [{"epoch": 1, "val_acc": acc, "extra": {}}],
+        "best": {"acc": acc, "epoch": 1, "pred": pred},
+        "final": {"pred": pred},
+        "seconds": 60.0,
+        "total": 1000,
+        "trainable": 1000,
+        "analysis": analysis_,
+    }
 
 
 def _results(accs: dict) -> dict:
     """accs[seed] = (sentiment_only, dual_head, dual_engram) final accuracies."""
-    return {s: {v: _result(a, 10 * s + i) for i, (v, a) in enumerate(zip(("sentiment_only", "dual_head", "dual_engram"), acc))}
-            for s, acc in accs.items()}
+    return {
+        s: {
+            v: _result(a, 10 * s + i)
+            for i, (v, a) in enumerate(zip(("sentiment_only", "dual_head", "dual_engram"), acc))
+        }
+        for s, acc in accs.items()
+    }
 
 
 def test_hypotheses_with_equal_deltas_over_seeds_are_inconclusive_with_a_reason():
@@ -437,7 +497,10 @@ def test_hypotheses_with_equal_deltas_over_seeds_are_inconclusive_with_a_reason(
         assert hyp["delta_final"]["mean"] == pytest.approx(delta) and hyp["delta_final"]["std"] == 0.0
         assert hyp["test"] == "paired t-test across seeds"
         assert [p["delta_final"] for p in hyp["per_seed"]] == [delta, delta]
-        assert hyp["study_delta"] == {"best": SMALL_STUDY["deltas"]["best"][h], "final": SMALL_STUDY["deltas"]["final"][h]}
+        assert hyp["study_delta"] == {
+            "best": SMALL_STUDY["deltas"]["best"][h],
+            "final": SMALL_STUDY["deltas"]["final"][h],
+        }
     json.dumps(m)  # what metrics.json holds must be JSON
 
 
@@ -473,25 +536,39 @@ def test_the_primary_family_is_holm_adjusted_and_the_report_bolds_only_what_surv
 
 
 def _analysis(rank: dict, ari: float | None = None, random_aris=()) -> dict:
-    km = {"n": N_VAL, "dim": 8, "ari": 0.1, "cluster_accuracy": 0.6, "within_class_cosine": 0.3, "between_class_cosine": 0.2}
+    km = {
+        "n": N_VAL,
+        "dim": 8,
+        "ari": 0.1,
+        "cluster_accuracy": 0.6,
+        "within_class_cosine": 0.3,
+        "between_class_cosine": 0.2,
+    }
     probe = {"accuracy": 0.7, "control_accuracy": 0.5, "selectivity": 0.2}
     out = {"probe_pooled": probe, "pooled_kmeans": km, "rank": rank}
     if ari is not None:
         draws = [{**km, "ari": a, "probe_accuracy": 0.6} for a in random_aris]
-        out.update(engram={**km, "ari": ari}, probe_engram=probe,
-                   random_compressor={"draws": len(draws), "per_draw": draws,
-                                      "summary": {"ari": {"max": max(random_aris)}}})
+        out.update(
+            engram={**km, "ari": ari},
+            probe_engram=probe,
+            random_compressor={"draws": len(draws), "per_draw": draws, "summary": {"ari": {"max": max(random_aris)}}},
+        )
     return out
 
 
 def test_rank_test_and_engram_summary_from_hand_made_analyses():
     ranks = {  # (sentiment_only, dual_head) effective ranks per seed: Model 2 higher by 2, 3, 4
-        1: (10.0, 12.0), 2: (11.0, 14.0), 3: (9.0, 13.0)}
+        1: (10.0, 12.0),
+        2: (11.0, 14.0),
+        3: (9.0, 13.0),
+    }
     results = _results({1: (70.0, 72.0, 71.0), 2: (75.0, 76.0, 76.5), 3: (71.0, 74.0, 73.0)})
     for s, (r1, r2) in ranks.items():
         for v, r in (("sentiment_only", r1), ("dual_head", r2), ("dual_engram", r2)):
             rank = {"effective_rank": r, "participation_ratio": r / 2, "dims_90": int(r), "top1_share": 1 / r}
-            results[s][v]["analysis"] = _analysis(rank, *((0.5 if s != 2 else 0.05, (0.0, 0.1)) if v == "dual_engram" else ()))
+            results[s][v]["analysis"] = _analysis(
+                rank, *((0.5 if s != 2 else 0.05, (0.0, 0.1)) if v == "dual_engram" else ())
+            )
     m = metrics.build_metrics(results, LABELS, True, {}, SMALL_STUDY)
     assert m["models"]["dual_head"]["rank"]["effective_rank"]["mean"] == pytest.approx(13.0)
     rt = m["rank_test"]
@@ -515,8 +592,10 @@ def test_rank_section_of_one_seed_has_no_dangling_interval_and_says_why_there_is
 
     results = _results({1: (70.0, 72.0, 71.0)})
     for v, r in (("sentiment_only", 10.0), ("dual_head", 12.0), ("dual_engram", 12.0)):
-        results[1][v]["analysis"] = _analysis({"effective_rank": r, "participation_ratio": r / 2, "dims_90": int(r),
-                                               "top1_share": 1 / r}, *((0.2, (0.1,)) if v == "dual_engram" else ()))
+        results[1][v]["analysis"] = _analysis(
+            {"effective_rank": r, "participation_ratio": r / 2, "dims_90": int(r), "top1_share": 1 / r},
+            *((0.2, (0.1,)) if v == "dual_engram" else ()),
+        )
     text = "\n".join(rank_section(metrics.build_metrics(results, LABELS, True, {}, SMALL_STUDY)))
     assert "| Model 1: Sentiment Only | 10.0 | 5.00 | 10.0 | 0.100 |" in text
     # bold now means an adjusted p < 0.05 and nothing else (issue 32), so an undefined test's verdict is plain
@@ -561,8 +640,9 @@ def e2e(sst2_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis_e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sklearn.manifold, "TSNE", short_tsne)
-        m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), *E2E,
-                             "--extra-eval", f"again={sst2_small / 'dev.tsv'}"])
+        m = experiment.main(
+            ["--data-dir", str(sst2_small), "--out", str(out), *E2E, "--extra-eval", f"again={sst2_small / 'dev.tsv'}"]
+        )
     return out, m
 
 
@@ -613,8 +693,12 @@ def test_e2e_metrics_hold_the_extra_sets_and_their_hypothesis_deltas(e2e):
     for h, (a, b) in metrics.HYPOTHESES.items():
         ex = m["hypotheses"][h]["extra"]["again"]
         ra, rb = m["models"][a]["runs"][0], m["models"][b]["runs"][0]
-        assert ex["at_best"]["delta"]["mean"] == pytest.approx(ra["extra"]["again"]["at_best"] - rb["extra"]["again"]["at_best"])
-        assert ex["final"]["delta"]["mean"] == pytest.approx(ra["extra"]["again"]["final"] - rb["extra"]["again"]["final"])
+        assert ex["at_best"]["delta"]["mean"] == pytest.approx(
+            ra["extra"]["again"]["at_best"] - rb["extra"]["again"]["at_best"]
+        )
+        assert ex["final"]["delta"]["mean"] == pytest.approx(
+            ra["extra"]["again"]["final"] - rb["extra"]["again"]["final"]
+        )
         assert ex["final"]["delta"]["mean"] == pytest.approx(m["hypotheses"][h]["delta_final"]["mean"])
         assert {"p", "reason", "verdict"} <= set(ex["final"])
 
@@ -656,7 +740,13 @@ def test_e2e_arrays_report_and_figures(e2e):
             else:
                 assert "engrams" not in z.files
     report = (out / "REPORT.md").read_text()
-    for needle in ("| Trained engram |", "Untrained compressor", "Effective rank", "Held-out sets", "random projection"):
+    for needle in (
+        "| Trained engram |",
+        "Untrained compressor",
+        "Effective rank",
+        "Held-out sets",
+        "random projection",
+    ):
         assert needle in report, needle
     for png in ("engram_clusters.png", "learning_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

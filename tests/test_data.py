@@ -1,8 +1,8 @@
 import pytest
 
-from tests.conftest import write_tsv
 from cli import UsageError
 from data import load_sst2, parse_extra_eval, read_tsv
+from tests.conftest import write_tsv
 
 
 def test_reads_glue_layout(tmp_path):
@@ -10,14 +10,17 @@ def test_reads_glue_layout(tmp_path):
     assert s.sentences == ["a fine film", "dull"] and s.labels == [1, 0]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("sentence\tlabel\ngood\t2\n", r"a\.tsv:2: label '2' is not 0 or 1"),
-    ("sentence\tlabel\ngood\t1\n \t0\n", r"a\.tsv:3: empty sentence"),
-    ("sentence\tlabel\ngood\n", r"a\.tsv:2: expected 2 tab-separated columns"),
-    ("text\tlabel\ngood\t1\n", r"a\.tsv:1: header is 'text\\tlabel'; expected"),
-    ("", r"a\.tsv is empty"),
-    ("sentence\tlabel\n", r"a\.tsv has a header but no examples"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("sentence\tlabel\ngood\t2\n", r"a\.tsv:2: label '2' is not 0 or 1"),
+        ("sentence\tlabel\ngood\t1\n \t0\n", r"a\.tsv:3: empty sentence"),
+        ("sentence\tlabel\ngood\n", r"a\.tsv:2: expected 2 tab-separated columns"),
+        ("text\tlabel\ngood\t1\n", r"a\.tsv:1: header is 'text\\tlabel'; expected"),
+        ("", r"a\.tsv is empty"),
+        ("sentence\tlabel\n", r"a\.tsv has a header but no examples"),
+    ],
+)
 def test_malformed_files_name_file_and_line(tmp_path, content, message):
     (tmp_path / "a.tsv").write_text(content)
     with pytest.raises(UsageError, match=message):

@@ -1,5 +1,6 @@
 """dry_run.py: a random causal LM built without a bf16 copy or a file, set up as from_pretrained sets
 up a real one (4-bit NF4 with double quantisation, or unquantised), and the dry run's report."""
+
 import collections
 import gc
 import shutil
@@ -17,8 +18,15 @@ from cli import UsageError
 from dry_run import check_disk, disk_needed, dry_run_table, fits, parameter_count, random_causal_lm
 from models import VARIANTS
 
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-             vocab_size=512, max_position_embeddings=256)
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=256,
+)
 
 
 def qwen_config(tied=False):
@@ -108,7 +116,9 @@ def test_4bit_is_nf4_double_quant_and_set_up_as_from_pretrained(folders):
         logits = lm(torch.randint(0, SHAPE["vocab_size"], (2, 9))).logits
     assert logits.shape == (2, 9, SHAPE["vocab_size"]) and torch.isfinite(logits).all() and logits.std() > 0
     ours, theirs = lora_backward(lm, True), lora_backward(ref, True)
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    ]
 
 
 @pytest.mark.parametrize("dtype,tied", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
@@ -155,8 +165,15 @@ def test_disk_needed_is_zero_for_the_random_model_and_the_saved_size_otherwise(f
     assert disk_needed(config, torch.float32, writes_weights=True) == data
     from transformers import Qwen2Config
 
-    big = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                      intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)  # Qwen2.5-7B's shape
+    big = Qwen2Config(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    )  # Qwen2.5-7B's shape
     assert parameter_count(big) == 7_615_616_512  # Qwen2.5-7B
     assert disk_needed(big, writes_weights=True) == 2 * 7_615_616_512
 
@@ -191,20 +208,38 @@ def test_fits_a_16_gb_card_with_the_cuda_context():
 
 
 def test_dry_run_table():
-    run = dict(variant="dual_engram", gradient_checkpointing=True, batch_size=16, max_length=128, seconds_per_step=1.23456)
+    run = dict(
+        variant="dual_engram", gradient_checkpointing=True, batch_size=16, max_length=128, seconds_per_step=1.23456
+    )
     cpu = dry_run_table([{**run, "peak_allocated_gib": None, "peak_reserved_gib": None}])
     rows = [line for line in cpu.splitlines() if line.startswith("| dual_engram")]
     assert rows == ["| dual_engram | on | 16 × 128 | 1.235 | n/a (CPU) | n/a (CPU) | n/a (CPU) |"]
-    gpu = dry_run_table([{**run, "peak_allocated_gib": 10.5, "peak_reserved_gib": 12.0},
-                         {**run, "gradient_checkpointing": False, "peak_gib": 14.9, "peak_reserved_gib": 15.75}])
+    gpu = dry_run_table(
+        [
+            {**run, "peak_allocated_gib": 10.5, "peak_reserved_gib": 12.0},
+            {**run, "gradient_checkpointing": False, "peak_gib": 14.9, "peak_reserved_gib": 15.75},
+        ]
+    )
     lines = gpu.splitlines()
     assert lines[0].count("|") == 8 and lines[1] == "|---|---|---|---|---|---|---|"
-    assert lines[2] == f"| dual_engram | on | 16 × 128 | 1.235 | 10.50 | 12.00 | yes (+{16376 / 1024 - 0.5 - 12:.2f} GiB) |"
+    assert (
+        lines[2]
+        == f"| dual_engram | on | 16 × 128 | 1.235 | 10.50 | 12.00 | yes (+{16376 / 1024 - 0.5 - 12:.2f} GiB) |"
+    )
     assert lines[3].startswith("| dual_engram | off | 16 × 128 | 1.235 | 14.90 | 15.75 | no (-")
     assert "16,376 MiB" in lines[-1] and "0.5 GiB" in lines[-1]
 
-    oom = [{**run, "oom": True, "seconds_per_step": None, "peak_allocated_gib": None, "peak_reserved_gib": None, "fits_16gb": f}
-           for f in (False, None)]  # a card of 16 GB or more; a smaller card (or the CPU)
+    oom = [
+        {
+            **run,
+            "oom": True,
+            "seconds_per_step": None,
+            "peak_allocated_gib": None,
+            "peak_reserved_gib": None,
+            "fits_16gb": f,
+        }
+        for f in (False, None)
+    ]  # a card of 16 GB or more; a smaller card (or the CPU)
     lines = dry_run_table(oom).splitlines()
     assert lines[2] == "| dual_engram | on | 16 × 128 | OOM | OOM | OOM | no (OOM) |"
     assert lines[3] == "| dual_engram | on | 16 × 128 | OOM | OOM | OOM | OOM |"
@@ -232,8 +267,9 @@ def tiny_dry_run(monkeypatch, on_build, steps=1, before_build=lambda: None):
         return wrapped, dtype
 
     monkeypatch.setattr(e7, "make_builder", make_builder)
-    return e7.main(["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--no-progress",
-                    "--dry-run-steps", str(steps)])
+    return e7.main(
+        ["--dry-run", "tiny", "--batch-size", "4", "--max-length", "16", "--no-progress", "--dry-run-steps", str(steps)]
+    )
 
 
 def test_dry_run_steps_train_with_checkpointing_on_and_off(monkeypatch):

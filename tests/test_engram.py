@@ -101,11 +101,15 @@ def test_ablation_distinguishes_a_model_that_ignores_its_prefix_from_one_that_us
     ids, mask, labels = batch(V=50)
     with torch.no_grad():
         model.projector.linear.weight.zero_()  # every engram maps to the same prefix: ignored
-        modes = {m: run_batch(model, ids, mask, labels, mode=m, generator=torch.Generator().manual_seed(0)).sent_logits
-                 for m in ("pair", "zero", "shuffled")}
+        modes = {
+            m: run_batch(model, ids, mask, labels, mode=m, generator=torch.Generator().manual_seed(0)).sent_logits
+            for m in ("pair", "zero", "shuffled")
+        }
         assert torch.allclose(modes["pair"], modes["zero"]) and torch.allclose(modes["zero"], modes["shuffled"])
         model.projector.linear.weight.normal_(std=5.0)  # a prefix that depends on the engram
-        modes = {m: run_batch(model, ids, mask, labels, mode=m, generator=torch.Generator().manual_seed(0)).sent_logits
-                 for m in ("pair", "zero", "shuffled")}
+        modes = {
+            m: run_batch(model, ids, mask, labels, mode=m, generator=torch.Generator().manual_seed(0)).sent_logits
+            for m in ("pair", "zero", "shuffled")
+        }
         assert not torch.allclose(modes["pair"], modes["zero"])
         assert not torch.allclose(modes["zero"], modes["shuffled"])

@@ -7,9 +7,22 @@ from checkpoints import latest_checkpoint
 from tests.conftest import comparable, crash_after_saving, on_training_step
 
 TINY = ["--epochs", "2", "--no-progress"]
-HISTORY_KEYS = {"epoch", "train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "val_acc", "val_sent_loss",
-                "val_lm_loss", "extra", "train_seconds", "seconds", "train_sent_loss_batch_mean", "train_lm_loss_batch_mean",
-                "val_lm_loss_batch_mean"}
+HISTORY_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_sent_loss",
+    "train_lm_loss",
+    "train_acc",
+    "val_acc",
+    "val_sent_loss",
+    "val_lm_loss",
+    "extra",
+    "train_seconds",
+    "seconds",
+    "train_sent_loss_batch_mean",
+    "train_lm_loss_batch_mean",
+    "val_lm_loss_batch_mean",
+}
 
 
 def run_small(data, out, *extra):
@@ -33,8 +46,13 @@ def test_end_to_end_writes_every_output_with_the_full_schema(small_run, sst2_sma
     assert m["complete"] and m["shortened"] and m["scale"] == "small"
     assert m["command"].startswith("python experiment.py --data-dir")
     assert {"torch", "transformers", "peft", "bitsandbytes", "scikit-learn"} <= set(m["versions"])
-    assert m["data"] == {"train": 320, "validation": 96, "vocab_size": m["data"]["vocab_size"],
-                         "source": str(sst2_small), "extra": {"again": 96}}
+    assert m["data"] == {
+        "train": 320,
+        "validation": 96,
+        "vocab_size": m["data"]["vocab_size"],
+        "source": str(sst2_small),
+        "extra": {"again": 96},
+    }
     assert m["config"]["epochs"] == 2 and m["config"]["batch_size"] == 64 and m["config"]["lr"] == 3e-4
     assert list(m["models"]) == ["sentiment_only", "dual_head", "dual_engram"]
     for v, mm in m["models"].items():
@@ -51,26 +69,46 @@ def test_end_to_end_writes_every_output_with_the_full_schema(small_run, sst2_sma
     eng = m["models"]["dual_engram"]["runs"][0]["analysis"]
     assert set(eng["engram"]) == {"n", "dim", "ari", "cluster_accuracy", "within_class_cosine", "between_class_cosine"}
     assert eng["engram"]["n"] == 96 and eng["engram"]["dim"] == 32
-    assert set(eng["ablation"]) == {"base", "pair", "zero", "shuffled", "changed_zero", "changed_shuffled",
-                                    "could_change_zero", "could_change_shuffled"}
+    assert set(eng["ablation"]) == {
+        "base",
+        "pair",
+        "zero",
+        "shuffled",
+        "changed_zero",
+        "changed_shuffled",
+        "could_change_zero",
+        "could_change_shuffled",
+    }
     assert eng["ablation"]["pair"] == m["models"]["dual_engram"]["runs"][0]["final_val_acc"]
     # 96 rows in batches of 64 and 32: only the second halves (32 + 16) can change without their engram
     assert (eng["ablation"]["could_change_zero"], eng["ablation"]["could_change_shuffled"]) == (48, 96)
-    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == {"best": pytest.approx(0.688, abs=1e-3), "final": pytest.approx(1.147, abs=1e-3)}
+    assert set(m["hypotheses"]) == {"H1", "H2"} and m["hypotheses"]["H1"]["study_delta"] == {
+        "best": pytest.approx(0.688, abs=1e-3),
+        "final": pytest.approx(1.147, abs=1e-3),
+    }
     p = json.loads((small_run / "predictions.json").read_text())
     assert len(p["labels"]) == 96 and len(p["runs"]["42"]["dual_head"]["final"]["prob"]) == 96
     report = (small_run / "REPORT.md").read_text()
     assert "Shortened run" in report and "80.28" in report and "| H2 |" in report and "0.2356" in report
     tail = m["engram"]["random_tail"]
     assert tail["threshold"] == 0.2356 and tail["draws"] == len(eng["random_compressor_tail"]["ari"]) == 200
-    assert f"**How often does a random projection reach the study's ARI (0.2356)?** {tail['at_or_above']} of 200 " in report
+    assert (
+        f"**How often does a random projection reach the study's ARI (0.2356)?** {tail['at_or_above']} of 200 "
+        in report
+    )
 
 
 def test_checkpoints_are_complete_and_incomplete_ones_are_ignored(small_run):
     folder = small_run / "checkpoints" / "seed42" / "dual_engram"
     last = latest_checkpoint(folder)
     assert last.name == "epoch_002" and (last / "COMPLETE").is_file()
-    assert {p.name for p in last.iterdir()} == {"trainable.safetensors", "train_state.pt", "rng.safetensors", "state.json", "COMPLETE"}
+    assert {p.name for p in last.iterdir()} == {
+        "trainable.safetensors",
+        "train_state.pt",
+        "rng.safetensors",
+        "state.json",
+        "COMPLETE",
+    }
     (folder / "epoch_003").mkdir()  # a crash before the marker: never loaded
     assert latest_checkpoint(folder) == last
     (folder / "epoch_003").rmdir()
@@ -93,7 +131,9 @@ def test_same_seed_twice_gives_identical_metrics_and_another_seed_does_not(small
     assert comparable(tmp_path / "again") == comparable(small_run)
 
 
-def test_non_finite_loss_names_variant_epoch_and_step_and_keeps_the_checkpoint(sst2_small, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_names_variant_epoch_and_step_and_keeps_the_checkpoint(
+    sst2_small, tmp_path, monkeypatch, capsys
+):
     def poison(out):
         out.loss = out.loss * float("nan")
 
@@ -106,13 +146,16 @@ def test_non_finite_loss_names_variant_epoch_and_step_and_keeps_the_checkpoint(s
     assert latest_checkpoint(tmp_path / "checkpoints" / "seed42" / "dual_head").name == "epoch_001"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs: must be a positive integer"),
-    (["--batch-size", "1"], "--batch-size 1 is too small: dual_engram"),
-    (["--batch-size", "-3"], "--batch-size: must be a positive integer"),
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--seeds", "1", "1"], "--seeds repeats a seed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "--epochs: must be a positive integer"),
+        (["--batch-size", "1"], "--batch-size 1 is too small: dual_engram"),
+        (["--batch-size", "-3"], "--batch-size: must be a positive integer"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--seeds", "1", "1"], "--seeds repeats a seed"),
+    ],
+)
 def test_bad_flags_fail_loudly(args, message, sst2_small, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         experiment.main(["--data-dir", str(sst2_small), "--out", str(tmp_path), *args])
@@ -138,8 +181,20 @@ def test_bad_inputs_give_one_line_errors(sst2_small, tmp_path, capsys, monkeypat
 
 def test_resume_refuses_checkpoints_made_with_other_settings(small_run, sst2_small, capsys):
     with pytest.raises(SystemExit):
-        experiment.main(["--data-dir", str(sst2_small), "--out", str(small_run), "--epochs", "3", "--no-progress", "--resume",
-                         "--extra-eval", f"again={sst2_small / 'dev.tsv'}"])
+        experiment.main(
+            [
+                "--data-dir",
+                str(sst2_small),
+                "--out",
+                str(small_run),
+                "--epochs",
+                "3",
+                "--no-progress",
+                "--resume",
+                "--extra-eval",
+                f"again={sst2_small / 'dev.tsv'}",
+            ]
+        )
     err = capsys.readouterr().err
     assert "were made with other settings (epochs: 2 -> 3)" in err
 
@@ -155,5 +210,8 @@ def test_fast_run_matches_the_naive_reference_per_epoch(sst2_small, tmp_path):
     for v in runs["packed"]:
         for a, b in zip(runs["packed"][v], runs["padded"][v]):
             for key in ("train_loss", "train_sent_loss", "train_lm_loss", "val_sent_loss", "val_lm_loss"):
-                assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (v, key)
+                assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (
+                    v,
+                    key,
+                )
             assert a["train_acc"] == b["train_acc"] and a["val_acc"] == b["val_acc"], v

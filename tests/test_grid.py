@@ -5,6 +5,7 @@ it; --status and --report-only start nothing. A real single-node Slurm (.ci/slur
 2-seed study as a job array, one job requeued mid-run with `scontrol requeue`: nothing is lost.
 
 All runs: one thread per job (the same numbers in every process), a tiny model, real SST-2 rows."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,27 @@ import experiment
 import launch
 from tests.conftest import comparable, sst2_rows
 
-FLAGS = ["--epochs", "3", "--no-progress", "--max-eval", "40", "--batch-size", "16", "--d-model", "32", "--layers", "1",
-         "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+FLAGS = [
+    "--epochs",
+    "3",
+    "--no-progress",
+    "--max-eval",
+    "40",
+    "--batch-size",
+    "16",
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--engram-dim",
+    "8",
+    "--max-len",
+    "24",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +124,9 @@ def startup_seconds() -> float:
     return 2 * (time.monotonic() - t0)
 
 
-def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_ends_identical(sst2_2k, tmp_path, monkeypatch):
+def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_ends_identical(
+    sst2_2k, tmp_path, monkeypatch
+):
     """submitit's local executor sends USR2 before the job's time limit (its own timer: the one test
     that relies on it): the job checkpoints at the next step boundary, submitit requeues it, and it
     resumes where it stopped, as many times as it takes. The limit comes from this machine's measured
@@ -123,8 +145,9 @@ def test_a_local_job_past_its_time_limit_checkpoints_mid_epoch_is_requeued_and_e
     m = experiment.main(args_of(sst2_2k, out, *long, "--executor", "local"))
     assert m["complete"] and reference["complete"]
     logs = "".join(p.read_text() for p in sorted((out / "jobs").glob("*_log.*")))
-    assert "SIGUSR2 received: stopping after the current step" in logs and "Requeued job" in logs, \
+    assert "SIGUSR2 received: stopping after the current step" in logs and "Requeued job" in logs, (
         f"USR2 after {usr2_after:.1f} s (training {training_s:.1f} s): no requeue"
+    )
     # each stop resumes exactly where it checkpointed: mid-epoch (after a step; after the last step,
     # when the USR2 came before or during the evaluation), at an epoch's first step (the last epoch's
     # checkpoint holds everything), or during the analysis after the last epoch (it analyses again)
@@ -179,8 +202,13 @@ def job_hook(monkeypatch, tmp_path, action: str, variants: list[str], step: int)
     site = tmp_path / "hook_site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(HOOK_SITE)
-    hook = {"action": action, "variants": variants, "step": step, "marker": str(tmp_path / "hooked"),
-            "release": str(tmp_path / "release")}
+    hook = {
+        "action": action,
+        "variants": variants,
+        "step": step,
+        "marker": str(tmp_path / "hooked"),
+        "release": str(tmp_path / "release"),
+    }
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("JOB_HOOK", json.dumps(hook))
     return hook
@@ -209,7 +237,9 @@ if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):  # a job's process, not the submitte
 """
 
 
-def test_a_local_job_sent_usr2_during_its_evaluation_is_requeued_and_ends_identical(serial, sst2_2k, tmp_path, monkeypatch):
+def test_a_local_job_sent_usr2_during_its_evaluation_is_requeued_and_ends_identical(
+    serial, sst2_2k, tmp_path, monkeypatch
+):
     """At 7B an evaluation takes minutes: USR2 (the time limit is near) must not wait for its end,
     nor lose the trained epoch. The job stops at the evaluation's next batch with the epoch kept
     as the position after its last step, is requeued, evaluates that epoch again and ends equal."""
@@ -230,7 +260,8 @@ def test_a_local_job_sent_usr2_during_its_evaluation_is_requeued_and_ends_identi
 
 
 def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_command_finishes_it(
-        serial, sst2_2k, tmp_path, capsys, monkeypatch):
+    serial, sst2_2k, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "killed"
     argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "local", "--jobs", "2")
     victim = "seed42-dual_head"
@@ -241,8 +272,12 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
         experiment.main(argv)
     assert e.value.code == 1 and Path(hook["marker"] + "-dual_head").exists()
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: 1 of 3 job(s) did not finish (seed42-dual_head: the process is gone") and \
-        err.endswith(f"the others' results are kept; rerun what is missing with: {json.loads((out / 'metrics.json').read_text())['command']}")
+    assert err.startswith(
+        "error: 1 of 3 job(s) did not finish (seed42-dual_head: the process is gone"
+    ) and err.endswith(
+        f"the others' results are kept; rerun what is missing with: "
+        f"{json.loads((out / 'metrics.json').read_text())['command']}"
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert not m["complete"] and sorted(m["models"]) == ["dual_engram", "sentiment_only"]
     assert [f["job"] for f in m["jobs"]["failed"]] == [victim]
@@ -259,21 +294,35 @@ def test_a_killed_job_leaves_the_others_and_a_report_naming_it_and_the_same_comm
     assert runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_the_rerun_advice_after_a_failed_job_of_an_overwrite_run_drops_overwrite(sst2_2k, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_the_rerun_advice_after_a_failed_job_of_an_overwrite_run_drops_overwrite(
+    sst2_2k, tmp_path, capsys, monkeypatch
+):
     """--overwrite started the grid over; the rerun it advises after a job failed must not: run as
     advised it would delete the finished jobs and train them again (at 7B, a day of GPU)."""
     out = tmp_path / "overwrite"
-    argv = args_of(sst2_2k, out, "--seeds", "42", "--variants", "sentiment_only", "dual_head", "--max-train", "64",
-                   "--executor", "local", "--overwrite")
+    argv = args_of(
+        sst2_2k,
+        out,
+        "--seeds",
+        "42",
+        "--variants",
+        "sentiment_only",
+        "dual_head",
+        "--max-train",
+        "64",
+        "--executor",
+        "local",
+        "--overwrite",
+    )
     job_hook(monkeypatch, tmp_path, "crash", ["dual_head"], 2)
     with pytest.raises(SystemExit) as e:
         experiment.main(argv)
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     advised = shlex.join(["python", "experiment.py", *argv[:-1]])
-    assert err.startswith("error: 1 of 2 job(s) did not finish (seed42-dual_head: ") and \
-        err.endswith(f"rerun what is missing with: {advised}"), err
+    assert err.startswith("error: 1 of 2 job(s) did not finish (seed42-dual_head: ") and err.endswith(
+        f"rerun what is missing with: {advised}"
+    ), err
     m = json.loads((out / "metrics.json").read_text())
     assert m["jobs"]["rerun"] == advised and advised in (out / "REPORT.md").read_text()
     kept = (out / "checkpoints" / "seed42" / "sentiment_only" / "result.json").read_bytes()
@@ -283,8 +332,9 @@ def test_the_rerun_advice_after_a_failed_job_of_an_overwrite_run_drops_overwrite
     assert (out / "checkpoints" / "seed42" / "sentiment_only" / "result.json").read_bytes() == kept
 
 
-def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(serial, sst2_2k, tmp_path,
-                                                                                           monkeypatch):
+def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_watch_them(
+    serial, sst2_2k, tmp_path, monkeypatch
+):
     """A terminal's Ctrl-C reaches the whole foreground process group: the submitter stops waiting,
     the jobs (in their own sessions) go on and finish, and the same command later runs the rest.
     The two jobs pause at their first step until the submitter has answered, however fast they train."""
@@ -296,11 +346,19 @@ def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_w
     root = Path(experiment.__file__).parent
     err_path = tmp_path / "submitter.err"
     with open(err_path, "w") as err_file:  # a file, not a pipe: the paused jobs inherit it and keep it open
-        proc = subprocess.Popen([sys.executable, "experiment.py", *argv], cwd=root, stdout=subprocess.DEVNULL,
-                                stderr=err_file, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "experiment.py", *argv],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            start_new_session=True,
+        )
     try:
-        wait_for(lambda: all(Path(f"{hook['marker']}-{v}").exists() for v in ("sentiment_only", "dual_head")), 300,
-                 "two jobs running")
+        wait_for(
+            lambda: all(Path(f"{hook['marker']}-{v}").exists() for v in ("sentiment_only", "dual_head")),
+            300,
+            "two jobs running",
+        )
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         proc.wait(timeout=60)
     finally:
@@ -310,18 +368,24 @@ def test_ctrl_c_in_the_local_submitter_leaves_its_jobs_running_and_says_how_to_w
     err = err_path.read_text()
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
-                           "1 not started; watch them with: python experiment.py ") and last.endswith(
-        "--status; start the rest with: " + shlex.join(["python", "experiment.py", *argv[:-1]])), last
+    assert last.startswith(
+        "stopped: SIGINT: stopped waiting; 2 job(s) keep running (seed42-sentiment_only, seed42-dual_head), "
+        "1 not started; watch them with: python experiment.py "
+    ) and last.endswith("--status; start the rest with: " + shlex.join(["python", "experiment.py", *argv[:-1]])), last
     assert "--overwrite" not in last  # it would delete what the running jobs finish
     # the two jobs were not stopped: they finish on their own
-    wait_for(lambda: all(record(out, j).get("state") == "finished" for j in ("seed42-sentiment_only", "seed42-dual_head")),
-             300, "the running jobs to finish")
+    wait_for(
+        lambda: all(record(out, j).get("state") == "finished" for j in ("seed42-sentiment_only", "seed42-dual_head")),
+        300,
+        "the running jobs to finish",
+    )
     m = experiment.main(argv[:-1])
     assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_rerunning_the_local_command_while_an_earlier_submitters_job_runs_leaves_it_be(serial, sst2_2k, tmp_path, capsys):
+def test_rerunning_the_local_command_while_an_earlier_submitters_job_runs_leaves_it_be(
+    serial, sst2_2k, tmp_path, capsys
+):
     """An earlier submitter (stopped with Ctrl-C) left a job running: the same command runs only the
     others, neither calls that one failed nor exits 1, and says it still runs; once it is gone
     without a result, the next rerun runs it."""
@@ -333,8 +397,17 @@ def test_rerunning_the_local_command_while_an_earlier_submitters_job_runs_leaves
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # that job's process
     try:
         here = socket.gethostname()
-        launch.write_record(out, launch.Job(42, "dual_engram"), state="running", local_job_id=str(stand_in.pid),
-                            pid=stand_in.pid, host=here, submit_host=here, started_at=time.time(), log=None)
+        launch.write_record(
+            out,
+            launch.Job(42, "dual_engram"),
+            state="running",
+            local_job_id=str(stand_in.pid),
+            pid=stand_in.pid,
+            host=here,
+            submit_host=here,
+            started_at=time.time(),
+            log=None,
+        )
         capsys.readouterr()
         m = experiment.main(argv)
         said = capsys.readouterr().out
@@ -351,7 +424,9 @@ def test_rerunning_the_local_command_while_an_earlier_submitters_job_runs_leaves
     assert m["complete"] and runs_of(out, 42) == runs_of(serial, 42)
 
 
-def test_report_only_rewrites_the_outputs_from_the_finished_jobs_and_trains_nothing(serial, sst2_2k, tmp_path, monkeypatch):
+def test_report_only_rewrites_the_outputs_from_the_finished_jobs_and_trains_nothing(
+    serial, sst2_2k, tmp_path, monkeypatch
+):
     out = tmp_path / "copy"
     shutil.copytree(serial, out)
     for name in ("metrics.json", "REPORT.md", "learning_curves.png"):
@@ -391,8 +466,9 @@ def test_the_engram_figure_is_drawn_once_and_outside_the_outputs_lock(serial, ss
     assert draws == [True]  # current: not drawn again
 
 
-def test_the_engram_figure_shows_the_first_seed_even_when_a_later_seeds_writer_draws_first(serial, sst2_2k, tmp_path,
-                                                                                          monkeypatch):
+def test_the_engram_figure_shows_the_first_seed_even_when_a_later_seeds_writer_draws_first(
+    serial, sst2_2k, tmp_path, monkeypatch
+):
     """Seed 43's job finishes first and draws its figure outside the lock; meanwhile seed 42's Model 3
     finishes and its writer draws and writes seed 42's. Seed 43's writer, once it holds the lock,
     must not put its own over it (on Slurm no later write would mend it): it reads the results again
@@ -423,8 +499,9 @@ def test_the_engram_figure_shows_the_first_seed_even_when_a_later_seeds_writer_d
     assert m["complete"] and comparable(out) == comparable(serial)
 
 
-def test_an_outputs_lock_left_on_another_host_is_taken_over_by_a_writer_after_lock_stale_s(serial, sst2_2k, tmp_path,
-                                                                                          monkeypatch, capsys):
+def test_an_outputs_lock_left_on_another_host_is_taken_over_by_a_writer_after_lock_stale_s(
+    serial, sst2_2k, tmp_path, monkeypatch, capsys
+):
     """A writer that died on its node leaves the outputs lock: the next writer (here --report-only,
     through study.Outputs) takes it over once it has seen it unchanged for LOCK_STALE_S (5 minutes;
     here 1 s), and not before."""
@@ -451,9 +528,11 @@ def test_an_outputs_lock_left_on_another_host_is_taken_over_by_a_writer_after_lo
 
 
 def test_executor_settings_that_cannot_work_are_one_line_errors(sst2_2k, tmp_path, capsys):
-    for extra, message in ((["--executor", "slurm"], "--executor slurm needs --slurm-time MINUTES"),
-                           (["--jobs", "2"], "--jobs 2 needs --executor local or slurm"),
-                           (["--variants", "dual_head", "dual_head"], "--variants repeats a variant")):
+    for extra, message in (
+        (["--executor", "slurm"], "--executor slurm needs --slurm-time MINUTES"),
+        (["--jobs", "2"], "--jobs 2 needs --executor local or slurm"),
+        (["--variants", "dual_head", "dual_head"], "--variants repeats a variant"),
+    ):
         with pytest.raises(SystemExit) as e:
             experiment.main(args_of(sst2_2k, tmp_path / "x", *extra))
         err = capsys.readouterr().err.strip()
@@ -481,20 +560,28 @@ def slurm():
 
 def test_a_slurm_job_array_requeued_mid_run_ends_equal_to_the_serial_run(slurm, serial, sst2_2k, tmp_path):
     out = tmp_path / "slurm"
-    argv = args_of(sst2_2k, out, "--seeds", "42", "43", "--executor", "slurm", "--slurm-time", "20", "--slurm-cpus", "1")
+    argv = args_of(
+        sst2_2k, out, "--seeds", "42", "43", "--executor", "slurm", "--slurm-time", "20", "--slurm-cpus", "1"
+    )
     submitted = experiment.main(argv)["submitted"]
     assert len(submitted) == 6 and len({j.split("_")[0] for j in submitted}) == 1  # one array
     # as wide as the grid when --jobs is not given (submitit's own default, %1, would run one at a time)
     assert "#SBATCH --array=0-5%6" in next((out / "jobs").glob("*submission*")).read_text()
     victim = "seed42-dual_head"
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    wait_for(lambda: record(out, victim).get("state") == "running" and (folder / "epoch_001").is_dir(), 300,
-             "dual_head seed 42 to train an epoch under Slurm")
+    wait_for(
+        lambda: record(out, victim).get("state") == "running" and (folder / "epoch_001").is_dir(),
+        300,
+        "dual_head seed 42 to train an epoch under Slurm",
+    )
     job_id = record(out, victim)["slurm_job_id"]
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
     array = job_id.split("_")[0]
-    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
-             600, "the array to leave the queue")
+    wait_for(
+        lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
+        600,
+        "the array to leave the queue",
+    )
     rec = record(out, victim)
     assert rec["state"] == "finished" and rec["restarts"] >= 1  # it ran again after the requeue
     log = (out / "jobs" / f"{job_id}_0_log.out").read_text()
@@ -510,13 +597,16 @@ def squeue_ids(array: str) -> list[str]:
 
 
 def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_or_cancelled_job_is_rerun_alone(
-        slurm, serial, sst2_2k, tmp_path, capsys):
+    slurm, serial, sst2_2k, tmp_path, capsys
+):
     """Three jobs, one at a time (--jobs 1): the two waiting are pending (squeue answers for them in
     one line without -r), and a rerun submits nothing; a job whose process is killed while it runs
     is failed once Slurm has it out of the queue, and a rerun submits it alone; a job cancelled with
     scancel is stopped, and a rerun submits it alone; the study ends with the serial run's numbers."""
     out = tmp_path / "throttled"
-    argv = args_of(sst2_2k, out, "--seeds", "42", "--executor", "slurm", "--jobs", "1", "--slurm-time", "20", "--slurm-cpus", "1")
+    argv = args_of(
+        sst2_2k, out, "--seeds", "42", "--executor", "slurm", "--jobs", "1", "--slurm-time", "20", "--slurm-cpus", "1"
+    )
     submitted = experiment.main(argv)["submitted"]
     array = submitted[0].split("_")[0]
     script = next((out / "jobs").glob("*submission*")).read_text()
@@ -533,7 +623,9 @@ def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_o
     victim = "seed42-sentiment_only"
     wait_for(lambda: (out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_001").is_dir(), 300, "its first epoch")
     os.kill(record(out, victim)["pid"], signal.SIGKILL)
-    wait_for(lambda: record(out, victim)["slurm_job_id"] not in squeue_ids(array), 120, "the killed job to leave the queue")
+    wait_for(
+        lambda: record(out, victim)["slurm_job_id"] not in squeue_ids(array), 120, "the killed job to leave the queue"
+    )
     status = experiment.main([*argv, "--status"])
     row = status["jobs"][0]
     assert row["state"] == "failed" and row["error"].startswith("the process is gone"), row
@@ -543,13 +635,22 @@ def test_a_throttled_slurm_array_pending_jobs_are_not_resubmitted_and_a_killed_o
     # scancel of the next running job: Slurm's SIGTERM reaches it first, it checkpoints and is "stopped";
     # a rerun submits it alone, and it resumes from that checkpoint
     cancelled = "seed42-dual_head"
-    wait_for(lambda: record(out, cancelled).get("state") == "running"
-             and (out / "checkpoints" / "seed42" / "dual_head" / "epoch_001").is_dir(), 300, "dual_head's first epoch")
+    wait_for(
+        lambda: (
+            record(out, cancelled).get("state") == "running"
+            and (out / "checkpoints" / "seed42" / "dual_head" / "epoch_001").is_dir()
+        ),
+        300,
+        "dual_head's first epoch",
+    )
     cancelled_id = record(out, cancelled)["slurm_job_id"]
     subprocess.run(["scancel", cancelled_id], check=True, timeout=30)
     wait_for(lambda: cancelled_id not in squeue_ids(array), 120, "the cancelled job to leave the queue")
     row = experiment.main([*argv, "--status"])["jobs"][1]
-    assert row["state"] == "stopped" and record(out, cancelled)["error"].startswith("SIGTERM"), (row, record(out, cancelled))
+    assert row["state"] == "stopped" and record(out, cancelled)["error"].startswith("SIGTERM"), (
+        row,
+        record(out, cancelled),
+    )
     third = experiment.main(argv)["submitted"]
     assert len(third) == 1 and third[0] not in submitted + again
     arrays = [array, again[0].split("_")[0], third[0].split("_")[0]]

@@ -2,6 +2,7 @@
 fewer variants says so and reports the hypotheses it cannot test as not run; a shortened ladder
 runs end to end into LADDER.md, ladder.json and ladder.png; the report names the rungs that move a
 figure beyond seed noise, and no others."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,27 @@ import ladder
 import protocols
 from protocols import BIG, BIG_RUNGS, SMALL, SMALL_RUNGS
 
-TINY = ["--no-progress", "--max-train", "64", "--max-eval", "40", "--batch-size", "16", "--d-model", "32", "--layers", "1",
-        "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+TINY = [
+    "--no-progress",
+    "--max-train",
+    "64",
+    "--max-eval",
+    "40",
+    "--batch-size",
+    "16",
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--engram-dim",
+    "8",
+    "--max-len",
+    "24",
+    "--threads",
+    "1",
+]
 
 
 def differing(a, b) -> set[str]:
@@ -33,7 +53,9 @@ def test_each_rung_differs_from_the_base_in_exactly_its_fields(presets, rungs, b
     covered = set()
     for rung in rungs:
         preset, fields = protocols.rung_preset(presets, rungs, base, rung.name)
-        assert differing(preset, presets[base]) == set(fields) == set(rung.fields) & differing(other, presets[base]), rung
+        assert differing(preset, presets[base]) == set(fields) == set(rung.fields) & differing(other, presets[base]), (
+            rung
+        )
         assert all(getattr(preset, f) == getattr(other, f) for f in fields)
         assert fields, f"{rung.name} changes nothing between the two readings"
         covered |= set(fields)
@@ -54,20 +76,58 @@ def test_a_rung_from_the_command_line_is_recorded_as_its_overrides():
 
 
 def test_rung_argv_replaces_the_ladder_flags_with_the_rungs_own(tmp_path):
-    argv = ["--ladder", "--data-dir", "D", "--out", "O", "--variants", "sentiment_only", "dual_engram", "--seeds", "42", "43",
-            "--protocol", "written"]
-    got = ladder.rung_argv(argv, tmp_path, "attention", ("sentiment_only", "dual_head"), "written", "published",
-                           ["sentiment_only", "dual_engram"])
-    assert got == ["--protocol", "written", "--rung", "attention", "--data-dir", "D", "--seeds", "42", "43",
-                   "--out", str(tmp_path / "ladder" / "attention"), "--variants", "sentiment_only"]
+    argv = [
+        "--ladder",
+        "--data-dir",
+        "D",
+        "--out",
+        "O",
+        "--variants",
+        "sentiment_only",
+        "dual_engram",
+        "--seeds",
+        "42",
+        "43",
+        "--protocol",
+        "written",
+    ]
+    got = ladder.rung_argv(
+        argv,
+        tmp_path,
+        "attention",
+        ("sentiment_only", "dual_head"),
+        "written",
+        "published",
+        ["sentiment_only", "dual_engram"],
+    )
+    assert got == [
+        "--protocol",
+        "written",
+        "--rung",
+        "attention",
+        "--data-dir",
+        "D",
+        "--seeds",
+        "42",
+        "43",
+        "--out",
+        str(tmp_path / "ladder" / "attention"),
+        "--variants",
+        "sentiment_only",
+    ]
     far = ladder.rung_argv(argv, tmp_path, "other", protocols.ALL, "written", "published", list(protocols.ALL))
     assert far[:2] == ["--protocol", "published"] and "--rung" not in far
-    assert ladder.rung_argv(argv, tmp_path, "loss_weights", ("dual_head",), "written", "published", ["sentiment_only"]) is None
+    assert (
+        ladder.rung_argv(argv, tmp_path, "loss_weights", ("dual_head",), "written", "published", ["sentiment_only"])
+        is None
+    )
 
 
 def test_a_run_of_one_variant_says_so_and_reports_the_hypotheses_as_not_run(sst2_small, tmp_path, capsys):
     out = tmp_path / "one"
-    m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--variants", "dual_head", *TINY])
+    m = experiment.main(
+        ["--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--variants", "dual_head", *TINY]
+    )
     assert m["variants"] == ["dual_head"] and list(m["models"]) == ["dual_head"] and m["complete"]
     assert m["hypotheses"] == {} and set(m["hypotheses_not_run"]) == {"H1", "H2"}
     assert "sentiment_only" in m["hypotheses_not_run"]["H1"] and "dual_engram" in m["hypotheses_not_run"]["H2"]
@@ -82,8 +142,9 @@ def test_a_run_of_one_variant_says_so_and_reports_the_hypotheses_as_not_run(sst2
 
 def test_a_shortened_ladder_runs_every_rung_into_its_report(sst2_small, tmp_path):
     out = tmp_path / "run"
-    summary = experiment.main(["--ladder", "--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1",
-                               "--seeds", "42", "43", *TINY])
+    summary = experiment.main(
+        ["--ladder", "--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--seeds", "42", "43", *TINY]
+    )
     root = out / "ladder"
     names = ["base", *(r.name for r in SMALL_RUNGS), "other"]
     assert [r["rung"] for r in summary["rungs"]] == names and all(r["complete"] for r in summary["rungs"])
@@ -120,45 +181,112 @@ def test_the_report_names_exactly_the_rungs_that_move_a_figure():
 
         return {"mean": 80.0, "std": 1.0, "vs_base": {"seeds": [1, 2, 3], **delta_test(deltas, [0.0] * len(deltas))}}
 
-    s = {"base": "written", "other": "published", "seeds": [1, 2, 3], "rungs": [
-        {"rung": "base", "changes": {}, "variants": ["sentiment_only"], "command": "c0", "complete": True,
-         "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}}},
-        {"rung": "attention", "changes": {"causal": False}, "variants": ["sentiment_only"], "command": "c1", "complete": True,
-         "models": {"sentiment_only": {"best_val_acc": stat([-2.1, -1.9, -2.0])}}},  # moves: p < 0.05
-        {"rung": "head", "changes": {"head": "mlp"}, "variants": ["sentiment_only"], "command": "c2", "complete": True,
-         "models": {"sentiment_only": {"best_val_acc": stat([1.0, -1.0, 0.5])}}},  # noise
-        {"rung": "blocks", "changes": {"d_ff": 256}, "variants": ["sentiment_only"], "command": None, "complete": False,
-         "models": {"sentiment_only": {"best_val_acc": stat([2.0, 2.0, 2.0])}}},  # the same on every seed: no test
-    ]}
+    s = {
+        "base": "written",
+        "other": "published",
+        "seeds": [1, 2, 3],
+        "rungs": [
+            {
+                "rung": "base",
+                "changes": {},
+                "variants": ["sentiment_only"],
+                "command": "c0",
+                "complete": True,
+                "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}},
+            },
+            {
+                "rung": "attention",
+                "changes": {"causal": False},
+                "variants": ["sentiment_only"],
+                "command": "c1",
+                "complete": True,
+                "models": {"sentiment_only": {"best_val_acc": stat([-2.1, -1.9, -2.0])}},
+            },  # moves: p < 0.05
+            {
+                "rung": "head",
+                "changes": {"head": "mlp"},
+                "variants": ["sentiment_only"],
+                "command": "c2",
+                "complete": True,
+                "models": {"sentiment_only": {"best_val_acc": stat([1.0, -1.0, 0.5])}},
+            },  # noise
+            {
+                "rung": "blocks",
+                "changes": {"d_ff": 256},
+                "variants": ["sentiment_only"],
+                "command": None,
+                "complete": False,
+                "models": {"sentiment_only": {"best_val_acc": stat([2.0, 2.0, 2.0])}},
+            },  # the same on every seed: no test
+        ],
+    }
     from stats import mean_ci
 
-    s["rungs"][1]["lm_head"] = {"seeds": [1, 2, 3], "final_val_acc": {"delta": mean_ci([1.1, 0.9, 1.0]), "p": 0.01},
-                                "best_val_acc": {"delta": mean_ci([0.5, -0.5, 0.0])}, "effective_rank": None}
+    s["rungs"][1]["lm_head"] = {
+        "seeds": [1, 2, 3],
+        "final_val_acc": {"delta": mean_ci([1.1, 0.9, 1.0]), "p": 0.01},
+        "best_val_acc": {"delta": mean_ci([0.5, -0.5, 0.0])},
+        "effective_rank": None,
+    }
     text = ladder.ladder_markdown(s)
     assert "| `attention` | 3 | **+1.00 [" in text and "| +0.00 [-1.24, +1.24] | – |" in text  # best val: never bold
     moved = text.split("## What moves beyond seed noise")[1].split("![")[0]
     assert "`attention` moves Model 1: Sentiment Only's best val (%)" in moved
     assert "`head`" not in moved and "`blocks`" not in moved
-    assert "**Δ -2.00 [" in text and "> **Incomplete ladder**: 3 of 4 rungs finished. Not finished yet: `blocks`: unfinished." in text
+    assert (
+        "**Δ -2.00 [" in text
+        and "> **Incomplete ladder**: 3 of 4 rungs finished. Not finished yet: `blocks`: unfinished." in text
+    )
 
 
 def test_a_rung_short_of_models_or_seeds_is_incomplete_and_says_what_is_missing(sst2_small, tmp_path):
     out = tmp_path / "run"
     # the attention rung with one of its two models and one of two seeds, as a stopped ladder leaves it
-    experiment.main(["--rung", "attention", "--data-dir", str(sst2_small), "--out", str(out / "ladder" / "attention"),
-                     "--epochs", "1", "--seeds", "42", "--variants", "sentiment_only", *TINY])
-    s = ladder.ladder_summary(out / "ladder", SMALL, "written", [42, 43], wanted=["sentiment_only", "dual_head"],
-                              command=f"python experiment.py --ladder --out {out} --seeds 42 43 --variants sentiment_only dual_head")
+    experiment.main(
+        [
+            "--rung",
+            "attention",
+            "--data-dir",
+            str(sst2_small),
+            "--out",
+            str(out / "ladder" / "attention"),
+            "--epochs",
+            "1",
+            "--seeds",
+            "42",
+            "--variants",
+            "sentiment_only",
+            *TINY,
+        ]
+    )
+    s = ladder.ladder_summary(
+        out / "ladder",
+        SMALL,
+        "written",
+        [42, 43],
+        wanted=["sentiment_only", "dual_head"],
+        command=f"python experiment.py --ladder --out {out} --seeds 42 43 --variants sentiment_only dual_head",
+    )
     rung = next(r for r in s["rungs"] if r["rung"] == "attention")
     assert rung["variants"] == ["sentiment_only", "dual_head"] and not rung["complete"]
     assert rung["missing"] == {"sentiment_only": [43], "dual_head": [42, 43]}
     # what wrote its outputs, and what the ladder runs for it (which finishes it, with --resume)
     assert rung["made_by"].endswith("--seeds 42 --variants sentiment_only " + shlex.join(TINY))
-    assert rung["command"] == (f"python experiment.py --protocol written --rung attention --seeds 42 43 "
-                               f"--out {out / 'ladder' / 'attention'} --variants sentiment_only dual_head")
+    assert rung["command"] == (
+        f"python experiment.py --protocol written --rung attention --seeds 42 43 "
+        f"--out {out / 'ladder' / 'attention'} --variants sentiment_only dual_head"
+    )
     assert next(r for r in s["rungs"] if r["rung"] == "blocks")["made_by"] is None
-    assert [r["rung"] for r in s["rungs"]] == ["base", "vocabulary", "attention", "blocks", "head", "loss_weights",
-                                               "optimiser", "other"]  # engram: dual_engram was not asked for
+    assert [r["rung"] for r in s["rungs"]] == [
+        "base",
+        "vocabulary",
+        "attention",
+        "blocks",
+        "head",
+        "loss_weights",
+        "optimiser",
+        "other",
+    ]  # engram: dual_engram was not asked for
     text = ladder.ladder_markdown(s)
     assert "`attention`: sentiment_only seed 43, dual_head seeds 42 43" in text
     assert "`base`: sentiment_only seeds 42 43, dual_head seeds 42 43" in text
@@ -183,7 +311,9 @@ def test_a_stopped_ladder_writes_its_report_and_report_only_writes_only_that(tmp
     assert calls == ["base", "vocabulary"]
     text = (tmp_path / "ladder" / "LADDER.md").read_text()
     assert "**Incomplete ladder**: 0 of 9 rungs finished" in text and "`attention`: sentiment_only seed 42" in text
-    assert json.loads((tmp_path / "ladder" / "ladder.json").read_text())["command"].endswith("--ladder --out " + str(tmp_path))
+    assert json.loads((tmp_path / "ladder" / "ladder.json").read_text())["command"].endswith(
+        "--ladder --out " + str(tmp_path)
+    )
     calls.clear()
     args.report_only = True
     (tmp_path / "ladder" / "LADDER.md").unlink()
@@ -200,7 +330,11 @@ def test_the_ladder_figure_of_one_model_keeps_its_title_inside(tmp_path):
     for name in ("base", "blocks"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps({"models": {"sentiment_only": {"runs": runs}}}))
-    s = {"base": "written", "other": "published", "rungs": [{"rung": n, "models": {"sentiment_only": {}}} for n in ("base", "blocks")]}
+    s = {
+        "base": "written",
+        "other": "published",
+        "rungs": [{"rung": n, "models": {"sentiment_only": {}}} for n in ("base", "blocks")],
+    }
     fig = ladder.ladder_figure(tmp_path, s)
     try:
         fig.canvas.draw()
@@ -211,8 +345,9 @@ def test_the_ladder_figure_of_one_model_keeps_its_title_inside(tmp_path):
         plt.close(fig)
 
 
-def test_a_ladder_stopped_with_sigint_through_the_real_main_writes_ladder_md_naming_what_is_missing(sst2_small, tmp_path,
-                                                                                                  monkeypatch, capsys):
+def test_a_ladder_stopped_with_sigint_through_the_real_main_writes_ladder_md_naming_what_is_missing(
+    sst2_small, tmp_path, monkeypatch, capsys
+):
     """Each rung runs through experiment.main, whose cli_main turns a stop into SystemExit(130):
     the ladder must still write its report, and the stop must end the ladder (not the rung alone)."""
     import os
@@ -221,18 +356,32 @@ def test_a_ladder_stopped_with_sigint_through_the_real_main_writes_ladder_md_nam
     from tests.conftest import on_training_step
 
     out = tmp_path / "run"
-    argv = ["--ladder", "--data-dir", str(sst2_small), "--out", str(out), "--epochs", "1", "--variants", "sentiment_only",
-            *TINY]
+    argv = [
+        "--ladder",
+        "--data-dir",
+        str(sst2_small),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--variants",
+        "sentiment_only",
+        *TINY,
+    ]
     # the second rung (vocabulary) is interrupted at its second step: the base has finished by then
     on_training_step(monkeypatch, "sentiment_only", 4 + 2, lambda _: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as e:
         experiment.main(argv)
     assert e.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("stopped: the ladder stopped in rung vocabulary; ") and \
-        err[-1].endswith(f"continue with: python experiment.py {shlex.join(argv)} --resume"), err[-1]
+    assert err[-1].startswith("stopped: the ladder stopped in rung vocabulary; ") and err[-1].endswith(
+        f"continue with: python experiment.py {shlex.join(argv)} --resume"
+    ), err[-1]
     text = (out / "ladder" / "LADDER.md").read_text()
-    assert "> **Incomplete ladder**: 1 of 7 rungs finished. Not finished yet: `vocabulary`: sentiment_only seed 42;" in text
+    assert (
+        "> **Incomplete ladder**: 1 of 7 rungs finished. Not finished yet: `vocabulary`: sentiment_only seed 42;"
+        in text
+    )
     assert not (out / "ladder" / "attention").exists()  # the stop ended the ladder
     s = json.loads((out / "ladder" / "ladder.json").read_text())
     assert [r["rung"] for r in s["rungs"] if r["complete"]] == ["base"]
@@ -258,14 +407,19 @@ def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
     with pytest.raises(SystemExit) as e:
         cli.cli_main(lambda a: a, ladder_run, [])
     assert e.value.code == 143
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped: SIGTERM during the ladder, before rung vocabulary"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == "stopped: SIGTERM during the ladder, before rung vocabulary"
+    )
     assert not cli.STOP
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--ladder", "--rung", "attention"], "--ladder runs every rung itself; drop --rung attention"),
-    (["--proto", "published"], "unrecognized arguments: --proto published"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ladder", "--rung", "attention"], "--ladder runs every rung itself; drop --rung attention"),
+        (["--proto", "published"], "unrecognized arguments: --proto published"),
+    ],
+)
 def test_a_ladder_with_a_rung_and_abbreviated_flags_are_refused(extra, message, sst2_small, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         experiment.main(["--data-dir", str(sst2_small), "--out", str(tmp_path / "x"), *TINY, *extra])
@@ -282,11 +436,27 @@ def test_the_ladder_is_one_bh_family_and_bold_means_adjusted_p_below_005():
 
     near = [-1.0, -1.2, -0.5]  # paired t over three seeds: p ≈ 0.04 raw
     noise = [[1.0, -1.0, 0.5], [0.3, -0.6, 0.2], [-0.4, 0.9, -0.1]]
-    rungs = [{"rung": "base", "changes": {}, "variants": ["sentiment_only"], "command": "c", "complete": True,
-              "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}}}]
+    rungs = [
+        {
+            "rung": "base",
+            "changes": {},
+            "variants": ["sentiment_only"],
+            "command": "c",
+            "complete": True,
+            "models": {"sentiment_only": {"best_val_acc": {"mean": 80.0, "std": 1.0}}},
+        }
+    ]
     for i, d in enumerate([near, *noise]):
-        rungs.append({"rung": f"r{i}", "changes": {"x": i}, "variants": ["sentiment_only"], "command": "c",
-                      "complete": True, "models": {"sentiment_only": {"best_val_acc": stat(d)}}})
+        rungs.append(
+            {
+                "rung": f"r{i}",
+                "changes": {"x": i},
+                "variants": ["sentiment_only"],
+                "command": "c",
+                "complete": True,
+                "models": {"sentiment_only": {"best_val_acc": stat(d)}},
+            }
+        )
     s = {"base": "written", "other": "published", "seeds": [1, 2, 3], "rungs": rungs}
     raw = rungs[1]["models"]["sentiment_only"]["best_val_acc"]["vs_base"]["p"]
     assert 0.01 < raw < 0.05

@@ -5,6 +5,7 @@ each preset fixes reach the models, the optimisers, the training loop and the ou
 "The study as it was run"). The end-to-end runs here are a few steps long; the sklearn analyses
 and the figures they would also make are swapped for cheap stand-ins (other tests cover them),
 and torch runs on one thread, which on a shared 2-core machine is several times faster."""
+
 import dataclasses
 import functools
 import json
@@ -86,17 +87,41 @@ def short_small_run(data: Path, out: Path, protocol: str, *extra, variants=None)
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
         captured = capture_initial_small_weights(mp)
-        m = experiment.main(["--protocol", protocol, "--data-dir", str(data), "--max-train", "128", "--epochs", "2",
-                             "--no-progress", "--out", str(out), "--compare", str(out.parent / "absent.json"), *extra,
-                             *(["--variants", *variants] if variants is not None else [])])
+        m = experiment.main(
+            [
+                "--protocol",
+                protocol,
+                "--data-dir",
+                str(data),
+                "--max-train",
+                "128",
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--out",
+                str(out),
+                "--compare",
+                str(out.parent / "absent.json"),
+                *extra,
+                *(["--variants", *variants] if variants is not None else []),
+            ]
+        )
     return m, captured
 
 
 def published_small_config(vocab_size: int = 8000, protocol: str = "published", **over) -> SmallConfig:
     """The SmallConfig experiment.run() builds for `protocol`, from the CLI's defaults."""
     args = experiment.parse_args(["--protocol", protocol])
-    sizes = dict(vocab_size=vocab_size, max_len=args.max_len, d_model=args.d_model, n_layers=args.layers,
-                 n_heads=args.heads, dropout=args.dropout, engram_dim=args.engram_dim, impl=args.impl)
+    sizes = dict(
+        vocab_size=vocab_size,
+        max_len=args.max_len,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        dropout=args.dropout,
+        engram_dim=args.engram_dim,
+        impl=args.impl,
+    )
     sizes.update(over)
     return experiment.small_config(SMALL[protocol], **sizes)
 
@@ -114,10 +139,15 @@ def test_published_small_parameter_counts_are_the_studys_exactly():
     preset = SMALL["published"]
     assert len(preset.specials) + preset.vocab_words == 8000  # <PAD>, <UNK> and 7,998 words
     cfg = published_small_config(8000)
-    counts = {v: count_parameters(build_small_model(v, cfg, preset.sent_weight, preset.lm_weight))
-              for v in ("sentiment_only", "dual_head", "dual_engram")}
-    assert {v: c[0] for v, c in counts.items()} == protocols.SMALL_STUDY["params"] == {
-        "sentiment_only": 1_297_346, "dual_head": 2_329_346, "dual_engram": 2_354_082}
+    counts = {
+        v: count_parameters(build_small_model(v, cfg, preset.sent_weight, preset.lm_weight))
+        for v in ("sentiment_only", "dual_head", "dual_engram")
+    }
+    assert (
+        {v: c[0] for v, c in counts.items()}
+        == protocols.SMALL_STUDY["params"]
+        == {"sentiment_only": 1_297_346, "dual_head": 2_329_346, "dual_engram": 2_354_082}
+    )
     assert all(total == trainable for total, trainable in counts.values())
 
 
@@ -125,8 +155,10 @@ def test_written_small_parameter_counts_differ_from_the_published_ones():
     preset = SMALL["written"]
     V = len(preset.specials) + preset.vocab_words  # 7,004
     cfg = published_small_config(V, protocol="written")
-    m1, m2, m3 = (build_small_model(v, cfg, preset.sent_weight, preset.lm_weight)
-                  for v in ("sentiment_only", "dual_head", "dual_engram"))
+    m1, m2, m3 = (
+        build_small_model(v, cfg, preset.sent_weight, preset.lm_weight)
+        for v in ("sentiment_only", "dual_head", "dual_engram")
+    )
     backbone = sum(p.numel() for p in m1.backbone.parameters())
     assert abs(backbone - 1.3e6) / 1.3e6 < 0.05, backbone
     t1, t2, t3 = (count_parameters(m)[0] for m in (m1, m2, m3))
@@ -181,7 +213,7 @@ def test_published_encoder_ignores_what_stands_in_pad_positions(impl):
     assert torch.allclose(a[real], b[real], atol=1e-6), (a[real] - b[real]).abs().max()
     # a padded row computes what the row alone, unpadded, computes: pads are no keys at all
     for row, n in ((1, 5), (2, 2)):
-        alone = _hidden(backbone, ids[row:row + 1, :n], mask[row:row + 1, :n])
+        alone = _hidden(backbone, ids[row : row + 1, :n], mask[row : row + 1, :n])
         assert torch.allclose(a[row, :n], alone[0], atol=1e-5), (a[row, :n] - alone[0]).abs().max()
     # and the key-padding mask is what does it: the same rows with the pads marked real do change
     c = _hidden(backbone, other, torch.ones_like(mask))
@@ -231,8 +263,9 @@ def test_published_small_schedule_steps_once_per_epoch_to_zero(published_small_r
     out, _, _ = published_small_run
     # 128 rows, batch 64, drop_last: 2 optimizer steps per epoch, 4 in all; the cosine schedule
     # (T_max = epochs = 2) stepped per epoch has stepped twice and ends at lr 0
-    state = torch.load(out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_002" / "train_state.pt",
-                       weights_only=True)
+    state = torch.load(
+        out / "checkpoints" / "seed42" / "sentiment_only" / "epoch_002" / "train_state.pt", weights_only=True
+    )
     assert state["scheduler"]["last_epoch"] == 2 and state["scheduler"]["T_max"] == 2
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
@@ -267,8 +300,9 @@ def _accum_recipe(batch: int, accum: int, optimizer: str, clip) -> training.Reci
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-4)
         return training.Built(model, opt)
 
-    return training.Recipe("small", build, lambda v: batch, 1, CPU, accum_steps=lambda v: accum, clip_norm=clip,
-                           progress=False)
+    return training.Recipe(
+        "small", build, lambda v: batch, 1, CPU, accum_steps=lambda v: accum, clip_norm=clip, progress=False
+    )
 
 
 @pytest.mark.parametrize("optimizer, clip", [("sgd", None), ("adamw", None), ("sgd", 0.05)])
@@ -278,16 +312,26 @@ def test_two_accumulated_batches_of_8_are_one_batch_of_16(optimizer, clip, tmp_p
     rows = [torch.randint(2, 64, (n,), generator=g).tolist() for n in lengths]
     enc = Encoded(rows, [i % 2 for i in range(16)], 0)
     order = np.random.default_rng(0).permutation(16)
-    monkeypatch.setattr(training, "epoch_batches",
-                        lambda n, bs, seed, epoch, drop_last=False: [order[i:i + bs] for i in range(0, n, bs)])
+    monkeypatch.setattr(
+        training,
+        "epoch_batches",
+        lambda n, bs, seed, epoch, drop_last=False: [order[i : i + bs] for i in range(0, n, bs)],
+    )
     steps = []
     step = training._optimizer_step
     monkeypatch.setattr(training, "_optimizer_step", lambda built, recipe: (steps.append(1), step(built, recipe)))
 
     def trained(batch, accum, name):
         steps.clear()
-        _, built = training.train_variant(_accum_recipe(batch, accum, optimizer, clip), "sentiment_only", 0, enc,
-                                          {"validation": enc}, tmp_path / name, False)
+        _, built = training.train_variant(
+            _accum_recipe(batch, accum, optimizer, clip),
+            "sentiment_only",
+            0,
+            enc,
+            {"validation": enc},
+            tmp_path / name,
+            False,
+        )
         return dict(built.model.named_parameters()), len(steps)
 
     seed_everything(0)
@@ -328,12 +372,16 @@ def _cosine_warmup_steps(scheduler, total: int) -> int:
     return k
 
 
-@pytest.mark.parametrize("protocol, total, warmup, clip, batches, accums, drop_last, decay, eval_mode", [
-    ("published", 110, 5, 1.0, (8, 8, 4), (2, 2, 4), True, 0.01, "zero"),  # int(0.05 * 110) = int(5.5) = 5
-    ("written", 190, 5, None, (8, 8, 8), (1, 1, 1), False, 0.0, "pair"),  # int(0.03 * 190) = int(5.7) = 5
-])
-def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(protocol, total, warmup, clip, batches, accums, drop_last,
-                                                              decay, eval_mode, tiny_qwen):
+@pytest.mark.parametrize(
+    "protocol, total, warmup, clip, batches, accums, drop_last, decay, eval_mode",
+    [
+        ("published", 110, 5, 1.0, (8, 8, 4), (2, 2, 4), True, 0.01, "zero"),  # int(0.05 * 110) = int(5.5) = 5
+        ("written", 190, 5, None, (8, 8, 8), (1, 1, 1), False, 0.0, "pair"),  # int(0.03 * 190) = int(5.7) = 5
+    ],
+)
+def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(
+    protocol, total, warmup, clip, batches, accums, drop_last, decay, eval_mode, tiny_qwen
+):
     args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", protocol])
     preset = BIG[protocol]
     build, dtype = e7.make_builder(args, CPU, str(tiny_qwen), preset)
@@ -346,7 +394,11 @@ def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(protocol, total, wa
     assert lam(warmup + 1) < 1.0 and lam(total) == pytest.approx(0.0, abs=1e-9)  # then cosine decay to 0
     assert built.scheduler_per == "step" and built.scheduler.get_last_lr() == [0.0]
     (group,) = built.optimizer.param_groups
-    assert isinstance(built.optimizer, torch.optim.AdamW) and group["initial_lr"] == 2e-4 and group["weight_decay"] == decay
+    assert (
+        isinstance(built.optimizer, torch.optim.AdamW)
+        and group["initial_lr"] == 2e-4
+        and group["weight_decay"] == decay
+    )
     recipe = e7.make_recipe(args, preset, build, CPU)
     variants = ("sentiment_only", "dual_head", "dual_engram")
     assert tuple(recipe.batch_size(v) for v in variants) == batches
@@ -369,8 +421,9 @@ def _small_recipe(protocol: str, data: Path, out: Path, monkeypatch) -> tuple[tr
         return {}
 
     monkeypatch.setattr(experiment, "run_and_report", capture)
-    experiment.main(["--protocol", protocol, "--data-dir", str(data), "--max-train", "64", "--no-progress",
-                     "--out", str(out)])
+    experiment.main(
+        ["--protocol", protocol, "--data-dir", str(data), "--max-train", "64", "--no-progress", "--out", str(out)]
+    )
     return captured["recipe"], captured["args"]
 
 
@@ -434,8 +487,9 @@ def test_7b_prefix_position_predicts_the_first_token_only_when_published(protoco
         out = model(ids, mask, labels=labels)
         # by hand: [prefix, tokens] through the decoder; position j predicts ids[:, j]
         prefix = model.projector(model.zero_engram(B, CPU)).unsqueeze(1)  # [B,1,H]
-        full = model.backbone(torch.cat([prefix, model.backbone.embed(ids)], 1),
-                              torch.cat([mask.new_ones(B, 1), mask], 1)).float()  # [B,1+T,H]
+        full = model.backbone(
+            torch.cat([prefix, model.backbone.embed(ids)], 1), torch.cat([mask.new_ones(B, 1), mask], 1)
+        ).float()  # [B,1+T,H]
         logits = model.backbone.lm_head_module()(full[:, :-1]).float()  # [B,T,V]: position j -> token j
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")  # [B,T]
     real = mask.bool()
@@ -461,14 +515,38 @@ def test_7b_published_protocol_runs_end_to_end(tiny_qwen, sst2_small, tmp_path):
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
-        m = e7.main(["--protocol", "published", "--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(out),
-                     "--max-train", "24", "--max-eval", "16", "--epochs", "1", "--no-progress",
-                     "--small-results", str(tmp_path / "none.json"), "--compare", str(tmp_path / "none.json")])
+        m = e7.main(
+            [
+                "--protocol",
+                "published",
+                "--model",
+                str(tiny_qwen),
+                "--data-dir",
+                str(sst2_small),
+                "--out",
+                str(out),
+                "--max-train",
+                "24",
+                "--max-eval",
+                "16",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--small-results",
+                str(tmp_path / "none.json"),
+                "--compare",
+                str(tmp_path / "none.json"),
+            ]
+        )
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
     assert saved["protocol"] == "published" and saved["overrides"] == {}
     assert saved["preset"] == dataclasses.asdict(BIG["published"]) and saved["preset"]["pooling"] == "mean"
-    assert (saved["config"]["weight_decay"], saved["config"]["warmup_ratio"], saved["config"]["clip_norm"]) == (0.01, 0.05, 1.0)
+    assert (saved["config"]["weight_decay"], saved["config"]["warmup_ratio"], saved["config"]["clip_norm"]) == (
+        0.01,
+        0.05,
+        1.0,
+    )
     assert list(saved["models"]) == ["sentiment_only", "dual_head", "dual_engram"]
     assert saved["models"]["dual_engram"]["runs"][0]["analysis"]["ablation"]["base"] == "zero"
     report = (out / "REPORT.md").read_text()
@@ -502,9 +580,29 @@ def test_an_override_is_recorded_in_metrics_and_changes_the_loss(sst2_small, tmp
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
-        experiment.main(["--variants", "dual_head", "--protocol", "published", "--lm-weight", "0.5", "--data-dir", str(sst2_small), "--max-train", "64",
-                         "--epochs", "1", "--no-progress", "--threads", "1", "--out", str(out),
-                         "--compare", str(tmp_path / "none.json")])
+        experiment.main(
+            [
+                "--variants",
+                "dual_head",
+                "--protocol",
+                "published",
+                "--lm-weight",
+                "0.5",
+                "--data-dir",
+                str(sst2_small),
+                "--max-train",
+                "64",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+                "--compare",
+                str(tmp_path / "none.json"),
+            ]
+        )
     m = json.loads((out / "metrics.json").read_text())
     assert m["protocol"] == "published" and m["overrides"] == {"lm_weight": 0.5}
     assert m["preset"]["lm_weight"] == 0.5 and m["preset"]["sent_weight"] == 1.0
@@ -542,6 +640,7 @@ def test_default_out_folder_is_per_protocol(module, base, monkeypatch):
 def test_the_other_protocol_is_looked_for_beside_this_runs_folder():
     """A run in OUT compares with OUT/published and one in OUT/published with OUT; a published run
     in a folder outside that layout compares with nothing unless --compare names a file."""
+
     def where(*argv):
         return cli.other_protocol_metrics(experiment.parse_args(list(argv)), "results")
 
@@ -557,8 +656,9 @@ def test_the_other_protocol_is_looked_for_beside_this_runs_folder():
 # ----------------------------------------------------------------------------- regression
 
 
-def test_published_run_from_the_repo_root_reports_beside_the_committed_written_results(sst2_small, tmp_path, monkeypatch,
-                                                                                     capsys, published_small_run):
+def test_published_run_from_the_repo_root_reports_beside_the_committed_written_results(
+    sst2_small, tmp_path, monkeypatch, capsys, published_small_run
+):
     """From the repo root, --compare's default for a published run is results/metrics.json: there
     may lie a written run whose metrics predate the protocols (no "protocol" or "preset", a scalar
     study_delta). The report must skip the comparison, not fail (it raised KeyError before 5fc2e19)."""
@@ -570,8 +670,25 @@ def test_published_run_from_the_repo_root_reports_beside_the_committed_written_r
     monkeypatch.chdir(tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         fast_analysis(mp)
-        experiment.main(["--variants", "sentiment_only", "--protocol", "published", "--data-dir", str(sst2_small), "--max-train", "64", "--epochs", "1",
-                         "--no-progress", "--threads", "1", "--out", str(tmp_path / "out")])
+        experiment.main(
+            [
+                "--variants",
+                "sentiment_only",
+                "--protocol",
+                "published",
+                "--data-dir",
+                str(sst2_small),
+                "--max-train",
+                "64",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     assert "warning" not in capsys.readouterr().err
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "protocol `published`" in report.splitlines()[0] and "As written vs as run" not in report
@@ -584,6 +701,7 @@ def test_as_written_vs_as_run_sets_both_protocols_beside_the_study(published_sma
     import copy
 
     import reporting
+
     _, pub, _ = published_small_run
     written = copy.deepcopy(pub)
     written.update(protocol="written", command="python experiment.py --seeds 42 43", seeds=[42, 43], complete=False)

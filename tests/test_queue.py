@@ -2,6 +2,7 @@
 PATH (Slurm 22.05's answers: pending array elements in one combined line without -r, an error for
 one forgotten id, none at all when the controller is down), local jobs whose process is gone,
 records that outlive their results, unreadable results; and the lock's takeover under a race."""
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,9 @@ JOBS = [Job(42, v) for v in ("sentiment_only", "dual_head", "dual_engram")]
 
 def submitted(out: Path, ids: list[str]) -> None:
     for job, jid in zip(JOBS, ids):
-        write_record(out, job, state="submitted", slurm_job_id=jid, local_job_id=None, log=None, submitted_at=time.time())
+        write_record(
+            out, job, state="submitted", slurm_job_id=jid, local_job_id=None, log=None, submitted_at=time.time()
+        )
 
 
 def finish(out: Path, job: Job, result: str = '{"seconds": 60}') -> None:
@@ -105,8 +108,9 @@ def test_pending_array_elements_are_pending_and_not_submitted_again(queue, tmp_p
     assert todo == []
     # an squeue that answers as without -r: "1_[1-2] PENDING" in one line, read the same way
     queue({"1_0": "RUNNING", "1_1": "PENDING", "1_2": "PENDING"}, mode="ignore_r")
-    assert subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", "1_1,1_2"], capture_output=True,
-                          text=True).stdout.splitlines() == ["1_[1-2] PENDING"]
+    assert subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i %T", "-j", "1_1,1_2"], capture_output=True, text=True
+    ).stdout.splitlines() == ["1_[1-2] PENDING"]
     assert slurm_states(["1_0", "1_1", "1_2"]) == {"1_0": "RUNNING", "1_1": "PENDING", "1_2": "PENDING"}
     assert states(out) == ["running", "pending", "pending"] and launch._to_submit(out, JOBS)[0] == []
 
@@ -201,8 +205,17 @@ def test_an_unreadable_result_is_failed_not_finished_and_the_grid_is_incomplete(
 def test_gpus_an_earlier_submitters_running_jobs_hold_are_not_given_out(tmp_path):
     out = tmp_path / "run"
     here = socket.gethostname()
-    write_record(out, JOBS[0], state="running", local_job_id=str(os.getpid()), pid=os.getpid(), host=here,
-                 submit_host=here, gpu="GPU-5b2c", started_at=time.time())
+    write_record(
+        out,
+        JOBS[0],
+        state="running",
+        local_job_id=str(os.getpid()),
+        pid=os.getpid(),
+        host=here,
+        submit_host=here,
+        gpu="GPU-5b2c",
+        started_at=time.time(),
+    )
     write_record(out, JOBS[1], state="failed", local_job_id="1", submit_host=here, gpu="3")
     assert launch._others_gpus(out, JOBS, mine=set()) == {"GPU-5b2c"}
     assert launch._others_gpus(out, JOBS, mine={JOBS[0]}) == set()
@@ -221,12 +234,16 @@ def test_visible_gpus_are_the_parents_names_and_a_job_gets_its_own(monkeypatch, 
     assert launch.visible_gpus() == ["0", "1"]
     # the job sets the name it was given before anything starts CUDA
     (tmp_path / "fake_script.py").write_text(
-        "import os, json\ndef main(argv):\n    json.dump({'gpu': os.environ.get('CUDA_VISIBLE_DEVICES'), 'argv': argv}, "
-        f"open({str(tmp_path / 'seen.json')!r}, 'w'))\n")
+        "import os, json\ndef main(argv):\n"
+        "    json.dump({'gpu': os.environ.get('CUDA_VISIBLE_DEVICES'), 'argv': argv}, "
+        f"open({str(tmp_path / 'seen.json')!r}, 'w'))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert launch.GridJob("fake_script", ["--seeds", "42"], JOBS[0], str(tmp_path), gpu="5")() == \
-        {"job": "seed42-sentiment_only", "finished": True}
+    assert launch.GridJob("fake_script", ["--seeds", "42"], JOBS[0], str(tmp_path), gpu="5")() == {
+        "job": "seed42-sentiment_only",
+        "finished": True,
+    }
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen == {"gpu": "5", "argv": ["--seeds", "42", "--job", "42:sentiment_only"]}
 
@@ -292,8 +309,10 @@ def test_another_hosts_lock_is_taken_over_once_seen_unchanged_for_stale_s(tmp_pa
     t0 = time.monotonic()
     lock.acquire()
     assert 0.5 <= time.monotonic() - t0 < 5 and json.loads(path.read_text())["pid"] == os.getpid()
-    assert capsys.readouterr().err.strip() == (f"note: taking over the lock {path} left by pid 4242 on node-a "
-                                               "(unchanged for 0.5 s: that run is taken for gone)")
+    assert capsys.readouterr().err.strip() == (
+        f"note: taking over the lock {path} left by pid 4242 on node-a "
+        "(unchanged for 0.5 s: that run is taken for gone)"
+    )
     lock.release()
 
 
@@ -304,8 +323,16 @@ def test_a_local_record_of_earlier_code_without_a_host_is_judged_here_and_its_de
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     write_record(out, JOBS[0], state="submitted", local_job_id=str(dead.pid), log=None)  # never started: no host
-    write_record(out, JOBS[1], state="running", local_job_id=str(dead.pid), pid=dead.pid, host=socket.gethostname(),
-                 started_at=time.time(), log=None)
+    write_record(
+        out,
+        JOBS[1],
+        state="running",
+        local_job_id=str(dead.pid),
+        pid=dead.pid,
+        host=socket.gethostname(),
+        started_at=time.time(),
+        log=None,
+    )
     write_record(out, JOBS[2], state="submitted", local_job_id=str(os.getpid()), log=None)  # its controller is alive
     rows = job_states(out, JOBS)
     assert [r["state"] for r in rows] == ["failed", "failed", "pending"]
@@ -363,8 +390,26 @@ def test_a_slurm_array_runs_as_wide_as_the_grid_unless_jobs_caps_it(extra, array
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SBATCH_SCRIPT", str(tmp_path / "script.sh"))
     out = tmp_path / "run"
-    m = experiment.main(["--data-dir", str(sst2_small), "--out", str(out), "--max-train", "32", "--max-eval", "40",
-                         "--epochs", "1", "--no-progress", "--executor", "slurm", "--slurm-time", "5", *extra])
+    m = experiment.main(
+        [
+            "--data-dir",
+            str(sst2_small),
+            "--out",
+            str(out),
+            "--max-train",
+            "32",
+            "--max-eval",
+            "40",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--executor",
+            "slurm",
+            "--slurm-time",
+            "5",
+            *extra,
+        ]
+    )
     assert m["submitted"] == ["4711_0", "4711_1", "4711_2"]
     script = (tmp_path / "script.sh").read_text()
     assert array in script.splitlines() and "#SBATCH --time=5" in script.splitlines()

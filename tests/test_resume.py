@@ -3,6 +3,7 @@ result unless told to; a resume may change where and how it runs (executor, jobs
 not what it computes; every result and checkpoint names the code that made it, and a resume under
 other code says so; a checkpoint restores only the training GPU's generator, and one made without
 a loss scaler loads into a run that has one."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,29 @@ import experiment
 import training
 from tests.conftest import on_training_step
 
-FLAGS = ["--epochs", "2", "--no-progress", "--max-train", "64", "--max-eval", "40", "--batch-size", "16",
-         "--d-model", "32", "--layers", "1", "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+FLAGS = [
+    "--epochs",
+    "2",
+    "--no-progress",
+    "--max-train",
+    "64",
+    "--max-eval",
+    "40",
+    "--batch-size",
+    "16",
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--engram-dim",
+    "8",
+    "--max-len",
+    "24",
+    "--threads",
+    "1",
+]
 
 
 def run(data, out, *extra):
@@ -40,7 +62,9 @@ def files_of(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_a_fresh_run_over_finished_jobs_is_refused_in_one_line_and_deletes_nothing(finished, sst2_small, tmp_path, capsys):
+def test_a_fresh_run_over_finished_jobs_is_refused_in_one_line_and_deletes_nothing(
+    finished, sst2_small, tmp_path, capsys
+):
     import shutil
 
     out = tmp_path / "copy"
@@ -50,22 +74,32 @@ def test_a_fresh_run_over_finished_jobs_is_refused_in_one_line_and_deletes_nothi
         run(sst2_small, out, "--variants", "sentiment_only")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
-    assert err == (f"error: {out} holds 1 finished job(s) (seed42/sentiment_only); continue them with --resume, delete "
-                   "them with --overwrite, or pass another --out")
+    assert err == (
+        f"error: {out} holds 1 finished job(s) (seed42/sentiment_only); continue them with --resume, delete "
+        "them with --overwrite, or pass another --out"
+    )
     assert files_of(out) == before
     # --overwrite says so in one line, and starts over
     m = run(sst2_small, out, "--variants", "sentiment_only", "--overwrite")
     assert m["complete"] and "--overwrite" in m["command"] and "--overwrite" not in m["jobs"]["rerun"]
-    assert f"--overwrite: deleting the 1 finished job(s) and every checkpoint in {out / 'checkpoints'}" in capsys.readouterr().err
+    assert (
+        f"--overwrite: deleting the 1 finished job(s) and every checkpoint in {out / 'checkpoints'}"
+        in capsys.readouterr().err
+    )
 
 
 def git(folder: Path, *words: str) -> str:
-    return subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *words],
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *words],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
-def test_a_fresh_run_replaces_the_committed_study_and_refuses_results_git_does_not_hold(finished, sst2_small, tmp_path,
-                                                                                       capsys):
+def test_a_fresh_run_replaces_the_committed_study_and_refuses_results_git_does_not_hold(
+    finished, sst2_small, tmp_path, capsys
+):
     """A newcomer's first command trains: finished jobs exactly as git holds them (the committed study)
     are replaced, with one line saying how to bring them back; one finished job git does not hold (a
     user's own hours) or a committed one changed since is refused as before, deleting nothing."""
@@ -98,18 +132,31 @@ def test_a_fresh_run_replaces_the_committed_study_and_refuses_results_git_does_n
     m = run(sst2_small, out, "--variants", "sentiment_only", "--epochs", "1")
     err = capsys.readouterr().err
     assert m["complete"] and len(m["models"]["sentiment_only"]["runs"][0]["history"]) == 1
-    assert (f"note: replacing the committed study in {out} (1 finished job(s), unchanged since the last commit); "
-            f"bring it back with: git restore {out}") in err
+    assert (
+        f"note: replacing the committed study in {out} (1 finished job(s), unchanged since the last commit); "
+        f"bring it back with: git restore {out}"
+    ) in err
     assert git(tmp_path, "status", "--porcelain").strip()  # the run changed the committed files
     git(tmp_path, "restore", str(out))
     assert files_of(out) == committed
 
 
-@pytest.mark.parametrize("command, executor, expected", [
-    ("python experiment.py --overwrite --seeds 42 43", "serial", "python experiment.py --seeds 42 43 --resume"),
-    ("python experiment.py --resume --report-only --out 'a b'", "serial", "python experiment.py --resume --out 'a b'"),
-    ("python experiment.py --ladder --overwrite --executor slurm", "slurm", "python experiment.py --ladder --executor slurm"),
-])
+@pytest.mark.parametrize(
+    "command, executor, expected",
+    [
+        ("python experiment.py --overwrite --seeds 42 43", "serial", "python experiment.py --seeds 42 43 --resume"),
+        (
+            "python experiment.py --resume --report-only --out 'a b'",
+            "serial",
+            "python experiment.py --resume --out 'a b'",
+        ),
+        (
+            "python experiment.py --ladder --overwrite --executor slurm",
+            "slurm",
+            "python experiment.py --ladder --executor slurm",
+        ),
+    ],
+)
 def test_the_command_that_continues_a_run_never_overwrites_and_resumes_a_serial_run(command, executor, expected):
     """Every "continue with" / "rerun" line (a stopped run, a stopped ladder, metrics.json's rerun):
     with --overwrite kept it would be refused (--overwrite with --resume) or delete what finished."""
@@ -151,8 +198,9 @@ def test_a_setting_absent_from_old_checkpoints_equals_only_its_default_not_an_ex
         checkpoints.prepare_checkpoints(root, {"lr": 3e-4, "warmup": value}, resume=True)
 
 
-def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resume(finished, sst2_small, tmp_path,
-                                                                                  capsys):
+def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resume(
+    finished, sst2_small, tmp_path, capsys
+):
     """A grid under --executor local|slurm always resumes its folder: the way to start it over is
     --overwrite (as a serial run's is to drop --resume)."""
     import shutil
@@ -171,14 +219,17 @@ def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resu
     assert capsys.readouterr().err.strip().endswith("or run without --resume to start over")
 
 
-def test_results_and_checkpoints_name_their_code_and_a_resume_under_other_code_says_so(sst2_small, tmp_path, monkeypatch,
-                                                                                      capfd):
+def test_results_and_checkpoints_name_their_code_and_a_resume_under_other_code_says_so(
+    sst2_small, tmp_path, monkeypatch, capfd
+):
     from metrics import code_version
 
     here = code_version()
     assert len(here["sources"]) == 16 and set(here) == {"sources", "commit", "dirty"}
     out = tmp_path / "run"
-    on_training_step(monkeypatch, "sentiment_only", 6, lambda _: os.kill(os.getpid(), signal.SIGTERM))  # epoch 2, step 2
+    on_training_step(
+        monkeypatch, "sentiment_only", 6, lambda _: os.kill(os.getpid(), signal.SIGTERM)
+    )  # epoch 2, step 2
     with pytest.raises(SystemExit):
         run(sst2_small, out, "--variants", "sentiment_only")
     folder = out / "checkpoints" / "seed42" / "sentiment_only"
@@ -190,11 +241,16 @@ def test_results_and_checkpoints_name_their_code_and_a_resume_under_other_code_s
     capfd.readouterr()
     m = run(sst2_small, out, "--variants", "sentiment_only", "--resume")
     err = capfd.readouterr().err
-    notes = [line for line in err.splitlines() if line.startswith("note: sentiment_only seed 42: its checkpoint was made by")]
-    assert notes == [f"note: sentiment_only seed 42: its checkpoint was made by sources {here['sources']}"
-                     + (f" (commit {here['commit'][:7]}{', edited' if here['dirty'] else ''})" if here["commit"] else "")
-                     + ", this is sources 0123456789abcdef" + (f" (commit {here['commit'][:7]}, edited)" if here["commit"] else "")
-                     + "; it continues, and its result names both"]
+    notes = [
+        line for line in err.splitlines() if line.startswith("note: sentiment_only seed 42: its checkpoint was made by")
+    ]
+    assert notes == [
+        f"note: sentiment_only seed 42: its checkpoint was made by sources {here['sources']}"
+        + (f" (commit {here['commit'][:7]}{', edited' if here['dirty'] else ''})" if here["commit"] else "")
+        + ", this is sources 0123456789abcdef"
+        + (f" (commit {here['commit'][:7]}, edited)" if here["commit"] else "")
+        + "; it continues, and its result names both"
+    ]
     result = json.loads((folder / "result.json").read_text())
     assert result["code"] == [here, edited]
     assert m["code"] == here and len(m["code_versions"]) == 2  # metrics.json: the writer's, and the jobs' two
@@ -206,14 +262,20 @@ def test_a_checkpoint_restores_only_the_training_gpus_generator(monkeypatch):
     of every GPU's raised IndexError); older checkpoints with cuda0..cudaN give the training one's."""
     calls = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.tensor([7], dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: calls.append((state.tolist(), str(device))))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device=None: calls.append((state.tolist(), str(device)))
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     tensors, meta = checkpoints.rng_state(torch.device("cuda", 3))
     assert sorted(k for k in tensors if k.startswith("cuda")) == ["cuda"]
     checkpoints.set_rng_state(tensors, meta, torch.device("cuda", 0))
     assert calls == [([7], "cuda:0")]
-    old = {**{k: v for k, v in tensors.items() if k != "cuda"}, "cuda0": torch.tensor([1], dtype=torch.uint8),
-           "cuda1": torch.tensor([2], dtype=torch.uint8), "cuda2": torch.tensor([3], dtype=torch.uint8)}
+    old = {
+        **{k: v for k, v in tensors.items() if k != "cuda"},
+        "cuda0": torch.tensor([1], dtype=torch.uint8),
+        "cuda1": torch.tensor([2], dtype=torch.uint8),
+        "cuda2": torch.tensor([3], dtype=torch.uint8),
+    }
     calls.clear()
     checkpoints.set_rng_state(old, meta, torch.device("cuda", 1))
     assert calls == [([2], "cuda:1")]
@@ -236,13 +298,25 @@ def test_metrics_take_device_dtype_and_gpu_memory_from_the_jobs_not_the_writer()
     from metrics import from_jobs
 
     def result(device, dtype, peak, code="a" * 16):
-        return {"machine": {"device_name": device, "peak_gpu_gib": peak}, "info": {"compute_dtype": dtype},
-                "code": [{"sources": code, "commit": None, "dirty": None}]}
+        return {
+            "machine": {"device_name": device, "peak_gpu_gib": peak},
+            "info": {"compute_dtype": dtype},
+            "code": [{"sources": code, "commit": None, "dirty": None}],
+        }
 
-    results = {42: {"sentiment_only": result("cuda (NVIDIA H200)", "bfloat16", 9.5)},
-               43: {"sentiment_only": result("cuda (NVIDIA H200)", "bfloat16", 11.25), "dual_head": result("cuda (Tesla T4)", "float32", None)}}
+    results = {
+        42: {"sentiment_only": result("cuda (NVIDIA H200)", "bfloat16", 9.5)},
+        43: {
+            "sentiment_only": result("cuda (NVIDIA H200)", "bfloat16", 11.25),
+            "dual_head": result("cuda (Tesla T4)", "float32", None),
+        },
+    }
     got = from_jobs(results)
-    assert got == {"device": "cuda (NVIDIA H200); cuda (Tesla T4)", "compute_dtype": "bfloat16; float32", "peak_gpu_gib": 11.25}
+    assert got == {
+        "device": "cuda (NVIDIA H200); cuda (Tesla T4)",
+        "compute_dtype": "bfloat16; float32",
+        "peak_gpu_gib": 11.25,
+    }
     results[43]["dual_head"]["code"].append({"sources": "b" * 16, "commit": None, "dirty": None})
     assert from_jobs(results)["code_versions"] == ["sources " + "a" * 16, "sources " + "b" * 16]
     assert from_jobs({}) == {}  # a writer with nothing finished keeps its own header

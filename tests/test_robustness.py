@@ -4,6 +4,7 @@ output-folder lock, unreadable data, and seeds out of range.
 The end-to-end runs use a deliberately tiny model and a few dozen rows, one thread for torch
 and the BLAS libraries (so that an in-process run and a subprocess compute the same numbers),
 and share one uninterrupted baseline run."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,29 @@ ROOT = Path(__file__).resolve().parents[1]
 # tiny and fast, yet several steps per epoch (64 rows in batches of 16) and both labels well
 # represented among the 40 validation rows; 3 epochs so that a checkpoint can be cut and another
 # fallen back to, and so that a signal after epoch 1 arrives while training still goes on
-FLAGS = ["--epochs", "3", "--no-progress", "--max-train", "64", "--max-eval", "40", "--batch-size", "16",
-         "--d-model", "32", "--layers", "1", "--heads", "2", "--engram-dim", "8", "--max-len", "24", "--threads", "1"]
+FLAGS = [
+    "--epochs",
+    "3",
+    "--no-progress",
+    "--max-train",
+    "64",
+    "--max-eval",
+    "40",
+    "--batch-size",
+    "16",
+    "--d-model",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--engram-dim",
+    "8",
+    "--max-len",
+    "24",
+    "--threads",
+    "1",
+]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -169,7 +191,9 @@ def test_resume_from_reports_each_unreadable_checkpoint_in_one_line(tmp_path, ca
     fresh, opt2 = tiny_model()
     state = resume_from(tmp_path, "m seed 1", fresh, opt2, None, None)
     err = one_line(capsys.readouterr().err)
-    assert err.startswith(f"warning: checkpoint {newest} cannot be read (") and err.endswith("; falling back to epoch_001")
+    assert err.startswith(f"warning: checkpoint {newest} cannot be read (") and err.endswith(
+        "; falling back to epoch_001"
+    )
     assert state["epoch"] == 1 and state["history"] == [1]
     assert torch.equal(fresh.weight, torch.ones_like(fresh.weight))  # epoch 1's weights were loaded
     for f in ("trainable.safetensors", "state.json"):
@@ -187,8 +211,9 @@ def test_unreadable_result_json_finishes_the_variant_again_from_its_checkpoints(
     m = run_small(sst2_small, out, "--resume")
     err = capfd.readouterr().err
     (warning,) = warnings_in(err)
-    assert warning == (f"warning: {result} cannot be read (JSONDecodeError); "
-                       "finishing dual_engram seed 42 again from its checkpoints")
+    assert warning == (
+        f"warning: {result} cannot be read (JSONDecodeError); finishing dual_engram seed 42 again from its checkpoints"
+    )
     assert m["complete"] and json.loads(result.read_text())["history"]
     assert comparable(out) == comparable(baseline)
 
@@ -225,7 +250,9 @@ def test_failed_read_back_never_deletes_older_epochs(tmp_path, monkeypatch):
         return real_read(path)
 
     monkeypatch.setattr(checkpoints, "read_checkpoint", unreadable_epoch_3)
-    with pytest.raises(UsageError, match=r"epoch_003 did not read back \(simulated bad read-back\); the older epochs are kept"):
+    with pytest.raises(
+        UsageError, match=r"epoch_003 did not read back \(simulated bad read-back\); the older epochs are kept"
+    ):
         save_checkpoint(tmp_path, 3, model, opt, None, None, {"history": []})
     for epoch in ("epoch_001", "epoch_002"):  # both older epochs stay: one of them is what a resume falls back to
         assert (tmp_path / epoch / checkpoints.MARKER).is_file()
@@ -302,8 +329,10 @@ def test_a_job_sent_usr2_then_sigterm_checkpoints_and_exits_with_usr2s_status(ss
     err = capfd.readouterr().err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    assert err.strip().splitlines()[-1] == ("stopped: SIGUSR2 during dual_head seed 42, epoch 1, step 3; "
-                                            f"kept checkpoint {folder / 'epoch_001_step_000002'}")
+    assert err.strip().splitlines()[-1] == (
+        "stopped: SIGUSR2 during dual_head seed 42, epoch 1, step 3; "
+        f"kept checkpoint {folder / 'epoch_001_step_000002'}"
+    )
 
 
 class Writes:
@@ -352,15 +381,25 @@ def _sigterm_before(monkeypatch, name):
     monkeypatch.setattr(study, name, wrapped)
 
 
-@pytest.mark.parametrize("when, last", [
-    ("training", "stopped: SIGTERM during dual_engram seed 42, epoch 1, step 3; "
-                 "kept checkpoint {folder}/epoch_001_step_000002"),
-    ("probes", "stopped: SIGTERM during the analysis of dual_engram; kept checkpoint {folder}/epoch_003"),
-    ("control", "stopped: SIGTERM after dual_engram seed 42 finished; its result is kept, the outputs are left to "
-                "the next writer"),
-])
-def test_a_stopping_job_of_a_grid_exits_without_rewriting_the_outputs(when, last, sst2_small, tmp_path, monkeypatch,
-                                                                      capfd):
+@pytest.mark.parametrize(
+    "when, last",
+    [
+        (
+            "training",
+            "stopped: SIGTERM during dual_engram seed 42, epoch 1, step 3; "
+            "kept checkpoint {folder}/epoch_001_step_000002",
+        ),
+        ("probes", "stopped: SIGTERM during the analysis of dual_engram; kept checkpoint {folder}/epoch_003"),
+        (
+            "control",
+            "stopped: SIGTERM after dual_engram seed 42 finished; its result is kept, the outputs are left to "
+            "the next writer",
+        ),
+    ],
+)
+def test_a_stopping_job_of_a_grid_exits_without_rewriting_the_outputs(
+    when, last, sst2_small, tmp_path, monkeypatch, capfd
+):
     """A job of an executor (--job) that a stop reaches, mid-training, during the analysis's probes
     (which poll no stop), or during the random-compressor control after them: within the signal's
     grace (90 s before a time limit) it checkpoints and exits at once: no outputs written, no lock
@@ -389,13 +428,15 @@ def test_a_stopping_job_of_a_grid_exits_without_rewriting_the_outputs(when, last
 
 
 @pytest.mark.parametrize("after, where", [(2, "step 3"), (4, "before its evaluation")])
-def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(after, where, baseline, sst2_small, tmp_path,
-                                                                         monkeypatch, capfd):
+def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(
+    after, where, baseline, sst2_small, tmp_path, monkeypatch, capfd
+):
     """A real SIGTERM, sent to this process during dual_head's epoch 2 (4 steps an epoch) after
     step 2, or after its last step: the run stops before the next step, or before the epoch's
     evaluation, with a mid-epoch checkpoint (the position in the epoch and every random state),
     keeps sentiment_only, and continues from there to exactly the baseline."""
     out = tmp_path / "run"
+
     def send_sigterm(_):
         assert signal.getsignal(signal.SIGTERM) == STOP.handler  # else the signal would end pytest
         os.kill(os.getpid(), signal.SIGTERM)
@@ -409,9 +450,11 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(after, 
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    assert last == (f"stopped: SIGTERM during dual_head seed 42, epoch 2, {where}; kept 1 finished job(s) and "
-                    f"checkpoint {folder / f'epoch_002_step_{after:06d}'}; continue with: "
-                    f"python experiment.py {shlex.join(argv(sst2_small, out))} --resume")
+    assert last == (
+        f"stopped: SIGTERM during dual_head seed 42, epoch 2, {where}; kept 1 finished job(s) and "
+        f"checkpoint {folder / f'epoch_002_step_{after:06d}'}; continue with: "
+        f"python experiment.py {shlex.join(argv(sst2_small, out))} --resume"
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["complete"] is False and m["stopped"] == "SIGTERM" and list(m["models"]) == ["sentiment_only"]
     assert [p.name for p in complete_checkpoints(folder)] == [f"epoch_002_step_{after:06d}", "epoch_001"]
@@ -427,8 +470,9 @@ def test_a_signal_mid_epoch_stops_at_the_next_step_and_resume_ends_equal(after, 
     assert comparable(out) == comparable(baseline)
 
 
-def test_a_signal_during_an_evaluation_stops_it_keeps_the_trained_epoch_and_resume_ends_equal(baseline, sst2_small, tmp_path,
-                                                                                               monkeypatch, capfd):
+def test_a_signal_during_an_evaluation_stops_it_keeps_the_trained_epoch_and_resume_ends_equal(
+    baseline, sst2_small, tmp_path, monkeypatch, capfd
+):
     """A SIGTERM while epoch 2 of dual_head is evaluated (at 7B: minutes, longer than a time limit's
     grace): the evaluation stops at its next batch, the trained epoch is kept as the position after
     its last step (before it stopped there only after the evaluation and the next epoch's first
@@ -451,8 +495,10 @@ def test_a_signal_during_an_evaluation_stops_it_keeps_the_trained_epoch_and_resu
     assert e.value.code == 143
     folder = out / "checkpoints" / "seed42" / "dual_head"
     last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("stopped: SIGTERM during dual_head seed 42, epoch 2, its evaluation; kept 1 finished job(s) and "
-                           f"checkpoint {folder / 'epoch_002_step_000004'}; "), last
+    assert last.startswith(
+        "stopped: SIGTERM during dual_head seed 42, epoch 2, its evaluation; kept 1 finished job(s) and "
+        f"checkpoint {folder / 'epoch_002_step_000004'}; "
+    ), last
     state = checkpoints.read_checkpoint(folder / "epoch_002_step_000004")["state"]
     assert (state["epoch"], state["step"], len(state["history"])) == (1, 4, 1)  # epoch 2 trained, not yet evaluated
     monkeypatch.undo()
@@ -461,8 +507,9 @@ def test_a_signal_during_an_evaluation_stops_it_keeps_the_trained_epoch_and_resu
     assert m["complete"] and comparable(out) == comparable(baseline)
 
 
-def test_a_signal_during_the_analysis_stops_it_and_resume_only_analyses_again(baseline, sst2_small, tmp_path, monkeypatch,
-                                                                              capfd):
+def test_a_signal_during_the_analysis_stops_it_and_resume_only_analyses_again(
+    baseline, sst2_small, tmp_path, monkeypatch, capfd
+):
     """After the last epoch the analysis runs (probes, controls, the zero-engram pass): a stop there
     ends the job at once with its last epoch checkpointed; the resume trains nothing and analyses."""
     import training
@@ -482,26 +529,51 @@ def test_a_signal_during_the_analysis_stops_it_and_resume_only_analyses_again(ba
     assert e.value.code == 143
     last = capfd.readouterr().err.strip().splitlines()[-1]
     folder = out / "checkpoints" / "seed42" / "dual_head"
-    assert last.startswith("stopped: SIGTERM during the analysis of dual_head; kept 1 finished job(s) and "
-                           f"checkpoint {folder / 'epoch_003'}; "), last
+    assert last.startswith(
+        "stopped: SIGTERM during the analysis of dual_head; kept 1 finished job(s) and "
+        f"checkpoint {folder / 'epoch_003'}; "
+    ), last
     monkeypatch.undo()
     m = run_small(sst2_small, out, "--resume")
     assert "[dual_head seed 42] resuming after epoch 3 from" in capfd.readouterr().out
     assert m["complete"] and comparable(out) == comparable(baseline)
 
 
-def test_a_signal_mid_accumulation_waits_for_the_optimizer_step_and_resume_ends_equal(tiny_qwen, sst2_small, tmp_path,
-                                                                                     monkeypatch, capfd):
+def test_a_signal_mid_accumulation_waits_for_the_optimizer_step_and_resume_ends_equal(
+    tiny_qwen, sst2_small, tmp_path, monkeypatch, capfd
+):
     """Two batches per optimizer step (the 7B path accumulates): a SIGTERM after epoch 2's first
     batch must not stop before its second (that batch's gradients are in no checkpoint): the run
     trains it, steps, checkpoints after step 2 and ends equal to an uninterrupted run."""
     import experiment_7b
 
     def run_7b(out, *extra):
-        return experiment_7b.main(["--model", str(tiny_qwen), "--data-dir", str(sst2_small), "--out", str(out),
-                                   "--variants", "dual_head", "--set", "accum_steps=2", "--batch-size", "8",
-                                   "--max-train", "32", "--max-eval", "16", "--epochs", "2", "--no-progress",
-                                   "--small-results", str(tmp_path / "none.json"), *extra])
+        return experiment_7b.main(
+            [
+                "--model",
+                str(tiny_qwen),
+                "--data-dir",
+                str(sst2_small),
+                "--out",
+                str(out),
+                "--variants",
+                "dual_head",
+                "--set",
+                "accum_steps=2",
+                "--batch-size",
+                "8",
+                "--max-train",
+                "32",
+                "--max-eval",
+                "16",
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--small-results",
+                str(tmp_path / "none.json"),
+                *extra,
+            ]
+        )
 
     reference = run_7b(tmp_path / "uninterrupted")
     out = tmp_path / "run"
@@ -511,8 +583,10 @@ def test_a_signal_mid_accumulation_waits_for_the_optimizer_step_and_resume_ends_
     assert e.value.code == 143
     folder = out / "checkpoints" / "seed42" / "dual_head"
     last = capfd.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 0 finished job(s) and "
-                           f"checkpoint {folder / 'epoch_002_step_000002'}; "), last
+    assert last.startswith(
+        "stopped: SIGTERM during dual_head seed 42, epoch 2, step 3; kept 0 finished job(s) and "
+        f"checkpoint {folder / 'epoch_002_step_000002'}; "
+    ), last
     state = checkpoints.read_checkpoint(folder / "epoch_002_step_000002")["state"]
     assert (state["epoch"], state["step"], state["partial"]["sums"]["steps"]) == (1, 2, 2)
     monkeypatch.undo()
@@ -559,11 +633,22 @@ def test_signal_stops_cleanly_and_resume_ends_equal(sig, code, baseline, sst2_sm
     site.mkdir()
     (site / "sitecustomize.py").write_text(PAUSE_SITE)
     marker = tmp_path / "paused"
-    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", "PAUSE_AT_STEP": "6", "PAUSE_MARKER": str(marker),
-           "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        **ONE_THREAD,
+        "PYTHONUNBUFFERED": "1",
+        "PAUSE_AT_STEP": "6",
+        "PAUSE_MARKER": str(marker),
+        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     with open(err_path, "wb") as err_file:
-        proc = subprocess.Popen([sys.executable, "experiment.py", *argv(sst2_small, out)], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err_file)
+        proc = subprocess.Popen(
+            [sys.executable, "experiment.py", *argv(sst2_small, out)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
         try:
             deadline = time.monotonic() + 300
             while not marker.exists():
@@ -607,8 +692,16 @@ def no_lock_left(out: Path) -> bool:
 def write_lock(folder: Path, pid: int, host: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock-job.json"
-    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2024-01-01 00:00:00",
-                                "command": "python experiment.py"}))
+    path.write_text(
+        json.dumps(
+            {
+                "pid": pid,
+                "host": host or socket.gethostname(),
+                "started": "2024-01-01 00:00:00",
+                "command": "python experiment.py",
+            }
+        )
+    )
     return path
 
 
@@ -671,7 +764,9 @@ def test_a_requeued_slurm_job_takes_its_own_lock_back_from_another_host(tmp_path
 @pytest.mark.parametrize("kind", ["dead_pid", "unreadable"])
 def test_a_stale_job_lock_is_taken_over_with_a_note(kind, baseline, sst2_small, tmp_path, capfd):
     out = tmp_path / "run"
-    shutil.copytree(baseline, out)  # a finished run, less dual_engram's result: --resume finishes it from its checkpoint
+    shutil.copytree(
+        baseline, out
+    )  # a finished run, less dual_engram's result: --resume finishes it from its checkpoint
     folder = out / "checkpoints" / "seed42" / "dual_engram"
     (folder / "result.json").unlink()
     if kind == "dead_pid":
@@ -793,15 +888,29 @@ def test_read_tsv_on_arbitrary_bytes_returns_a_split_or_one_usage_error(tsv_file
 
 
 TEXT = st.text(alphabet=st.sampled_from(list("ab é\t\r\u00a0\ufeff\u2028\x0b\x85好😀")), max_size=8)
-LABELS = st.sampled_from(["0", "1", " 1", "0 ", "1\r", "\x0b1\u2028", "2", "", "-1", "1.0", "０", "01", "1\r0", "0\x0b1", "1\u20280"])
+LABELS = st.sampled_from(
+    ["0", "1", " 1", "0 ", "1\r", "\x0b1\u2028", "2", "", "-1", "1.0", "０", "01", "1\r0", "0\x0b1", "1\u20280"]
+)
 
 
 @st.composite
 def near_valid_tsv(draw):
     """A header and rows that are mostly right: random text, labels, tabs, \\r, BOM and invalid UTF-8.
     Returns (bytes, {line number: (sentence, label)} for valid rows, set of bad line numbers)."""
-    header = draw(st.sampled_from(["sentence\tlabel", "\ufeffsentence\tlabel", "sentence\tlabel\r", "sentence\tlabel\r\r",
-                                   "sentence label", "label\tsentence", "sentence\tlabel\t", " sentence\tlabel"]))
+    header = draw(
+        st.sampled_from(
+            [
+                "sentence\tlabel",
+                "\ufeffsentence\tlabel",
+                "sentence\tlabel\r",
+                "sentence\tlabel\r\r",
+                "sentence label",
+                "label\tsentence",
+                "sentence\tlabel\t",
+                " sentence\tlabel",
+            ]
+        )
+    )
     lines = [header.encode()]
     bad = set() if header.removeprefix("\ufeff").rstrip("\r").split("\t") == ["sentence", "label"] else {1}
     good = {}
@@ -812,7 +921,11 @@ def near_valid_tsv(draw):
         line = f"{sentence}{sep}{label}{end}".encode()
         if draw(st.integers(0, 9)) == 0:  # bytes that are not UTF-8
             cut = draw(st.integers(0, len(line)))
-            line = line[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80abc", b"\xe4\xbd"])) + line[cut:]
+            line = (
+                line[:cut]
+                + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80abc", b"\xe4\xbd"]))
+                + line[cut:]
+            )
         try:
             cols = line.decode("utf-8").rstrip("\r").split("\t")
         except UnicodeDecodeError:

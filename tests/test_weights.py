@@ -1,5 +1,6 @@
 """The weights a finished job keeps (weights.py), predict.py on them (prediction.py), and
 --report-to tensorboard (tensorboard_log.py), on a shortened small run."""
+
 import json
 import os
 
@@ -135,8 +136,9 @@ def test_predict_refuses_in_one_line(kept_run, tmp_path, capsys, monkeypatch):
     assert "cannot rebuild" in err and "future_field" in err and "check out that version" in err
 
 
-def test_a_job_stopped_after_its_selected_epoch_keeps_its_weights_and_a_rerun_keeps_them(kept_run, sst2_small, tmp_path,
-                                                                                        monkeypatch):
+def test_a_job_stopped_after_its_selected_epoch_keeps_its_weights_and_a_rerun_keeps_them(
+    kept_run, sst2_small, tmp_path, monkeypatch
+):
     out = tmp_path / "crashed"
     crash_after_saving(monkeypatch, "sentiment_only", 1)
     with pytest.raises(KeyboardInterrupt):
