@@ -11,10 +11,13 @@ from dataclasses import asdict
 
 import torch
 
-import reporting as rep
-from analysis import PROBE_FOLDS
-from cli import (
-    UsageError,
+from analysis import reporting as rep
+from analysis.controls import PROBE_FOLDS
+from analysis.metrics import data_source, run_header
+from models import VARIANTS, SmallConfig, build_small_model
+from protocols import SMALL, SMALL_STUDY, ladder_names, parse_with_preset, preset_help, resolve
+from run.cli import (
+    add_logging_arguments,
     base_parser,
     cli_main,
     default_out,
@@ -25,16 +28,14 @@ from cli import (
     unit_interval,
     validate_common,
 )
-from data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
-from files import check_writable
-from metrics import data_source, device_name, machine, run_header, versions
-from models import VARIANTS, SmallConfig, build_small_model
-from protocols import SMALL, SMALL_STUDY, ladder_names, parse_with_preset, preset_help, resolve
-from study import before_data, read_metrics, run_and_report
-from tensorboard_log import add_arguments as add_logging_arguments
-from tensorboard_log import tensorboard_root
-from training import Built, Recipe
-from weights import WeightSpec
+from run.study import before_data, read_metrics, run_and_report
+from train.data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
+from train.files import check_writable
+from train.loop import Built, Recipe
+from train.provenance import device_name, machine, versions
+from train.stop import UsageError
+from train.tensorboard_log import tensorboard_root
+from train.weights import WeightSpec
 
 DEFAULT_EPOCHS = 8
 OUT = "results"
@@ -261,7 +262,7 @@ def run(args, argv) -> dict:
         eval_mode=preset.engram_mode,
         progress=not args.no_progress,
         weights=small_weights(preset, cfg, vocab),
-        tensorboard=tensorboard_root(args, out),
+        tensorboard=tensorboard_root(args.report_to, out),
         log_steps=args.log_steps,
     )
     header = {

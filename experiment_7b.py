@@ -13,26 +13,13 @@ from pathlib import Path
 
 import torch
 
-import reporting as rep
-from analysis import PROBE_FOLDS
-from cli import (
-    base_parser,
-    cli_main,
-    default_out,
-    non_negative_float,
-    other_protocol_metrics,
-    positive_int,
-    resolve_device,
-    unit_interval,
-    validate_common,
-)
-from data import Encoded, check_analysable, load_sst2, parse_extra_eval
-from dry_run import dry_run
-from files import check_writable
-from metrics import data_source, device_name, machine, run_header, subject, versions
+from analysis import reporting as rep
+from analysis.controls import PROBE_FOLDS
+from analysis.metrics import data_source, run_header, subject
 from models import VARIANTS, count_parameters
 from protocols import BIG, BIG_STUDY, SMALL_STUDY, ladder_names, parse_with_preset, preset_help, resolve
-from qlora import (
+from qlora.dry_run import dry_run
+from qlora.loading import (
     DEFAULT_MODEL,
     build_qlora_model,
     check_bitsandbytes,
@@ -44,11 +31,25 @@ from qlora import (
     resolve_model_source,
     use_tf32,
 )
-from study import before_data, read_metrics, run_and_report
-from tensorboard_log import add_arguments as add_logging_arguments
-from tensorboard_log import tensorboard_root
-from training import Built, Recipe
-from weights import WeightSpec
+from run.cli import (
+    add_logging_arguments,
+    base_parser,
+    cli_main,
+    default_out,
+    non_negative_float,
+    other_protocol_metrics,
+    positive_int,
+    resolve_device,
+    unit_interval,
+    validate_common,
+)
+from run.study import before_data, read_metrics, run_and_report
+from train.data import Encoded, check_analysable, load_sst2, parse_extra_eval
+from train.files import check_writable
+from train.loop import Built, Recipe
+from train.provenance import device_name, machine, versions
+from train.tensorboard_log import tensorboard_root
+from train.weights import WeightSpec
 
 DEFAULT_EPOCHS = 3
 OUT = "results_7b"
@@ -215,7 +216,7 @@ def make_recipe(args, preset, build, device, model_path: str | None = None, out:
         eval_mode=preset.eval_mode,
         progress=not args.no_progress,
         weights=None if model_path is None else lora_weights(args, preset, model_path),
-        tensorboard=None if out is None else tensorboard_root(args, out),
+        tensorboard=None if out is None else tensorboard_root(args.report_to, out),
         log_steps=getattr(args, "log_steps", 50),
     )
 

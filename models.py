@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import LinearCrossEntropy, lm_loss_sum, lm_targets  # noqa: F401  (re-exported)
-from small_transformer import SmallBackbone, SmallConfig  # noqa: F401  (re-exported)
+from nets.losses import LinearCrossEntropy, lm_loss_sum, lm_targets  # noqa: F401  (re-exported)
+from nets.small_transformer import SmallBackbone, SmallConfig  # noqa: F401  (re-exported)
 
 VARIANTS = ("sentiment_only", "dual_head", "dual_engram")
 USES_LM = {"sentiment_only": False, "dual_head": True, "dual_engram": True}

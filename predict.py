@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import cli_main, positive_int, resolve_device, seed_int
 from models import VARIANTS
+from run.cli import cli_main, positive_int, resolve_device, seed_int
 
 
 def parse_args(argv):
@@ -47,7 +47,7 @@ def parse_args(argv):
 def run(args, argv):
     import torch
 
-    from prediction import predict, read_sentences
+    from run.prediction import predict, read_sentences
 
     sentences = read_sentences(args.sentences, args.file, sys.stdin)
     if args.threads:

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import Encoded, collate, epoch_batches, load_sst2  # noqa: E402
 from engram import run_batch  # noqa: E402
 from experiment import small_config, small_vocab  # noqa: E402
 from models import VARIANTS, SmallConfig, build_small_model  # noqa: E402
 from protocols import SMALL  # noqa: E402
+from train.data import Encoded, collate, epoch_batches, load_sst2  # noqa: E402
 
 
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:

@@ -128,7 +128,7 @@ def tiny_qwen(folder: Path, data: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     sys.path.insert(0, str(ROOT))
-    from dry_run import save_tiny_qwen
+    from qlora.dry_run import save_tiny_qwen
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar, in setup.log
     sentences = [

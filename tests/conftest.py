@@ -37,7 +37,7 @@ def comparable(out):
 def crash_after_saving(monkeypatch, variant: str, epoch: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
     """Wrap training.save_checkpoint so that exc("simulated crash") is raised right after variant's
     epoch `epoch` is saved: a crash that loses nothing checkpointed; monkeypatch undoes it."""
-    import training
+    from train import loop as training
 
     real = training.save_checkpoint
 
@@ -53,7 +53,7 @@ def crash_after_saving(monkeypatch, variant: str, epoch: int, exc: type[BaseExce
 def on_training_step(monkeypatch, variant: str, step: int, action) -> None:
     """Wrap training.run_batch so that action(output) runs after the step-th training batch of
     variant (counted across epochs, from 1); returns nothing, monkeypatch undoes it."""
-    import training
+    from train import loop as training
 
     real, seen = training.run_batch, {"n": 0}
 
@@ -99,7 +99,7 @@ def sst2_small(tmp_path_factory) -> Path:
 def tiny_qwen(tmp_path_factory, sst2_small) -> Path:
     """A tiny random Qwen2 causal LM and a byte-level BPE tokenizer (Qwen's kind, pad = eos =
     <|endoftext|>) trained on the small rows, saved as a local model folder."""
-    from dry_run import save_tiny_qwen
+    from qlora.dry_run import save_tiny_qwen
 
     folder = tmp_path_factory.mktemp("tiny_qwen")
     sentences = [

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import experiment_7b as e7
-import qlora
-from cli import UsageError
-from data import Encoded, collate
 from engram import run_batch
 from experiment_7b import parse_args
-from qlora import LORA_TARGETS, build_qlora_model
+from qlora import loading as qlora
+from qlora.loading import LORA_TARGETS, build_qlora_model
+from train.data import Encoded, collate
+from train.stop import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_cli_help_shows_the_studys_defaults(capsys):
 
 
 def test_long_inputs_are_truncated_at_max_length(tiny_qwen):
-    from data import Split
+    from train.data import Split
 
     tok = e7.load_tokenizer(str(tiny_qwen))
     long = " ".join(["a fine film"] * 100)
@@ -411,7 +411,7 @@ def test_tf32_is_opt_in_and_a_note_on_the_cpu(monkeypatch, capsys):
 def test_runs_made_before_tf32_existed_still_resume(tmp_path):
     """A resume compares the settings in run.json; one written before --tf32 existed lacks it and
     must match a run without the flag, while a switch to --tf32 (other numbers) is refused."""
-    from checkpoints import prepare_checkpoints
+    from train.checkpoints import prepare_checkpoints
 
     def settings(*flags):
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(parse_args(list(flags))).items()}

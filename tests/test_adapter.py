@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import experiment_7b as e7
-import training
-from data import read_tsv
-from prediction import load_variant
-from qlora import encode_split, load_tokenizer
+from qlora.loading import encode_split, load_tokenizer
+from run.prediction import load_variant
+from train import loop as training
+from train.data import read_tsv
 
 # the test's own PeftModel.from_pretrained: peft reads a deprecated transformers name (as in qlora.with_lora)
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import analysis
-import figures
-import metrics
-import stats
-from analysis import could_change, random_compressor_control, representation_rank
+from analysis import controls as analysis
+from analysis import figures, metrics, stats
+from analysis.controls import could_change, random_compressor_control, representation_rank
 from models import LinearCrossEntropy, SmallConfig, build_small_model, mlp_sentiment_head
 from protocols import SMALL_STUDY
 from tests.test_models import batch
+from train import provenance
 
 RANK_KEYS = {"effective_rank", "participation_ratio", "dims_90", "top1_share"}
 
@@ -129,8 +128,8 @@ def test_the_tail_continues_the_controls_draws_on_the_saved_float16_states_and_c
 
 
 def test_with_tail_adds_the_tail_to_a_finished_result_once(tmp_path):
-    import study
-    from files import write_json, write_npz
+    from run import study
+    from train.files import write_json, write_npz
 
     rng = np.random.default_rng(5)
     labels = np.tile([0, 1], 20)
@@ -372,7 +371,7 @@ def test_small_model_heads_compute_in_fp32_under_bf16_autocast():
 
 def test_qlora_heads_compute_in_fp32_under_bf16_autocast(tiny_qwen):
     from experiment_7b import parse_args
-    from qlora import build_qlora_model
+    from qlora.loading import build_qlora_model
 
     args = parse_args(["--model", str(tiny_qwen)])
     torch.manual_seed(0)
@@ -519,7 +518,7 @@ def test_hypotheses_with_varying_deltas_have_a_p_value_and_one_seed_uses_mcnemar
 def test_the_primary_family_is_holm_adjusted_and_the_report_bolds_only_what_survives():
     """Issue 32: H1 with a raw p of 0.041 beside an H2 of p ≈ 0.6 is not significant after Holm (2 × 0.041);
     its verdict, bold and sentence follow the adjusted p, the report prints both, and says what it shows."""
-    from reporting import hypothesis_section, summary_section
+    from analysis.reporting import hypothesis_section, summary_section
 
     results = _results({1: (70.0, 71.0, 71.5), 2: (75.0, 76.3, 75.8), 3: (71.0, 71.6, 71.8)})  # H1 deltas 1.0, 1.3, 0.6
     m = metrics.build_metrics(results, LABELS, True, {}, SMALL_STUDY)
@@ -588,7 +587,7 @@ def test_rank_test_and_engram_summary_from_hand_made_analyses():
 
 
 def test_rank_section_of_one_seed_has_no_dangling_interval_and_says_why_there_is_no_test():
-    from reporting import rank_section
+    from analysis.reporting import rank_section
 
     results = _results({1: (70.0, 72.0, 71.0)})
     for v, r in (("sentiment_only", 10.0), ("dual_head", 12.0), ("dual_engram", 12.0)):
@@ -606,7 +605,7 @@ def test_rank_section_of_one_seed_has_no_dangling_interval_and_says_why_there_is
 
 
 def test_machine_names_the_processor_and_threads(monkeypatch):
-    m = metrics.machine(torch.device("cpu"))
+    m = provenance.machine(torch.device("cpu"))
     assert isinstance(m["processor"], str) and m["processor"].strip()
     assert isinstance(m["threads"], int) and m["threads"] >= 1 and m["threads"] == torch.get_num_threads()
     assert m["device"] == "cpu" and "gpu" not in m
@@ -614,8 +613,8 @@ def test_machine_names_the_processor_and_threads(monkeypatch):
     def unreadable(self, *a, **k):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(metrics.Path, "read_text", unreadable)
-    assert metrics.processor_name().strip()  # falls back to platform's names
+    monkeypatch.setattr(provenance.Path, "read_text", unreadable)
+    assert provenance.processor_name().strip()  # falls back to platform's names
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -651,7 +650,7 @@ def test_extra_eval_does_not_change_training(e2e, sst2_small, tmp_path, monkeypa
     training is compared, so the post-training analysis and the output files (which cannot touch
     the training: every variant reseeds before it trains) are replaced by stubs to save time."""
     import experiment
-    import study
+    from run import study
 
     _, with_extra = e2e
     seen = {}

@@ -1,8 +1,8 @@
 import pytest
 
-from cli import UsageError
-from data import load_sst2, parse_extra_eval, read_tsv
 from tests.conftest import write_tsv
+from train.data import load_sst2, parse_extra_eval, read_tsv
+from train.stop import UsageError
 
 
 def test_reads_glue_layout(tmp_path):

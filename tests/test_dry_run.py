@@ -11,12 +11,12 @@ from collections import namedtuple
 import pytest
 import torch
 
-import dry_run
 import experiment_7b as e7
-import qlora
-from cli import UsageError
-from dry_run import check_disk, disk_needed, dry_run_table, fits, parameter_count, random_causal_lm
 from models import VARIANTS
+from qlora import dry_run
+from qlora import loading as qlora
+from qlora.dry_run import check_disk, disk_needed, dry_run_table, fits, parameter_count, random_causal_lm
+from train.stop import UsageError
 
 SHAPE = dict(
     hidden_size=64,

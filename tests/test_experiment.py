@@ -3,8 +3,8 @@ import json
 import pytest
 
 import experiment
-from checkpoints import latest_checkpoint
 from tests.conftest import comparable, crash_after_saving, on_training_step
+from train.checkpoints import latest_checkpoint
 
 TINY = ["--epochs", "2", "--no-progress"]
 HISTORY_KEYS = {

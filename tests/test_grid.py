@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import experiment
-import launch
+from run import launch
 from tests.conftest import comparable, sst2_rows
 
 FLAGS = [
@@ -170,8 +170,7 @@ import signal
 import time
 
 if os.environ.get("SUBMITIT_LOCAL_JOB_ID") and os.environ.get("JOB_HOOK"):  # a job's process, not its controller's
-    import training
-
+    from train import loop as training
     hook, real, seen = json.loads(os.environ["JOB_HOOK"]), training.run_batch, {}
 
     def run_batch(model, *a, **k):
@@ -219,8 +218,7 @@ import os
 import signal
 
 if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):  # a job's process, not the submitter's nor submitit's controller
-    import training
-
+    from train import loop as training
     real, seen = training.run_batch, {"n": 0}
 
     def run_batch(model, *a, **k):
@@ -431,7 +429,7 @@ def test_report_only_rewrites_the_outputs_from_the_finished_jobs_and_trains_noth
     shutil.copytree(serial, out)
     for name in ("metrics.json", "REPORT.md", "learning_curves.png"):
         (out / name).unlink()
-    monkeypatch.setattr("study.train_variant", lambda *a, **k: pytest.fail("--report-only trained"))
+    monkeypatch.setattr("run.study.train_variant", lambda *a, **k: pytest.fail("--report-only trained"))
     m = experiment.main(args_of(sst2_2k, out, "--seeds", "42", "43", "--report-only"))
     assert m["complete"] and comparable(out) == comparable(serial)
     assert (out / "REPORT.md").is_file() and (out / "learning_curves.png").is_file()
@@ -448,7 +446,7 @@ def finished_copy(serial: Path, to: Path) -> Path:
 def test_the_engram_figure_is_drawn_once_and_outside_the_outputs_lock(serial, sst2_2k, tmp_path, monkeypatch):
     """Its two t-SNEs take minutes at 7B: other writers must not wait for them, and a rewrite of the
     outputs does not draw them again while the figure on disk is current."""
-    import study
+    from run import study
 
     out = finished_copy(serial, tmp_path / "copy")
     real, draws = study.engram_clusters, []
@@ -473,7 +471,7 @@ def test_the_engram_figure_shows_the_first_seed_even_when_a_later_seeds_writer_d
     finishes and its writer draws and writes seed 42's. Seed 43's writer, once it holds the lock,
     must not put its own over it (on Slurm no later write would mend it): it reads the results again
     inside the lock and sees that they now ask for seed 42's."""
-    import study
+    from run import study
 
     out = finished_copy(serial, tmp_path / "race")
     result = out / "checkpoints" / "seed42" / "dual_engram" / "result.json"
@@ -505,7 +503,7 @@ def test_an_outputs_lock_left_on_another_host_is_taken_over_by_a_writer_after_lo
     """A writer that died on its node leaves the outputs lock: the next writer (here --report-only,
     through study.Outputs) takes it over once it has seen it unchanged for LOCK_STALE_S (5 minutes;
     here 1 s), and not before."""
-    import study
+    from run import study
 
     out = tmp_path / "copy"
     shutil.copytree(serial, out)

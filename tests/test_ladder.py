@@ -13,9 +13,9 @@ import pytest
 
 import experiment
 import experiment_7b as e7
-import ladder
 import protocols
 from protocols import BIG, BIG_RUNGS, SMALL, SMALL_RUNGS
+from run import ladder
 
 TINY = [
     "--no-progress",
@@ -177,7 +177,7 @@ def test_a_shortened_ladder_runs_every_rung_into_its_report(sst2_small, tmp_path
 
 def test_the_report_names_exactly_the_rungs_that_move_a_figure():
     def stat(deltas):
-        from metrics import delta_test
+        from analysis.metrics import delta_test
 
         return {"mean": 80.0, "std": 1.0, "vs_base": {"seeds": [1, 2, 3], **delta_test(deltas, [0.0] * len(deltas))}}
 
@@ -220,7 +220,7 @@ def test_the_report_names_exactly_the_rungs_that_move_a_figure():
             },  # the same on every seed: no test
         ],
     }
-    from stats import mean_ci
+    from analysis.stats import mean_ci
 
     s["rungs"][1]["lm_head"] = {
         "seeds": [1, 2, 3],
@@ -295,7 +295,7 @@ def test_a_rung_short_of_models_or_seeds_is_incomplete_and_says_what_is_missing(
 def test_a_stopped_ladder_writes_its_report_and_report_only_writes_only_that(tmp_path):
     import types
 
-    from cli import Interrupted
+    from train.stop import Interrupted
 
     calls = []
 
@@ -392,7 +392,7 @@ def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
     stop the ladder before its next rung (a nested cli_main neither clears it nor swaps handlers)."""
     import signal
 
-    import cli
+    from run import cli
 
     def rung(args, argv):  # a rung whose last step has just finished when SIGTERM arrives
         assert signal.getsignal(signal.SIGTERM) == cli.STOP.handler
@@ -429,7 +429,7 @@ def test_a_ladder_with_a_rung_and_abbreviated_flags_are_refused(extra, message, 
 def test_the_ladder_is_one_bh_family_and_bold_means_adjusted_p_below_005():
     """Issue 32: a rung whose raw p is 0.04 among other tests with larger p is not beyond seed noise
     once the ladder's tests are Benjamini–Hochberg-adjusted together; the report counts the family."""
-    from metrics import delta_test
+    from analysis.metrics import delta_test
 
     def stat(deltas):
         return {"mean": 80.0, "std": 1.0, "vs_base": {"seeds": [1, 2, 3], **delta_test(deltas, [0.0] * len(deltas))}}

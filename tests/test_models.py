@@ -111,7 +111,7 @@ def test_training_attention_and_dropout_are_the_plain_formulas_bit_for_bit():
     """The in-place fast path (scaled scores, additive -inf future, in-place dropout masks) gives
     exactly the values of the textbook formulas with the same random stream, so the speed work
     changed no committed number."""
-    from small_transformer import Block, dropout
+    from nets.small_transformer import Block, dropout
 
     cfg = SmallConfig()
     blk = Block(cfg).train()

@@ -15,18 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-import analysis
-import cli
 import experiment
 import experiment_7b as e7
 import protocols
-import study
-import training
-from checkpoints import seed_everything
-from data import Encoded, collate
+from analysis import controls as analysis
 from models import SmallConfig, build_small_model, count_parameters
+from nets.small_transformer import SmallBackbone
 from protocols import BIG, SMALL
-from small_transformer import SmallBackbone
+from run import cli, study
+from train import loop as training
+from train.checkpoints import seed_everything
+from train.data import Encoded, collate
 
 CPU = torch.device("cpu")
 
@@ -468,7 +467,7 @@ def qwen_batch(tiny_qwen):
 
 
 def _qlora(protocol: str, tiny_qwen):
-    from qlora import build_qlora_model
+    from qlora.loading import build_qlora_model
 
     args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", protocol])
     torch.manual_seed(0)
@@ -700,7 +699,7 @@ def test_as_written_vs_as_run_sets_both_protocols_beside_the_study(published_sma
     engram control; an unfinished run says so."""
     import copy
 
-    import reporting
+    from analysis import reporting
 
     _, pub, _ = published_small_run
     written = copy.deepcopy(pub)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import grid
-import launch
-from grid import Job, job_states, slurm_states, write_record
+from run import grid, launch
+from run.grid import Job, job_states, slurm_states, write_record
 
 FAKE_SQUEUE = r'''#!/usr/bin/env python3
 """squeue as Slurm 22.05 answers `squeue -h [-r] -o "%i %T" -j IDS`, from the queue in $FAKE_QUEUE
@@ -178,7 +177,7 @@ def test_a_local_job_that_died_before_training_is_failed_and_resubmitted(tmp_pat
 
 
 def test_a_zombie_counts_as_ended(tmp_path):
-    from files import alive
+    from train.files import alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 10
@@ -252,8 +251,8 @@ def test_visible_gpus_are_the_parents_names_and_a_job_gets_its_own(monkeypatch, 
 
 
 def _contend(folder: str, barrier, results, index: int) -> None:
-    from cli import UsageError
-    from files import FolderLock
+    from train.files import FolderLock
+    from train.stop import UsageError
 
     lock = FolderLock(Path(folder), "outputs", "contender")
     barrier.wait()
@@ -288,7 +287,7 @@ def test_two_processes_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
 
 
 def test_a_release_never_removes_a_lock_another_process_holds(tmp_path):
-    from files import FolderLock
+    from train.files import FolderLock
 
     lock = FolderLock(tmp_path, "outputs").acquire()
     theirs = {"pid": 1, "host": "elsewhere", "started": "now", "command": "another"}
@@ -298,8 +297,8 @@ def test_a_release_never_removes_a_lock_another_process_holds(tmp_path):
 
 
 def test_another_hosts_lock_is_taken_over_once_seen_unchanged_for_stale_s(tmp_path, capsys):
-    from cli import UsageError
-    from files import FolderLock
+    from train.files import FolderLock
+    from train.stop import UsageError
 
     path = tmp_path / ".lock-outputs.json"
     path.write_text(json.dumps({"pid": 4242, "host": "node-a", "started": "then", "command": "x"}))
@@ -344,8 +343,8 @@ def test_a_takeover_guard_is_judged_by_this_process_clock_not_by_its_mtime(tmp_p
     """A guard written by a host whose clock is an hour behind looks an hour old by its mtime: it
     must still count as a takeover in progress until this process has seen it unchanged for
     GUARD_STALE_S; then it is removed and the stale lock taken over."""
-    from cli import UsageError
-    from files import FolderLock
+    from train.files import FolderLock
+    from train.stop import UsageError
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

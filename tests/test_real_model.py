@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import experiment_7b as e7
-import qlora
-from cli import UsageError
+from qlora import loading as qlora
+from train.stop import UsageError
 
 
 def smollm2_gguf() -> Path | None:
@@ -241,7 +241,7 @@ def test_each_preset_computes_in_the_dtypes_of_its_reading(four_bit, tiny_qwen, 
         pytest.skip("this CPU's autocast does not support bfloat16")
     from engram import run_batch
     from protocols import BIG
-    from training import autocast
+    from train.loop import autocast
 
     monkeypatch.setattr(e7, "precision", lambda device: (torch.bfloat16, False))
     cpu = torch.device("cpu")

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
 import experiment
-import training
 from tests.conftest import on_training_step
+from train import checkpoints
+from train import loop as training
 
 FLAGS = [
     "--epochs",
@@ -160,7 +160,7 @@ def test_a_fresh_run_replaces_the_committed_study_and_refuses_results_git_does_n
 def test_the_command_that_continues_a_run_never_overwrites_and_resumes_a_serial_run(command, executor, expected):
     """Every "continue with" / "rerun" line (a stopped run, a stopped ladder, metrics.json's rerun):
     with --overwrite kept it would be refused (--overwrite with --resume) or delete what finished."""
-    from cli import continue_command
+    from run.cli import continue_command
 
     assert continue_command(command, executor) == expected
 
@@ -222,7 +222,7 @@ def test_an_executor_run_over_other_settings_advises_overwrite_not_dropping_resu
 def test_results_and_checkpoints_name_their_code_and_a_resume_under_other_code_says_so(
     sst2_small, tmp_path, monkeypatch, capfd
 ):
-    from metrics import code_version
+    from train.provenance import code_version
 
     here = code_version()
     assert len(here["sources"]) == 16 and set(here) == {"sources", "commit", "dirty"}
@@ -295,7 +295,7 @@ def test_a_checkpoint_without_a_scaler_state_loads_into_a_run_with_a_scaler(tmp_
 
 
 def test_metrics_take_device_dtype_and_gpu_memory_from_the_jobs_not_the_writer():
-    from metrics import from_jobs
+    from analysis.metrics import from_jobs
 
     def result(device, dtype, peak, code="a" * 16):
         return {
@@ -328,7 +328,7 @@ def test_a_finished_jobs_model_is_freed_before_the_next_job_builds_its_own(sst2_
     import gc
     import weakref
 
-    import study
+    from run import study
 
     refs, real = [], study.train_variant
 

@@ -23,18 +23,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import checkpoints
-import cli
 import experiment
-from checkpoints import (
-    CheckpointError,
-    complete_checkpoints,
-    resume_from,
-    save_checkpoint,
-)
-from cli import STOP, Interrupted, UsageError, check_stop
-from data import Split, read_tsv
+from run import cli
 from tests.conftest import comparable, crash_after_saving, on_training_step
+from train import checkpoints
+from train.checkpoints import CheckpointError, complete_checkpoints, resume_from, save_checkpoint
+from train.data import Split, read_tsv
+from train.stop import STOP, Interrupted, UsageError, check_stop
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny and fast, yet several steps per epoch (64 rows in batches of 16) and both labels well
@@ -339,7 +334,7 @@ class Writes:
     """Counts the outputs' writes and the engram figure's draws of a run."""
 
     def __init__(self, monkeypatch):
-        import study
+        from run import study
 
         self.writes, self.draws = 0, 0
         real_write, real_draw = study.Outputs.write, study.engram_clusters
@@ -357,7 +352,7 @@ class Writes:
 
 
 def _sigterm_after(monkeypatch, name):
-    import study
+    from run import study
 
     real = getattr(study, name)
 
@@ -370,7 +365,7 @@ def _sigterm_after(monkeypatch, name):
 
 
 def _sigterm_before(monkeypatch, name):
-    import study
+    from run import study
 
     real = getattr(study, name)
 
@@ -477,7 +472,7 @@ def test_a_signal_during_an_evaluation_stops_it_keeps_the_trained_epoch_and_resu
     grace): the evaluation stops at its next batch, the trained epoch is kept as the position after
     its last step (before it stopped there only after the evaluation and the next epoch's first
     step), and the resume evaluates epoch 2 again and ends equal to the baseline."""
-    import training
+    from train import loop as training
 
     real, seen = training.evaluate, {"n": 0}
 
@@ -512,7 +507,7 @@ def test_a_signal_during_the_analysis_stops_it_and_resume_only_analyses_again(
 ):
     """After the last epoch the analysis runs (probes, controls, the zero-engram pass): a stop there
     ends the job at once with its last epoch checkpointed; the resume trains nothing and analyses."""
-    import training
+    from train import loop as training
 
     real = training.zero_prefix_states
 
@@ -522,7 +517,7 @@ def test_a_signal_during_the_analysis_stops_it_and_resume_only_analyses_again(
         return real(model, *a, **k)
 
     monkeypatch.setattr(training, "zero_prefix_states", zero_prefix_states)
-    monkeypatch.setattr("analysis.zero_prefix_states", zero_prefix_states)
+    monkeypatch.setattr("analysis.controls.zero_prefix_states", zero_prefix_states)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         run_small(sst2_small, out)
@@ -602,9 +597,8 @@ import os
 if os.environ.get("PAUSE_AT_STEP"):  # the run under test, not another Python the test starts
     import time
 
-    import cli
-    import training
-
+    from run import cli
+    from train import loop as training
     real, seen = training.run_batch, {"n": 0}
 
     def run_batch(model, *a, **k):
@@ -747,7 +741,7 @@ def test_a_job_lock_from_another_host_is_refused_in_one_line(sst2_small, tmp_pat
 
 
 def test_a_requeued_slurm_job_takes_its_own_lock_back_from_another_host(tmp_path, capsys):
-    from files import FolderLock
+    from train.files import FolderLock
 
     lock = tmp_path / ".lock-job.json"
     lock.write_text(json.dumps({"pid": 12345, "host": "node-a", "slurm_job_id": "77_3", "restarts": 0}))
@@ -795,7 +789,7 @@ def test_the_job_lock_holds_pid_host_and_command_while_running(sst2_small, tmp_p
         seen.update(json.loads((out / "checkpoints" / f"seed{seed}" / variant / ".lock-job.json").read_text()))
         raise Crash("stop here")
 
-    monkeypatch.setattr("study.train_variant", look)
+    monkeypatch.setattr("run.study.train_variant", look)
     with pytest.raises(Crash):
         run_small(sst2_small, out)
     assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
@@ -977,7 +971,7 @@ def test_seed_range_edges_are_accepted():
 def test_the_lock_works_on_a_filesystem_without_hard_links(tmp_path, monkeypatch):
     """os.link fails with EPERM on some filesystems: the lock falls back to an exclusive create,
     still refuses a second holder, and leaves no temporary file behind."""
-    from files import FolderLock
+    from train.files import FolderLock
 
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted")

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from stats import mcnemar_exact, mean_ci, paired_t, paired_t_p, verdict
+from analysis.stats import mcnemar_exact, mean_ci, paired_t, paired_t_p, verdict
 
 
 def test_mcnemar_exact_known_p_value():
@@ -52,7 +52,7 @@ def test_paired_t_and_verdicts():
     ],
 )
 def test_report_p_values_never_read_zero(p, cell, sentence):
-    from reporting import _p, _p_is
+    from analysis.reporting import _p, _p_is
 
     assert _p({"p": p}) == cell
     assert _p_is({"p": p}) == sentence
@@ -70,7 +70,7 @@ def test_holm_and_bh_of_a_known_p_value_list():
     """p = (0.01, 0.04, 0.03, 0.005), adjusted by hand (R's p.adjust gives the same):
     Holm: sorted 0.005·4, 0.01·3, 0.03·2, 0.04·1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06;
     BH: sorted 0.005·4/1, 0.01·4/2, 0.03·4/3, 0.04·4/4 = 0.02, 0.02, 0.04, 0.04 -> running min from the top."""
-    from stats import adjust
+    from analysis.stats import adjust
 
     p = [0.01, 0.04, 0.03, 0.005]
     assert adjust(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
@@ -81,7 +81,7 @@ def test_holm_and_bh_of_a_known_p_value_list():
 
 
 def test_a_family_sets_the_verdict_from_the_adjusted_p_not_the_raw_one():
-    from stats import adjust_family, significant
+    from analysis.stats import adjust_family, significant
 
     tests = [{"p": 0.03, "delta": {"mean": 1.0}}, {"p": 0.04, "delta": {"mean": -1.0}, "words": ["higher", "lower"]}]
     adjust_family(tests, "holm", "primary")
@@ -96,7 +96,7 @@ def test_a_family_sets_the_verdict_from_the_adjusted_p_not_the_raw_one():
 def test_tost_against_a_hand_computed_answer():
     """Deltas (0.1, -0.1, 0.3, -0.3, 0): mean 0, sd sqrt(0.05), se 0.1, 4 df. Within ±0.5 both one-sided
     t's are 5: p = 1 - F4(5); within ±0.2 they are 2: p = 1 - F4(2) = 0.058 (not shown)."""
-    from equivalence import tost
+    from analysis.equivalence import tost
 
     d = [0.1, -0.1, 0.3, -0.3, 0.0]
     assert tost(d, [0.0] * 5, 0.5)["p"] == pytest.approx(1 - _t4_cdf(5.0), rel=1e-9)
@@ -105,8 +105,8 @@ def test_tost_against_a_hand_computed_answer():
 
 
 def test_equal_deltas_on_every_seed_give_undefined_tests_and_a_clear_sentence():
-    from equivalence import claim, delta_evidence
-    from stats import adjust_family
+    from analysis.equivalence import claim, delta_evidence
+    from analysis.stats import adjust_family
 
     t = delta_evidence([81.0, 80.0, 79.0], [80.0, 79.0, 78.0], [1.0, 1.15])  # +1.00 on every seed
     assert t["p"] is None and "zero variance" in t["reason"]
@@ -123,7 +123,7 @@ def test_power_minimum_detectable_effect_and_seeds_needed_against_the_noncentral
     1.15, paired sd 2.06) and H2 (1.61, 0.72) are the issue's 28 and 4."""
     from scipy.stats import nct, t
 
-    from equivalence import mde, seeds_needed
+    from analysis.equivalence import mde, seeds_needed
 
     for n in (3, 5, 10):
         es = mde(1.0, n)
@@ -138,7 +138,7 @@ def test_power_minimum_detectable_effect_and_seeds_needed_against_the_noncentral
 def test_prediction_interval_for_one_new_seed():
     """The written protocol's H2 final deltas per seed: mean -0.39; the interval the issue gives, [-2.59, +1.81],
     is mean ± t(0.975, 4)·sd·sqrt(1 + 1/5), wider than the CI of the mean by sqrt(n + 1)."""
-    from stats import mean_ci, prediction_interval
+    from analysis.stats import mean_ci, prediction_interval
 
     d = [79.70 - 79.24, 81.19 - 81.31, 79.93 - 79.93, 79.13 - 80.28, 80.28 - 81.42]
     lo, hi = prediction_interval(d)
@@ -149,7 +149,7 @@ def test_prediction_interval_for_one_new_seed():
 
 
 def test_paired_ci_is_ttest_rel_interval_and_matches_the_hand_formula():
-    from stats import paired_ci
+    from analysis.stats import paired_ci
 
     a, b = [72.0, 76.0, 81.0], [70.0, 75.0, 78.0]  # deltas 2, 1, 3: mean 2, sd 1
     half = 4.302652729911275 / math.sqrt(3)
@@ -161,7 +161,7 @@ def test_two_level_bootstrap():
     """Identical seeds: the seed level adds nothing, and the interval is the sentence bootstrap of one
     difference: 60 of 600 sentences +100 points, so mean 10, se ≈ 100·sqrt(0.1·0.9/600) = 1.22.
     Seeds that differ widen it. One seed, or equal predictions, degenerate cleanly."""
-    from bootstrap import two_level_ci
+    from analysis.bootstrap import two_level_ci
 
     n = 600
     b = np.zeros((3, n), bool)
@@ -180,7 +180,7 @@ def test_two_level_bootstrap():
 
 
 def test_h3_percentiles_and_tail_rate():
-    from analysis import ari_percentile, percentile_test, tail_rate
+    from analysis.controls import ari_percentile, percentile_test, tail_rate
 
     draws = [0.0, 0.1, 0.2, 0.3]
     assert ari_percentile(0.25, draws) == 0.75 and ari_percentile(0.1, draws) == pytest.approx(0.375)

@@ -1,5 +1,5 @@
-from data import Vocab
 from protocols import SMALL
+from train.data import Vocab
 
 W = SMALL["written"]
 

@@ -10,11 +10,11 @@ import torch
 
 import experiment
 import predict
-import training
-from data import Encoded, read_tsv
-from prediction import load_variant
+from run.prediction import load_variant
 from tests.conftest import crash_after_saving
-from weights import saved_epoch
+from train import loop as training
+from train.data import Encoded, read_tsv
+from train.weights import saved_epoch
 
 TINY = ["--epochs", "2", "--no-progress"]
 SENTENCES = ["a gripping , funny and moving film", "dull , lifeless and far too long", "an ordinary movie"]
@@ -93,7 +93,7 @@ def test_predict_json_is_one_parsable_object_per_sentence_and_variant(kept_run, 
         assert r["cluster"] == int(((c - e) ** 2).sum(1).argmin())  # the nearest centroid
     # the final epoch's K-Means is the analysis's: same engrams, same seed, same clusters
     with np.load(job(kept_run, "dual_engram") / "arrays.npz") as z:
-        from weights import nearest_cluster
+        from train.weights import nearest_cluster
 
         assert nearest_cluster(kmeans, z["engrams"]).tolist() == z["clusters"].tolist()
     # a sentence is scored alone: the same numbers whichever sentences come with it

@@ -9,16 +9,7 @@ import math
 
 import numpy as np
 
-from stats import (
-    ALPHA,
-    POWER,
-    constant,
-    mean_ci,
-    paired_ci,
-    paired_t,
-    prediction_interval,
-    significant,
-)
+from analysis.stats import ALPHA, POWER, constant, mean_ci, paired_ci, paired_t, prediction_interval, significant
 
 # Equivalence margins, one per measure, fixed in code before any run is read. Accuracy also gets the
 # study's own claimed effect as a second margin (see accuracy_margins).

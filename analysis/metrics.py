@@ -3,21 +3,16 @@ machine), per-model summaries over seeds, the hypothesis tests, and the controls
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import platform
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bootstrap import two_level_ci
-from equivalence import accuracy_margins, delta_evidence, margin_for, seeds_needed
+from analysis.bootstrap import two_level_ci
+from analysis.equivalence import accuracy_margins, delta_evidence, margin_for, seeds_needed
+from analysis.stats import PRIMARY, SECONDARY, adjust_family, mcnemar_exact, mean_ci
 from models import VARIANTS
-from stats import PRIMARY, SECONDARY, adjust_family, mcnemar_exact, mean_ci
+from train.provenance import code_version, describe_code
 
 HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
 RANK_KEYS = ("effective_rank", "participation_ratio", "dims_90", "top1_share")
@@ -80,78 +75,6 @@ def data_source(args, extra: dict) -> dict:
         "source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
         "extra": {k: len(v) for k, v in extra.items()},
     }
-
-
-def processor_name() -> str:
-    """The CPU's brand string: same seed, same numbers holds only on the same processor type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device) -> dict:
-    out = {"device": str(device), "processor": processor_name(), "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
-def device_name(device) -> str:
-    if device.type != "cuda":
-        n = torch.get_num_threads()
-        return f"{device} ({processor_name()}, {n} thread{'s' if n != 1 else ''})"
-    return f"{device} ({torch.cuda.get_device_name(device)})"
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-    """The code that runs: a hash of the project's own sources (its top-level .py files; what a
-    resume compares), and in a git checkout the commit and whether those sources differ from it."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    out = {"sources": h.hexdigest()[:16], "commit": None, "dirty": None}
-    git = ["git", "-C", str(root)]
-    try:
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            out["commit"] = head.stdout.strip()
-            st = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
-            )
-            if st.returncode == 0:  # "dirty": a tracked top-level source differs from the commit
-                changed = [line[3:].strip() for line in st.stdout.splitlines()]
-                out["dirty"] = any(c.endswith(".py") and "/" not in c for c in changed)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return out
-
-
-def describe_code(code: dict | None) -> str:
-    """One code version in words: "sources 1a2b… (commit 3c4d5e6, edited)"."""
-    if not code:
-        return "unknown code (made before versions were recorded)"
-    commit = code.get("commit")
-    return f"sources {code['sources']}" + (
-        f" (commit {commit[:7]}{', edited' if code.get('dirty') else ''})" if commit else ""
-    )
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "scikit-learn", "numpy", "datasets"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 # ----------------------------------------------------------------------------- per model
@@ -319,11 +242,7 @@ def tail_summary(runs: list[dict], threshold: float) -> dict:
     """How often untrained compressors reach `threshold` (the study's ARI), per seed and with an
     interval over seeds (the unit the draws are not independent of); where each seed's engram ARI
     falls among its own seed's draws (a percentile), and a test of those percentiles across seeds."""
-    from analysis import (  # analysis imports training, which imports this
-        ari_percentile,
-        percentile_test,
-        tail_rate,
-    )
+    from analysis.controls import ari_percentile, percentile_test, tail_rate  # controls imports train.loop: kept lazy
 
     per_seed = []
     for r in runs:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from analysis.stats import constant, mean_ci
 from engram import engram_metrics, probe, split_halves
 from models import EngramCompressor, EngramModel
-from stats import constant, mean_ci
-from training import Recipe, evaluate, zero_prefix_states
+from train.loop import Recipe, evaluate, zero_prefix_states
 
 RANDOM_DRAWS = 10  # untrained compressors per dual_engram run, with probes
 TAIL_DRAWS = 200  # untrained compressors per run for the tail of their ARI (K-Means only)

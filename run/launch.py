@@ -26,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from cli import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError, continue_command
-from grid import Job, job_states, status_table, write_record
+from run.cli import continue_command
+from run.grid import Job, job_states, status_table, write_record
+from train.stop import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # a local job has no time limit worth the name (submitit's default is 2 min)
 LOCAL_SIGNAL_DELAY_S = 30  # USR2 this long before a local time limit (tests shorten both)
 MAX_REQUEUES = 20  # time limits a job may run into before submitit gives up on it

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UsageError
+from train.stop import UsageError
 
 HUB_DATASET = "stanfordnlp/sst2"
 DATA_FLAG = "--data-dir"  # the flag that names train.tsv / dev.tsv

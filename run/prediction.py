@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UsageError
-from data import Encoded, Vocab, collate
 from engram import run_single, sentiment_probabilities
-from metrics import describe_code
 from models import VARIANTS, EngramModel
-from weights import load_heads, nearest_cluster, read_weights, weights_folder
+from train.data import Encoded, Vocab, collate
+from train.provenance import describe_code
+from train.stop import UsageError
+from train.weights import load_heads, nearest_cluster, read_weights, weights_folder
 
 LABELS = ("negative", "positive")
 BATCH = 32  # sentences per forward pass
@@ -133,8 +133,8 @@ def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | 
     with --no-4bit), the saved adapter on it with PeftModel.from_pretrained, and the saved heads."""
     from peft import PeftModel
 
-    import qlora
     from models import HFBackbone, ModelSpec, mlp_sentiment_head
+    from qlora import loading as qlora
 
     cfg = meta["config"]
     path = qlora.resolve_model_source(model or cfg["base_model"], cache_dir)

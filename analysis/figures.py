@@ -7,7 +7,7 @@ import textwrap
 
 import numpy as np
 
-from metrics import setting, subject
+from analysis.metrics import setting, subject
 from models import VARIANTS
 
 COLOURS = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))

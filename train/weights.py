@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UsageError
-from files import write_json
+from train.files import write_json
+from train.stop import UsageError
 
 KINDS = ("small", "causal_lm")
 HEAD_MODULES = ("sentiment_head", "compressor", "projector")
@@ -170,9 +170,9 @@ def load_heads(model, folder: Path) -> None:
 def predicted_labels(model, enc, recipe, autocast_dtype) -> np.ndarray:
     """The labels training.evaluate predicts (its batches, its engram mode, its generator), without
     its losses: the fp16 check's pass, not one of the run's evaluations."""
-    from data import collate
     from engram import run_batch, sentiment_probabilities
-    from training import autocast
+    from train.data import collate
+    from train.loop import autocast
 
     model.eval()
     bs, g, probs = recipe.batch_size(model.variant), torch.Generator().manual_seed(0), []
@@ -200,7 +200,7 @@ def keep_epoch(
     epoch still has that epoch's weights): save "best" when this epoch becomes the selected one,
     and "final" after the last epoch; a set already holding this epoch (an earlier attempt of
     the same job) is not written again. Nothing without recipe.weights."""
-    from training import zero_prefix_states
+    from train.loop import zero_prefix_states
 
     spec = recipe.weights
     if spec is None:

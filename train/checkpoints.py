@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UsageError
-from files import write_json
+from train.files import write_json
+from train.stop import UsageError
 
 MARKER = "COMPLETE"
 KEEP = 2  # complete epochs kept per variant: the newest, and one to fall back to
@@ -248,7 +248,7 @@ def live_job_locks(ckpt_root: Path) -> list[str]:
     """The jobs of this folder whose lock is held by a process still running (here or elsewhere)."""
     import socket
 
-    from files import alive
+    from train.files import alive
 
     held = []
     for lock in ckpt_root.glob("seed*/*/.lock-job.json"):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from cli import UsageError
-from data import Encoded, collate
 from engram import run_batch
-from metrics import device_name
 from models import VARIANTS, count_parameters, free_memory
-from qlora import bnb_config, load_tokenizer, precision, resolve_model_source
+from qlora.loading import bnb_config, load_tokenizer, precision, resolve_model_source
+from train.data import Encoded, collate
+from train.provenance import device_name
+from train.stop import UsageError
 
 # Qwen2.5-7B's shape (its config.json), for the dry run without a download; and a tiny one for tests.
 QWEN25_7B_SHAPE = dict(

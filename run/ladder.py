@@ -14,16 +14,17 @@ import json
 import shlex
 from pathlib import Path
 
-from cli import Interrupted, JobsFailed, check_stop, continue_command
-from equivalence import MARGINS, claim, equivalent, margin_for
-from figures import _pyplot, curve_data, wrapped
-from files import save_figure, write_atomic, write_json
-from metrics import delta_test
+from analysis.equivalence import MARGINS, claim, equivalent, margin_for
+from analysis.figures import _pyplot, curve_data, wrapped
+from analysis.metrics import delta_test
+from analysis.report_evidence import pp, tost_cell
+from analysis.reporting import LABELS, _f
+from analysis.stats import SECONDARY, adjust_family, mean_ci, significant
 from models import VARIANTS
 from protocols import ladder, other_protocol, rungs_for
-from report_evidence import pp, tost_cell
-from reporting import LABELS, _f
-from stats import SECONDARY, adjust_family, mean_ci, significant
+from run.cli import continue_command
+from train.files import save_figure, write_atomic, write_json
+from train.stop import Interrupted, JobsFailed, check_stop
 
 LADDER_MARGINS = ("accuracy", "best_epoch", "effective_rank", "ari")  # the margins the ladder's measures use
 # (key, label, digits): what each rung is measured by, per model

@@ -1,5 +1,5 @@
-"""What both command lines share: argparse types, the common flags, one-line errors with their
-exit codes, and the stop request that SIGINT / SIGTERM turn into a clean stop at a step boundary."""
+"""What both command lines share: argparse types, the common flags, and main()'s one-line errors
+with their exit codes (the exceptions and the stop request live in train/stop.py)."""
 
 from __future__ import annotations
 
@@ -9,68 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """Bad input or settings: main() prints the message as one line and exits with status 2."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """A training loss became NaN or infinite: one line, exit status 2, last good checkpoint kept."""
-
-
-class JobsFailed(Exception):
-    """Some jobs of a grid did not finish (the others' results are kept): one line, exit status 1."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run at a step boundary: one line, exit 128 + signal number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-# ----------------------------------------------------------------------------- stop requests
-
-
-class StopRequest:
-    """Set by the SIGINT / SIGTERM handler; the training loop, the evaluation and the analysis poll
-    it between batches, so a checkpoint or an output file being written is never cut in half. A
-    second Ctrl-C (SIGINT) while a stop is pending raises KeyboardInterrupt at once (for a user who
-    really wants out now). Any other second signal only repeats the request: Slurm sends SIGTERM
-    at a time limit whose USR2 came first, and the job must still save its checkpoint and exit."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
-
-    def handler(self, signum, frame) -> None:
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            print(
-                f"\n{signal.Signals(signum).name} received while stopping: still stopping after the current step",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
-        self.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name} received: stopping after the current step (Ctrl-C again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-STOP = StopRequest()
-# the signals that request a stop; a job under submitit adds SIGUSR2 (its time limit is near)
-STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM]
+from train.stop import STOP, STOP_SIGNALS, Interrupted, JobsFailed, NonFiniteLoss, UsageError
 
 
 def continue_command(command: str, executor: str = "serial") -> str:
@@ -81,12 +20,6 @@ def continue_command(command: str, executor: str = "serial") -> str:
     if executor == "serial" and "--resume" not in words:
         words.append("--resume")
     return shlex.join(words)
-
-
-def check_stop(where: str) -> None:
-    """Raise Interrupted if a stop was requested; `where` says what was being done."""
-    if STOP:
-        raise Interrupted(f"{STOP.name} during {where}", STOP.signum)
 
 
 # ----------------------------------------------------------------------------- argparse types
@@ -345,6 +278,23 @@ def base_parser(
         "--job", default=None, help=argparse.SUPPRESS
     )  # SEED:VARIANT: run one job of the grid (what an executor starts)
     return p
+
+
+def add_logging_arguments(p) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--report-to",
+        choices=("none", "tensorboard"),
+        default="none",
+        help="tensorboard: write each job's training curves to OUT/tensorboard/<seed>/<variant>/ "
+        "(needs the optional tensorboard package: pip install tensorboard)",
+    )
+    g.add_argument(
+        "--log-steps",
+        type=positive_int,
+        default=50,
+        help="with --report-to tensorboard: training losses and learning rate every this many batches",
+    )
 
 
 def default_out(out: str, protocol: str) -> Path:

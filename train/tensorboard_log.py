@@ -11,31 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli import UsageError, positive_int
+from train.stop import UsageError
 
 EPOCH_KEYS = ("train_loss", "train_sent_loss", "train_lm_loss", "train_acc", "val_acc", "val_sent_loss", "val_lm_loss")
 
 
-def add_arguments(p) -> None:
-    g = p.add_argument_group("logging")
-    g.add_argument(
-        "--report-to",
-        choices=("none", "tensorboard"),
-        default="none",
-        help="tensorboard: write each job's training curves to OUT/tensorboard/<seed>/<variant>/ "
-        "(needs the optional tensorboard package: pip install tensorboard)",
-    )
-    g.add_argument(
-        "--log-steps",
-        type=positive_int,
-        default=50,
-        help="with --report-to tensorboard: training losses and learning rate every this many batches",
-    )
-
-
-def tensorboard_root(args, out: Path) -> Path | None:
+def tensorboard_root(report_to: str, out: Path) -> Path | None:
     """OUT/tensorboard with --report-to tensorboard (checked importable now, not after hours), else None."""
-    if getattr(args, "report_to", "none") != "tensorboard":
+    if report_to != "tensorboard":
         return None
     try:
         import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints import read_result
-from cli import UsageError
-from files import alive, write_json
+from train.checkpoints import read_result
+from train.files import alive, write_json
+from train.stop import UsageError
 
 
 @dataclass(frozen=True)

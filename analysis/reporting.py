@@ -3,8 +3,8 @@ the findings in words. Formatting only: every number comes from metrics.json."""
 
 from __future__ import annotations
 
-import report_evidence as ev
-from report_format import (  # noqa: F401
+from analysis import report_evidence as ev
+from analysis.report_format import (  # noqa: F401
     ENGRAM_ROWS,
     LABELS,
     _ci,
@@ -15,7 +15,7 @@ from report_format import (  # noqa: F401
     _p,
     _p_is,
 )
-from stats import mean_ci
+from analysis.stats import mean_ci
 
 
 def report_header(m: dict, title: str) -> list[str]:

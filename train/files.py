@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UsageError
+from train.stop import UsageError
 
 
 def write_atomic(path, data) -> None:

@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis import analyse, random_compressor_tail
-from checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
-from cli import STOP, Interrupted, NonFiniteLoss, UsageError, check_stop, continue_command
-from figures import engram_clusters, learning_curves
-from files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
-from grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
-from metrics import build_metrics, device_name, predictions, setting, subject
+from analysis.controls import analyse, random_compressor_tail
+from analysis.figures import engram_clusters, learning_curves
+from analysis.metrics import build_metrics, predictions, setting, subject
 from models import free_memory
-from training import Recipe, train_variant
+from run.cli import continue_command
+from run.grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
+from train.checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
+from train.files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
+from train.loop import Recipe, train_variant
+from train.provenance import device_name
+from train.stop import STOP, Interrupted, NonFiniteLoss, UsageError, check_stop
 
 OUTPUTS = ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png")
 
@@ -277,7 +279,7 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         return writer.write(final=True)
     ckpt_root = out / "checkpoints"
     if args.executor != "serial" and args.job is None:
-        import launch
+        from run import launch
 
         # a grid continues its folder (with --overwrite: starts it over first)
         prepare_checkpoints(
@@ -343,7 +345,7 @@ def before_data(main, argv: list[str], args, presets: dict, out: Path) -> dict |
     line again, through `main`) or --status, whose result is returned; else None, with torch's
     thread count set, and the run goes on."""
     if args.ladder:
-        from ladder import run_ladder
+        from run.ladder import run_ladder
 
         return run_ladder(main, argv, args, presets, out)
     if args.status:
@@ -357,7 +359,7 @@ def before_data(main, argv: list[str], args, presets: dict, out: Path) -> dict |
 
 def show_status(out: Path, args) -> dict:
     """--status: the grid's jobs as a table, without starting anything."""
-    from grid import status_table
+    from run.grid import status_table
 
     rows = job_states(out, grid(args.seeds, args.variants))
     print(f"{out}:\n\n{status_table(rows)}")

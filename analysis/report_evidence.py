@@ -5,9 +5,9 @@ from metrics.json."""
 
 from __future__ import annotations
 
-from equivalence import MARGINS, claim
-from report_format import _ci, _ci_if_any, _msd, _p, _p_is
-from stats import ALPHA, METHOD_NAMES, PRIMARY, SECONDARY, significant
+from analysis.equivalence import MARGINS, claim
+from analysis.report_format import _ci, _ci_if_any, _msd, _p, _p_is
+from analysis.stats import ALPHA, METHOD_NAMES, PRIMARY, SECONDARY, significant
 
 WORDS = {"H1": "the LM head (dual_head − sentiment_only)", "H2": "the engram (dual_engram − dual_head)"}
 

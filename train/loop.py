@@ -12,14 +12,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from checkpoints import resume_from, rng_state, save_checkpoint, seed_everything, set_rng_state
-from cli import STOP, Interrupted, NonFiniteLoss, check_stop
-from data import Encoded, collate, epoch_batches
 from engram import run_batch, run_single, sentiment_probabilities
-from metrics import code_version, describe_code
 from models import EngramModel, count_parameters
-from tensorboard_log import TrainLog
-from weights import WeightSpec, keep_epoch
+from train.checkpoints import resume_from, rng_state, save_checkpoint, seed_everything, set_rng_state
+from train.data import Encoded, collate, epoch_batches
+from train.provenance import code_version, describe_code
+from train.stop import STOP, Interrupted, NonFiniteLoss, check_stop
+from train.tensorboard_log import TrainLog
+from train.weights import WeightSpec, keep_epoch
 
 
 @dataclass

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cli import UsageError
-from data import Encoded
 from models import EngramModel, HFBackbone, ModelSpec, mlp_sentiment_head
+from train.data import Encoded
+from train.stop import UsageError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

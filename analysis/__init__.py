@@ -1,0 +1,1 @@
+"""Analysis and reports: controls and probes, statistics, metrics.json, figures, REPORT.md text."""
