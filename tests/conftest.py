@@ -15,6 +15,15 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
+def tiny_flags(epochs: int | None = None, max_train: int | None = 64) -> list[str]:
+    """The flags of a tiny small-model run (a 32-wide, one-layer model on a few rows, one thread),
+    shared by the grid, resume, robustness and ladder tests."""
+    flags = (["--epochs", str(epochs)] if epochs else []) + ["--no-progress"]
+    flags += ["--max-train", str(max_train)] if max_train else []
+    model = ["--batch-size", "16", "--d-model", "32", "--layers", "1", "--heads", "2", "--engram-dim", "8"]
+    return flags + ["--max-eval", "40", *model, "--max-len", "24", "--threads", "1"]
+
+
 def write_tsv(path: Path, rows, header="sentence\tlabel") -> Path:
     path.write_text("\n".join([header, *(f"{s}\t{label}" for s, label in rows)]) + "\n")
     return path

@@ -22,29 +22,9 @@ import pytest
 
 import experiment
 from run import launch
-from tests.conftest import comparable, sst2_rows
+from tests.conftest import comparable, sst2_rows, tiny_flags
 
-FLAGS = [
-    "--epochs",
-    "3",
-    "--no-progress",
-    "--max-eval",
-    "40",
-    "--batch-size",
-    "16",
-    "--d-model",
-    "32",
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--engram-dim",
-    "8",
-    "--max-len",
-    "24",
-    "--threads",
-    "1",
-]
+FLAGS = tiny_flags(epochs=3, max_train=None)
 
 
 @pytest.fixture(scope="module")

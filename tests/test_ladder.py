@@ -16,28 +16,9 @@ import experiment_7b as e7
 import protocols
 from protocols import BIG, BIG_RUNGS, SMALL, SMALL_RUNGS
 from run import ladder
+from tests.conftest import tiny_flags
 
-TINY = [
-    "--no-progress",
-    "--max-train",
-    "64",
-    "--max-eval",
-    "40",
-    "--batch-size",
-    "16",
-    "--d-model",
-    "32",
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--engram-dim",
-    "8",
-    "--max-len",
-    "24",
-    "--threads",
-    "1",
-]
+TINY = tiny_flags()
 
 
 def differing(a, b) -> set[str]:

@@ -17,33 +17,11 @@ import pytest
 import torch
 
 import experiment
-from tests.conftest import on_training_step
+from tests.conftest import on_training_step, tiny_flags
 from train import checkpoints
 from train import loop as training
 
-FLAGS = [
-    "--epochs",
-    "2",
-    "--no-progress",
-    "--max-train",
-    "64",
-    "--max-eval",
-    "40",
-    "--batch-size",
-    "16",
-    "--d-model",
-    "32",
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--engram-dim",
-    "8",
-    "--max-len",
-    "24",
-    "--threads",
-    "1",
-]
+FLAGS = tiny_flags(epochs=2)
 
 
 def run(data, out, *extra):
@@ -345,3 +323,61 @@ def test_a_finished_jobs_model_is_freed_before_the_next_job_builds_its_own(sst2_
         assert len(refs) == 2 and [r() for r in refs] == [None, None]
     finally:
         gc.enable()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2"  # the real SST-2 beside the checkout (CI has it there)
+
+
+@pytest.mark.skipif(not (SST2 / "dev.tsv").is_file(), reason=f"the real SST-2 is not at {SST2}")
+def test_a_committed_study_made_before_the_package_move_still_resumes_and_reports(tmp_path, monkeypatch):
+    """The committed seed 42 of results/ was made by the flat-layout code (another code version):
+    copied into a fresh folder, its run's own command with --resume takes its three finished jobs
+    (nothing trains) and writes every output from them, with their numbers."""
+    committed = ROOT / "results" / "checkpoints"
+    out = tmp_path / "old"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "run.json").write_bytes((committed / "run.json").read_bytes())
+    for variant in ("sentiment_only", "dual_head", "dual_engram"):
+        folder = out / "checkpoints" / "seed42" / variant
+        folder.mkdir(parents=True)
+        for name in ("result.json", "arrays.npz"):
+            (folder / name).write_bytes((committed / "seed42" / variant / name).read_bytes())
+    before = json.loads((ROOT / "results" / "metrics.json").read_text())["models"]
+    old = json.loads((committed / "seed42" / "dual_engram" / "result.json").read_text())
+    assert (old.get("code") or [{}])[-1].get("sources") != training.code_version()["sources"]  # by other code
+    monkeypatch.setattr("run.study.train_variant", lambda *a, **k: pytest.fail("a finished job trained again"))
+    monkeypatch.chdir(ROOT)  # run.json records --data-dir as the run typed it
+    argv = ["--data-dir", "../shared/data/sst2", "--seeds", "42", "--no-progress", "--resume", "--out", str(out)]
+    m = experiment.main(argv)
+    assert m["complete"] and sorted(m["models"]) == ["dual_engram", "dual_head", "sentiment_only"]
+    for variant, model in m["models"].items():
+        (seed42,) = [r for r in before[variant]["runs"] if r["seed"] == 42]
+        (now,) = model["runs"]
+        for key in ("best_val_acc", "best_epoch", "final_val_acc"):
+            assert now[key] == seed42[key], (variant, key)
+    assert m["models"]["dual_engram"]["runs"][0]["analysis"]["engram"]["ari"] == old["analysis"]["engram"]["ari"]
+    for name in ("metrics.json", "predictions.json", "REPORT.md", "learning_curves.png", "engram_clusters.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_the_code_version_hashes_every_source_file_in_any_package_and_not_the_tests(tmp_path):
+    from train.provenance import ROOT as project
+    from train.provenance import source_files, sources_hash
+
+    for name in ("experiment.py", "pkg/__init__.py", "pkg/deep/er.py", "tests/__init__.py", "tests/test_x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    (tmp_path / "notes" / "x.py").parent.mkdir()
+    (tmp_path / "notes" / "x.py").write_text("# not a package\n")
+    files = source_files(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["experiment.py", "pkg/__init__.py", "pkg/deep/er.py"]
+    before = sources_hash(tmp_path, files)
+    (tmp_path / "pkg" / "deep" / "er.py").write_text("# edited\n")
+    assert sources_hash(tmp_path, files) != before  # an edit two folders down is another version
+    (tmp_path / "tests" / "test_x.py").write_text("# edited test\n")
+    (tmp_path / "pkg" / "deep" / "er.py").write_text("# pkg/deep/er.py\n")
+    assert sources_hash(tmp_path, source_files(tmp_path)) == before  # the tests are not the code that ran
+    shipped = {f.relative_to(project).as_posix() for f in source_files(project)}
+    assert {"experiment.py", "train/loop.py", "run/study.py", "analysis/metrics.py", "nets/losses.py"} <= shipped
+    assert not any(s.startswith("tests/") for s in shipped)

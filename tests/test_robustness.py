@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import experiment
 from run import cli
-from tests.conftest import comparable, crash_after_saving, on_training_step
+from tests.conftest import comparable, crash_after_saving, on_training_step, tiny_flags
 from train import checkpoints
 from train.checkpoints import CheckpointError, complete_checkpoints, resume_from, save_checkpoint
 from train.data import Split, read_tsv
@@ -35,29 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # tiny and fast, yet several steps per epoch (64 rows in batches of 16) and both labels well
 # represented among the 40 validation rows; 3 epochs so that a checkpoint can be cut and another
 # fallen back to, and so that a signal after epoch 1 arrives while training still goes on
-FLAGS = [
-    "--epochs",
-    "3",
-    "--no-progress",
-    "--max-train",
-    "64",
-    "--max-eval",
-    "40",
-    "--batch-size",
-    "16",
-    "--d-model",
-    "32",
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--engram-dim",
-    "8",
-    "--max-len",
-    "24",
-    "--threads",
-    "1",
-]
+FLAGS = tiny_flags(epochs=3)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

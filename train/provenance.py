@@ -50,15 +50,20 @@ def source_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
+def sources_hash(root: Path, files: list[Path]) -> str:
+    """16 hex digits of a SHA-256 over each file's path (a move is a change) and bytes."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
     """The code that runs: a hash of the project's own sources (source_files; what a resume
     compares), and in a git checkout the commit and whether those sources differ from it."""
-    h = hashlib.sha256()
     files = source_files(ROOT)
-    for f in files:
-        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    out = {"sources": h.hexdigest()[:16], "commit": None, "dirty": None}
+    out = {"sources": sources_hash(ROOT, files), "commit": None, "dirty": None}
     git = ["git", "-C", str(ROOT)]
     try:
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
