@@ -87,3 +87,15 @@ def test_no_module_below_the_entries_takes_the_argparse_namespace():
 def test_modules_stay_small():
     long = {f.relative_to(ROOT).as_posix(): n for f in sources() if (n := len(f.read_text().splitlines())) > 420}
     assert not long, f"modules over ~400 lines: {long}"
+
+
+def test_only_qlora_imports_transformers_peft_and_bitsandbytes():
+    """The small study runs without the causal-LM stack's code paths: those imports live in qlora/."""
+    heavy = ("transformers", "peft", "bitsandbytes")
+    outside = []
+    for f in sources():
+        rel = f.relative_to(ROOT).as_posix()
+        if rel.startswith("qlora/"):
+            continue
+        outside += [f"{rel}: {n}" for n in imported(ast.parse(f.read_text())) if n.split(".")[0] in heavy]
+    assert not outside, outside
