@@ -277,11 +277,8 @@ def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
         hist = mm["runs"][0]["history"]
         study = s["epochs"].get(v, [None] * 3)  # a variant the study did not have: "–"
         cells = [f"{rep._f(hist[e]['val_acc']) if e < len(hist) else '–'} / {rep._f(study[e])}" for e in range(3)]
-        lines.append(
-            f"| {rep.LABELS[v]} | "
-            + " | ".join(cells)
-            + f" | {mm['runs'][0]['minutes']:.1f} / {s['minutes'].get(v, '–')} |"
-        )
+        ours, theirs = f"{mm['runs'][0]['minutes']:.1f}", s["minutes"].get(v, "–")
+        lines.append(f"| {rep.LABELS[v]} | " + " | ".join(cells) + f" | {ours} / {theirs} |")
     lines += loss_comparison(m, s)
     lines += rep.hypothesis_section(m)
     lines += rep.extra_section(m)
