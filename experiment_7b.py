@@ -275,10 +275,10 @@ def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
     ]
     for v, mm in m["models"].items():
         hist = mm["runs"][0]["history"]
-        cells = [f"{rep._f(hist[e]['val_acc']) if e < len(hist) else '–'} / {s['epochs'][v][e]:.2f}" for e in range(3)]
-        lines.append(
-            f"| {rep.LABELS[v]} | " + " | ".join(cells) + f" | {mm['runs'][0]['minutes']:.1f} / {s['minutes'][v]} |"
-        )
+        study = s["epochs"].get(v, [None] * 3)  # a variant the study did not have: "–"
+        cells = [f"{rep._f(hist[e]['val_acc']) if e < len(hist) else '–'} / {rep._f(study[e])}" for e in range(3)]
+        ours, theirs = f"{mm['runs'][0]['minutes']:.1f}", s["minutes"].get(v, "–")
+        lines.append(f"| {rep.LABELS[v]} | " + " | ".join(cells) + f" | {ours} / {theirs} |")
     lines += loss_comparison(m, s)
     lines += rep.hypothesis_section(m)
     lines += rep.extra_section(m)
@@ -320,7 +320,7 @@ def loss_comparison(m: dict, s: dict) -> list[str]:
     ]
     for v, mm in m["models"].items():
         h = mm["runs"][0]["history"][-1]
-        st = " / ".join("–" if x is None else f"{x}" for x in s["train_epoch3"][v])
+        st = " / ".join("–" if x is None else f"{x}" for x in s["train_epoch3"].get(v, [None] * 4))
         lines.append(
             f"| {rep.LABELS[v]} | {rep._f(h['train_loss'], 4)} | {bm(h, 'train_sent_loss')} | "
             f"{bm(h, 'train_lm_loss')} | {rep._f(h['train_acc'])} | {st} |"
@@ -330,7 +330,7 @@ def loss_comparison(m: dict, s: dict) -> list[str]:
         hist = mm["runs"][0]["history"]
         if hist[0]["val_lm_loss"] is not None:
             ours = " → ".join(bm(h, "val_lm_loss") for h in hist)
-            lines.append(f"- {rep.LABELS[v]}: {ours} / {' → '.join(str(x) for x in s['val_lm_loss'][v])}")
+            lines.append(f"- {rep.LABELS[v]}: {ours} / {' → '.join(str(x) for x in s['val_lm_loss'].get(v, ['–']))}")
     return lines + [""]
 
 
@@ -366,7 +366,7 @@ def cross_scale_section(small: dict | None, big: dict) -> list[str]:
         row(
             f"Best validation accuracy, {rep.LABELS[v]} (%)",
             lambda m, v=v: rep._f(m["models"][v]["best_val_acc"]["mean"]) if v in m["models"] else "–",
-            lambda st, v=v: rep._f(st["best"][v]),
+            lambda st, v=v: rep._f(st["best"].get(v)),
         )
     for h in ("H1", "H2"):
         for kind in ("best", "final"):

@@ -24,9 +24,59 @@ import torch.nn.functional as F
 from nets.losses import LinearCrossEntropy, lm_loss_sum, lm_targets  # noqa: F401  (re-exported)
 from nets.small_transformer import SmallBackbone, SmallConfig  # noqa: F401  (re-exported)
 
-VARIANTS = ("sentiment_only", "dual_head", "dual_engram")
-USES_LM = {"sentiment_only": False, "dual_head": True, "dual_engram": True}
-USES_ENGRAM = {"sentiment_only": False, "dual_head": False, "dual_engram": True}
+PREFIXES = ("none", "engram", "learned")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant of the study, as data: the model, the training loop, the analyses and the
+    reports read these fields, never the variant's name (a new variant is one more entry).
+
+    prefix: "none"; "engram": the compressed pooled state of the previous input, fed back as a
+    prefix (the sequential-pair step of engram.run_batch); "learned": one learned vector in the
+    engram's place on every input, with nothing fed back (the control for the engram's feedback)."""
+
+    name: str
+    lm_head: bool  # the next-token head and its loss beside the sentiment loss
+    prefix: str
+    label: str  # how reports and figures name it
+    colour: str  # its line in the figures
+
+    def __post_init__(self):
+        if self.prefix not in PREFIXES:
+            raise ValueError(f"unknown prefix {self.prefix!r}; choose from {PREFIXES}")
+
+    @property
+    def engram(self) -> bool:
+        """It computes an engram (and so has one to feed back, analyse and plot)."""
+        return self.prefix == "engram"
+
+
+# the study's three models, in the study's order (Model 1, 2, 3): tables and grids keep this order;
+# iterating VARIANTS gives the names
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("sentiment_only", lm_head=False, prefix="none", label="Model 1: Sentiment Only", colour="tab:blue"),
+        Variant("dual_head", lm_head=True, prefix="none", label="Model 2: Dual Head", colour="tab:orange"),
+        Variant("dual_engram", lm_head=True, prefix="engram", label="Model 3: Dual + Engram", colour="tab:green"),
+    )
+}
+
+
+def variant_entry(name: str) -> Variant:
+    """The table's entry for a variant name, with the names there are when there is none."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; choose from {tuple(VARIANTS)}") from None
+
+
+def engram_variant(names) -> str | None:
+    """Of the variants `names` holds, the first in the table's order whose entry computes an engram:
+    the one the engram analyses, figures and report sections describe (the study's Model 3). None
+    when none does; names the table does not know are skipped."""
+    return next((v for v, entry in VARIANTS.items() if entry.engram and v in names), None)
 
 
 # ----------------------------------------------------------------------------- Hugging Face backbone
@@ -88,6 +138,20 @@ class EngramProjector(nn.Module):
         return self.linear(engram)  # [B,H]
 
 
+class LearnedPrefix(nn.Module):
+    """One learned vector (H) as the prefix embedding of every input: the engram's place, with no
+    engram in it. Initialised as EngramProjector's bias is (uniform ±1/sqrt(e)), so it starts from
+    the distribution Model 3's zero-engram prefix starts from."""
+
+    def __init__(self, hidden: int, engram_dim: int):
+        super().__init__()
+        bound = 1.0 / engram_dim**0.5
+        self.vector = nn.Parameter(torch.empty(hidden).uniform_(-bound, bound))  # [H]
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.vector.expand(batch, -1)  # [B,H]
+
+
 class ConcatInjector(nn.Module):
     """Linear(H + e -> H) over [token input, engram] at every position: the study code's injection."""
 
@@ -118,7 +182,7 @@ class ModelOutput:
     lm_sum: torch.Tensor | None  # scalar, summed CE (for exact means across batches)
     lm_count: int  # number of LM targets
     loss: torch.Tensor | None  # the variant's training loss
-    engram: torch.Tensor | None  # [B,e] this input's engram (dual_engram only)
+    engram: torch.Tensor | None  # [B,e] this input's engram (variants with an engram only)
     pooled: torch.Tensor  # [B,H] fp32 pooled last-layer state
 
 
@@ -139,18 +203,19 @@ class EngramModel(nn.Module):
     """A backbone with the heads of one variant.
 
     forward(input_ids, mask, labels=None, engram=None):
-      - dual_engram: the prefix is projector(engram) (projector(0) when engram is None), prepended to
-        the token embeddings with a 1 in the mask (or, with injection "concat", the engram is joined
-        to every position's input); the model also returns this input's own engram.
-      - loss = CE(sentiment) for sentiment_only, lm_weight*LM + sent_weight*CE(sentiment) otherwise.
+      - prefix "engram" (Model 3): the prefix is projector(engram) (projector(0) when engram is None),
+        prepended to the token embeddings with a 1 in the mask (or, with injection "concat", the
+        engram is joined to every position's input); the model also returns this input's own engram.
+      - prefix "learned": the prefix is one learned vector, the same for every input (always a
+        prefix position: the injection setting is the engram's); it takes no engram.
+      - loss = CE(sentiment) without an LM head, lm_weight*LM + sent_weight*CE(sentiment) with one.
       - the pooled state, the sentiment head, the compressor and the projector compute in fp32 with
         autocast off, whatever the backbone's dtype: their outputs are fp32 on every device.
     """
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, sentiment_head: nn.Module):
         super().__init__()
-        if spec.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {spec.variant!r}; choose from {VARIANTS}")
+        entry = variant_entry(spec.variant)
         if spec.pooling not in ("mean", "last"):
             raise ValueError(f"unknown pooling {spec.pooling!r}")
         if spec.injection not in ("prefix", "concat"):
@@ -158,13 +223,16 @@ class EngramModel(nn.Module):
         self.spec = spec
         self.backbone = backbone
         self.sentiment_head = sentiment_head
-        self.uses_lm = USES_LM[spec.variant]
-        self.uses_engram = USES_ENGRAM[spec.variant]
+        self.uses_lm = entry.lm_head
+        self.uses_engram = entry.engram
         H = backbone.hidden_size
         self.compressor = EngramCompressor(H, spec.engram_dim) if self.uses_engram else None
         injector = EngramProjector if spec.injection == "prefix" else ConcatInjector
         self.projector = injector(spec.engram_dim, H) if self.uses_engram else None
-        self.prefixed = self.uses_engram and spec.injection == "prefix"
+        # registered only where the entry asks for it: the other variants' parameters (and their
+        # saved weights' names) are those they always had
+        self.learned_prefix = LearnedPrefix(H, spec.engram_dim) if entry.prefix == "learned" else None
+        self.prefixed = (self.uses_engram and spec.injection == "prefix") or self.learned_prefix is not None
 
     @property
     def variant(self) -> str:
@@ -196,14 +264,15 @@ class EngramModel(nn.Module):
 
             def inject(h, batch_index):  # the engram of each row's sentence, joined to its input
                 return self.projector(h, engram[batch_index])  # [N,H]
-        elif self.uses_engram:
+        elif engram is not None and not self.uses_engram:
+            raise ValueError(f"{self.variant} takes no engram")
+        elif self.prefixed:
             with self._fp32(embeds.device):
-                prefix = self.projector(engram.float())  # [B,H] fp32
+                # [B,H] fp32: this input's engram projected, or the one learned vector
+                prefix = self.projector(engram.float()) if self.uses_engram else self.learned_prefix(B)
             prefix = prefix.to(embeds.dtype).unsqueeze(1)  # [B,1,H] in the backbone's dtype
             embeds = torch.cat([prefix, embeds], 1)  # [B,1+T,H]
             mask_in = torch.cat([mask.new_ones(B, 1), mask], 1)  # [B,1+T]
-        elif engram is not None:
-            raise ValueError(f"{self.variant} takes no engram")
         full = self.backbone(embeds, mask_in) if inject is None else self.backbone(embeds, mask_in, inject)  # [B,T',H]
         hidden = full[:, 1:] if self.prefixed else full  # [B,T,H]: the prefix position is never pooled nor a target
         with self._fp32(hidden.device):
@@ -259,7 +328,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def build_small_model(variant: str, cfg: SmallConfig, sent_weight: float = 0.5, lm_weight: float = 0.5) -> EngramModel:
-    backbone = SmallBackbone(cfg, with_lm_head=USES_LM[variant])
+    backbone = SmallBackbone(cfg, with_lm_head=variant_entry(variant).lm_head)
     spec = ModelSpec(
         variant=variant,
         pooling="mean",

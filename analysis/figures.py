@@ -10,7 +10,17 @@ import numpy as np
 from analysis.metrics import setting, subject
 from models import VARIANTS
 
-COLOURS = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
+
+def colour(variant: str, drawn) -> str:
+    """A variant's line colour: its table entry's, else (a variant this code does not know) one of
+    matplotlib's cycle the table's colours leave free, by its place among the variants drawn."""
+    if variant in VARIANTS:
+        return VARIANTS[variant].colour
+    taken = {v.colour for v in VARIANTS.values()}
+    spare = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+    free = [c for c in spare if c not in taken]
+    unknown = [v for v in drawn if v not in VARIANTS]
+    return free[unknown.index(variant) % len(free)]
 
 
 def _pyplot():
@@ -61,12 +71,13 @@ def learning_curves(metrics: dict, panels: list[tuple[str, list[tuple[str, str]]
         styles = {}
         for v, key, label, (x, mean, std) in series:
             ls = styles.setdefault(key, ("-", ":")[len(styles) % 2])
-            ax.plot(x, mean, ls, marker="o", ms=3, color=COLOURS[v], label=f"{v} ({label})")
+            c = colour(v, metrics["models"])
+            ax.plot(x, mean, ls, marker="o", ms=3, color=c, label=f"{v} ({label})")
             if n_seeds > 1:
-                ax.fill_between(x, mean - std, mean + std, color=COLOURS[v], alpha=0.15, linewidth=0)
+                ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.15, linewidth=0)
             study = study_curves.get(key, {}).get(v)
             if study:
-                ax.plot(np.arange(1, len(study) + 1), study, "--", color=COLOURS[v], alpha=0.8, label=f"{v} (study)")
+                ax.plot(np.arange(1, len(study) + 1), study, "--", color=c, alpha=0.8, label=f"{v} (study)")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -11,7 +11,7 @@ import numpy as np
 from analysis.bootstrap import two_level_ci
 from analysis.equivalence import accuracy_margins, delta_evidence, margin_for, seeds_needed
 from analysis.stats import PRIMARY, SECONDARY, adjust_family, mcnemar_exact, mean_ci
-from models import VARIANTS
+from models import VARIANTS, engram_variant
 from train.provenance import code_version, describe_code
 
 HYPOTHESES = {"H1": ("dual_head", "sentiment_only"), "H2": ("dual_engram", "dual_head")}
@@ -222,7 +222,7 @@ def secondary_family(hyp: dict, rank: dict) -> None:
 def rank_test(models: dict) -> dict:
     """Model 2 − Model 1 on each rank measure of the pooled states, paired over seeds: does the LM
     head keep the representation higher-rank (the study's anti-collapse explanation of H1)?"""
-    a, b = "dual_head", "sentiment_only"
+    a, b = HYPOTHESES["H1"]
     if not all(v in models and "rank" in models[v] for v in (a, b)):
         return {}
     ra = {r["seed"]: r["analysis"]["rank"] for r in models[a]["runs"]}
@@ -275,12 +275,13 @@ def tail_summary(runs: list[dict], threshold: float) -> dict:
 
 
 def engram_summary(models: dict, study_ari: float | None = None) -> dict:
-    """Trained engram, untrained (random) compressors and the pooled state, over the seeds of
-    dual_engram; per seed whether the trained engram's ARI lies above every random draw's; and the
-    tail: how often a random compressor reaches the study's ARI."""
-    if "dual_engram" not in models:
+    """Trained engram, untrained (random) compressors and the pooled state, over the seeds of the
+    model with an engram (models.engram_variant: Model 3); per seed whether the trained engram's ARI
+    lies above every random draw's; and the tail: how often a random compressor reaches the study's ARI."""
+    v = engram_variant(models)
+    if v is None:
         return {}
-    runs = [r for r in models["dual_engram"]["runs"] if r["analysis"]]
+    runs = [r for r in models[v]["runs"] if r["analysis"]]
     if not runs:
         return {}
     out = {k: mean_ci([r["analysis"]["engram"][k] for r in runs]) for k in ENGRAM_KEYS}
@@ -311,7 +312,8 @@ def engram_summary(models: dict, study_ari: float | None = None) -> dict:
 
 def build_metrics(results: dict, labels, complete: bool, header: dict, study: dict, stopped: str | None = None) -> dict:
     models = {}
-    for v in VARIANTS:
+    # the table's order, then any variant it does not know (a run of other code) under its own name
+    for v in dict.fromkeys([*VARIANTS, *(v for by_v in results.values() for v in by_v)]):
         runs = [(s, results[s][v]) for s in results if v in results[s]]
         if runs:
             models[v] = _model_summary(runs)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-LABELS = {
-    "sentiment_only": "Model 1: Sentiment Only",
-    "dual_head": "Model 2: Dual Head",
-    "dual_engram": "Model 3: Dual + Engram",
-}
+from collections.abc import Mapping
+
+from models import VARIANTS
+
+
+class _Labels(Mapping):
+    """Variant name -> its table entry's label, read at each look-up (a variant added to the table
+    later has its label); a name the table does not know is its own label, so a report of another
+    code's run still renders."""
+
+    def __getitem__(self, name: str) -> str:
+        return VARIANTS[name].label if name in VARIANTS else name
+
+    def __iter__(self):
+        return iter(VARIANTS)
+
+    def __len__(self) -> int:
+        return len(VARIANTS)
+
+
+LABELS = _Labels()
 ENGRAM_ROWS = (
     ("ARI", "ari", 3, 1),
     ("Cluster accuracy (%)", "cluster_accuracy", 1, 100),

@@ -4,6 +4,13 @@ the findings in words. Formatting only: every number comes from metrics.json."""
 from __future__ import annotations
 
 from analysis import report_evidence as ev
+from analysis.report_engram import (  # noqa: F401  (re-exported: the reports call them as reporting's)
+    ablation_section,
+    control_section,
+    engram_read_line,
+    engram_section,
+    engram_trains,
+)
 from analysis.report_format import (  # noqa: F401
     ENGRAM_ROWS,
     LABELS,
@@ -83,7 +90,8 @@ def accuracy_table(m: dict) -> list[str]:
         row = f"| {LABELS[v]} | {_msd(mm['best_val_acc'])} | {_msd(mm['final_val_acc'])} |"
         if multi:
             row += f" {_ci(mm['best_val_acc'])} | {_ci(mm['final_val_acc'])} |"
-        row += f" {_f(s['best'][v])} | {_f(s['final'][v])} | {mm['total_params']:,} / {mm['trainable_params']:,} | "
+        row += f" {_f(s['best'].get(v))} | {_f(s['final'].get(v))} |"
+        row += f" {mm['total_params']:,} / {mm['trainable_params']:,} | "
         row += f"{_msd(mm['minutes'], 1)} |"
         lines.append(row)
     return lines + [""]
@@ -132,112 +140,6 @@ def extra_section(m: dict) -> list[str]:
 
 def hypothesis_section(m: dict) -> list[str]:
     return ev.hypothesis_section(m)
-
-
-def engram_section(m: dict, study_engram: dict) -> list[str]:
-    e = m["engram"]
-    if not e:
-        return []
-    lines = [
-        "## Engram clustering (H3)",
-        "",
-        "K-Means (k = 2) on each validation sentence's own engram (zero-engram pass) of the final model; "
-        "mean ± std over seeds.",
-        "",
-        "| Metric | Ours | Study |",
-        "|---|---|---|",
-    ]
-    for name, key, digits, scale in ENGRAM_ROWS:
-        study = study_engram.get(key)  # as the study's results file gives it (4 decimals)
-        lines.append(f"| {name} | {_msd(e[key], digits, scale)} | {'–' if study is None else f'{study:g}'} |")
-    lines += ["", *ev.other_face(study_engram)]
-    if "random_compressor" in e:
-        lines += control_section(m)
-    lines += ablation_section(m)
-    return lines
-
-
-def engram_trains(m: dict) -> bool:
-    """Whether any loss reaches Model 3's compressor: not when the preset never feeds an engram
-    back (the small published reading: the engram passed in is always zero)."""
-    return (m.get("preset") or {}).get("engram_feedback", True)
-
-
-def control_section(m: dict) -> list[str]:
-    e = m["engram"]
-    rc, pk = e["random_compressor"], e["pooled_kmeans"]
-    trains = engram_trains(m)
-    own = "trained engram" if trains else "never-trained engram"
-    lines = [
-        "### Control: is the organisation the engram's, or the pooled state's?",
-        "",
-        (
-            ""
-            if trains
-            else "Under this preset no engram is ever fed back (the engram passed in is always zero), so no "
-            "loss reaches Model 3's compressor: its engram is a random projection of the pooled states, one more draw "
-            "of the control's kind, with this seed's initialisation. "
-        )
-        + "The same measures on the same pooled validation states of Model 3: its "
-        f"{'trained' if trains else 'own'} compressor; {rc['draws']} "
-        "freshly initialised, never trained compressors of the same shape (mean ± std [min, max] over all draws of all "
-        "seeds); and K-Means on the pooled states themselves. Probe = 5-fold logistic regression.",
-        "",
-        "| Features | " + " | ".join(r[0] for r in ENGRAM_ROWS) + " | Probe accuracy (%) |",
-        "|---|" + "---|" * (len(ENGRAM_ROWS) + 1),
-    ]
-    lines.append(
-        f"| {own.capitalize()} | "
-        + " | ".join(_msd(e[k], d, s) for _, k, d, s in ENGRAM_ROWS)
-        + f" | {_msd(e['trained_probe_accuracy'], 1, 100)} |"
-    )
-    lines.append(
-        "| Untrained compressor | "
-        + " | ".join(
-            f"{_msd(rc[k], d, s)} [{rc[k]['min'] * s:.{d}f}, {rc[k]['max'] * s:.{d}f}]" for _, k, d, s in ENGRAM_ROWS
-        )
-        + f" | {_msd(rc['probe_accuracy'], 1, 100)} |"
-    )
-    lines.append(
-        "| Pooled state (K-Means on it) | "
-        + " | ".join(_msd(pk[k], d, s) for _, k, d, s in ENGRAM_ROWS)
-        + f" | {_msd(e['pooled_probe_accuracy'], 1, 100)} |"
-    )
-    above = [a for a in e["above_random"] if a["above"]]
-    n = len(e["above_random"])
-    per, pt = rc["draws"] // max(n, 1), (e.get("random_tail") or {}).get("percentile_test")
-    below = "; the test across seeds is the percentile test below" if pt else ""
-    lines += [
-        "",
-        f"**Does the {own} separate sentiment better than a random projection?** {ev.percentile_answer(pt)}: "
-        f"per seed its ARI lies above every one of that seed's {per} probed random draws in {len(above)} of "
-        f"{n} seeds ({own.split()[0]} ARI {_msd(e['ari'], 3)}, random {_msd(rc['ari'], 3)}, pooled state "
-        f"{_msd(pk['ari'], 3)}){below}.",
-        "",
-    ]
-    return lines + ev.h3_lines(e, own)
-
-
-def ablation_section(m: dict) -> list[str]:
-    runs = [r for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
-    base = runs[0]["analysis"]["ablation"]["base"]
-    others = [mode for mode in ("pair", "zero", "shuffled") if mode != base]
-    lines = [
-        "### Does the model read its engram? (evaluation ablation, Model 3, final epoch)",
-        "",
-        f"Validation accuracy with the engrams it is evaluated with (`{base}`), and with the other conditions; "
-        "\"changed\" counts the predictions that differ from those, out of the predictions whose engram differs "
-        "(under `pair` the first half of every batch already has a zero engram, "
-        "so against `zero` only the second halves can change).",
-        "",
-        f"| Seed | {base} | " + " | ".join(others) + " |",
-        "|---|---|" + "---|" * len(others),
-    ]
-    for r in runs:
-        ab = r["analysis"]["ablation"]
-        cells = [f"{ab[mode]:.2f} ({ab[f'changed_{mode}']} of {ab[f'could_change_{mode}']} changed)" for mode in others]
-        lines.append(f"| {r['seed']} | {ab[base]:.2f} | " + " | ".join(cells) + " |")
-    return lines + [""]
 
 
 def rank_section(m: dict) -> list[str]:
@@ -327,17 +229,7 @@ def summary_section(m: dict) -> list[str]:
     """The findings in words, each read off a table above it in the report."""
     if not m["hypotheses"]:
         return []
-    lines = ev.findings(m)
-    eng = m["engram"]
-    if eng:
-        runs = [r["analysis"]["ablation"] for r in m["models"]["dual_engram"]["runs"] if r["analysis"]]
-        key = "zero" if runs[0]["base"] != "zero" else "pair"
-        changed = [f"{a[f'changed_{key}']} of {a[f'could_change_{key}']}" for a in runs]
-        lines.append(
-            f"- **Is the engram read?** Switching the engrams to `{key}` changes {', '.join(changed)} validation "
-            "predictions that could change, per seed (ablation table above)."
-        )
-    return lines + [""]
+    return ev.findings(m) + engram_read_line(m) + [""]
 
 
 def _run_extent(r: dict) -> str:
@@ -392,9 +284,9 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
             a, b = w["models"][v], p["models"][v]
             lines.append(
                 f"| {LABELS[v]} | {_f(a['best_val_acc']['mean'])} {_ci(a['best_val_acc'])} | "
-                f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'][v])} | "
+                f"{_f(b['best_val_acc']['mean'])} {_ci(b['best_val_acc'])} | {_f(s['best'].get(v))} | "
                 f"{_f(a['final_val_acc']['mean'])} {_ci(a['final_val_acc'])} | {_f(b['final_val_acc']['mean'])} "
-                f"{_ci(b['final_val_acc'])} | {_f(s['final'][v])} |"
+                f"{_ci(b['final_val_acc'])} | {_f(s['final'].get(v))} |"
             )
     lines += [
         "",

@@ -47,10 +47,10 @@ def step_flops(cfg: SmallConfig, variant: str, mask: torch.Tensor) -> float:
     The same count is used for the reference, so its extra padded work shows as a lower rate."""
     d, ff, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     B, T = mask.shape
-    tokens = int(mask.sum()) + (B if variant == "dual_engram" else 0)  # the prefix is a real row
+    tokens = int(mask.sum()) + (B if VARIANTS[variant].prefix != "none" else 0)  # the prefix is a real row
     per_token = cfg.n_layers * 2 * (4 * d * d + 2 * d * ff)
     attention = cfg.n_layers * 4 * B * (T + 1) ** 2 * d  # QK^T and AV over the padded grid
-    lm = 2 * int((mask.sum(1) - 1).sum()) * d * V if variant != "sentiment_only" else 0
+    lm = 2 * int((mask.sum(1) - 1).sum()) * d * V if VARIANTS[variant].lm_head else 0
     return 3.0 * (tokens * per_token + attention + lm)
 
 

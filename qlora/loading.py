@@ -354,7 +354,7 @@ def build_qlora_model(
     )
     model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, args.head_width))
     # Heads are created in fp32 and stay fp32; only they and the LoRA weights are trainable.
-    for module in (model.sentiment_head, model.compressor, model.projector):
+    for module in (model.sentiment_head, model.compressor, model.projector, model.learned_prefix):
         if module is not None:
             module.to(device=device, dtype=torch.float32)
     return model

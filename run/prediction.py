@@ -21,7 +21,7 @@ from models import VARIANTS, EngramModel
 from train.data import Encoded, Vocab, collate
 from train.provenance import describe_code
 from train.stop import UsageError
-from train.weights import load_heads, nearest_cluster, read_weights, weights_folder
+from train.weights import HEAD_MODULES, load_heads, nearest_cluster, read_weights, weights_folder
 
 LABELS = ("negative", "positive")
 BATCH = 32  # sentences per forward pass
@@ -163,7 +163,7 @@ def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | 
         prefix_predicts_first=cfg["prefix_predicts_first"],
     )
     engram_model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, cfg["head_width"]))
-    for name in ("sentiment_head", "compressor", "projector"):
+    for name in HEAD_MODULES:
         if getattr(engram_model, name) is not None:
             getattr(engram_model, name).to(device=device, dtype=torch.float32)
     try:

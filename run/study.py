@@ -17,7 +17,7 @@ import torch
 from analysis.controls import analyse, random_compressor_tail
 from analysis.figures import engram_clusters, learning_curves
 from analysis.metrics import build_metrics, predictions, setting, subject
-from models import free_memory
+from models import engram_variant, free_memory
 from run.cli import continue_command
 from run.grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
 from train.checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
@@ -108,9 +108,9 @@ def job_machine(device: torch.device, who: dict) -> dict:
 
 def outputs_of(m: dict) -> list[str]:
     """The files write_outputs leaves for these metrics: each figure only once it has something to
-    draw (the learning curves a finished model, the engram figure a finished Model 3)."""
+    draw (the learning curves a finished model, the engram figure a finished model with an engram)."""
     models = m.get("models") or {}
-    drawable = {"learning_curves.png": bool(models), "engram_clusters.png": "dual_engram" in models}
+    drawable = {"learning_curves.png": bool(models), "engram_clusters.png": engram_variant(models) is not None}
     return [o for o in OUTPUTS if drawable.get(o, True)]
 
 
@@ -149,18 +149,25 @@ ENGRAM_STAMP = ".engram_clusters.json"  # what the engram figure on disk shows: 
 
 def engram_stamp(out: Path, results: dict, seeds: list[int], header: dict) -> dict | None:
     """What the engram figure must show for these finished results, a pure function of them (every
-    writer agrees): the first seed (in --seeds order) whose Model 3 has finished, its arrays.npz
-    (size and mtime) and the title. None when no Model 3 with an engram analysis has finished."""
-    first = next((s for s in seeds if "dual_engram" in results.get(s, {})), None)
-    e = None if first is None else (results[first]["dual_engram"].get("analysis") or {}).get("engram")
+    writer agrees): the first seed (in --seeds order) whose model with an engram (the first such
+    variant of the table the results hold: Model 3) has finished, its arrays.npz (size and mtime)
+    and the title. None when no such model with an engram analysis has finished."""
+    v = _engram_variant(results)
+    first = None if v is None else next((s for s in seeds if v in results.get(s, {})), None)
+    e = None if first is None else (results[first][v].get("analysis") or {}).get("engram")
     if e is None:
         return None
-    st = (out / "checkpoints" / f"seed{first}" / "dual_engram" / "arrays.npz").stat()
+    st = (out / "checkpoints" / f"seed{first}" / v / "arrays.npz").stat()
     title = (
         f"engrams of {subject(header)}, protocol {setting(header)} (seed {first}): "
         f"ARI {e['ari']:.3f}, cluster accuracy {100 * e['cluster_accuracy']:.1f}%"
     )
     return {"seed": first, "arrays": [st.st_size, st.st_mtime_ns], "title": title}
+
+
+def _engram_variant(results: dict) -> str | None:
+    """The variant the engram figure shows (models.engram_variant of those with a finished job)."""
+    return engram_variant({name for by_variant in results.values() for name in by_variant})
 
 
 def engram_on_disk(out: Path) -> dict | None:
@@ -178,7 +185,7 @@ def engram_figure(out: Path, results: dict, seeds: list[int], header: dict) -> t
     stamp = engram_stamp(out, results, seeds, header)
     if stamp is None or engram_on_disk(out) == stamp:
         return None
-    a = load_arrays(out, stamp["seed"], "dual_engram")
+    a = load_arrays(out, stamp["seed"], _engram_variant(results))
     return figure_png(
         engram_clusters(a["engrams"], a["labels"], a["clusters"], a["pooled"], stamp["title"], stamp["seed"])
     ), stamp

@@ -7,7 +7,7 @@ beside the job's checkpoints, with what rebuilding the model needs.
                     vocab.json                ... and the word vocabulary
                     adapter/                  causal LMs: PEFT's save_pretrained (adapter_config.json,
                                               adapter_model.safetensors; the base id or path recorded)
-                    heads.safetensors         ... the sentiment head, compressor and projector
+                    heads.safetensors         ... the sentiment head, compressor and projector (or learned prefix)
                     kmeans.json               Model 3: K-Means (k=2) of the validation engrams of
                                               this epoch's model, for the cluster a new sentence falls in
 
@@ -29,7 +29,7 @@ from train.files import write_json
 from train.stop import UsageError
 
 KINDS = ("small", "causal_lm")
-HEAD_MODULES = ("sentiment_head", "compressor", "projector")
+HEAD_MODULES = ("sentiment_head", "compressor", "projector", "learned_prefix")  # None where a variant has none
 
 
 @dataclass
