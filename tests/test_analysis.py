@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from analysis import controls as analysis
 from analysis import figures, metrics, stats
 from analysis.controls import could_change, random_compressor_control, representation_rank
+from analysis.study_figures import SMALL_STUDY
 from models import LinearCrossEntropy, SmallConfig, build_small_model, mlp_sentiment_head
-from protocols import SMALL_STUDY
 from tests.test_models import batch
 from train import provenance
 

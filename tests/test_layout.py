@@ -85,7 +85,5 @@ def test_no_module_below_the_entries_takes_the_argparse_namespace():
 
 
 def test_modules_stay_small():
-    long = {
-        f.relative_to(ROOT).as_posix(): n for f in sources() if (n := len(f.read_text().splitlines())) > 420
-    }
+    long = {f.relative_to(ROOT).as_posix(): n for f in sources() if (n := len(f.read_text().splitlines())) > 420}
     assert not long, f"modules over ~400 lines: {long}"

@@ -19,10 +19,11 @@ import experiment
 import experiment_7b as e7
 import protocols
 from analysis import controls as analysis
+from analysis import study_figures
 from models import SmallConfig, build_small_model, count_parameters
 from nets.small_transformer import SmallBackbone
 from protocols import BIG, SMALL
-from run import cli, study
+from run import cli, settings, study
 from train import loop as training
 from train.checkpoints import seed_everything
 from train.data import Encoded, collate
@@ -144,7 +145,7 @@ def test_published_small_parameter_counts_are_the_studys_exactly():
     }
     assert (
         {v: c[0] for v, c in counts.items()}
-        == protocols.SMALL_STUDY["params"]
+        == study_figures.SMALL_STUDY["params"]
         == {"sentiment_only": 1_297_346, "dual_head": 2_329_346, "dual_engram": 2_354_082}
     )
     assert all(total == trainable for total, trainable in counts.values())
@@ -163,7 +164,7 @@ def test_written_small_parameter_counts_differ_from_the_published_ones():
     t1, t2, t3 = (count_parameters(m)[0] for m in (m1, m2, m3))
     assert t2 - t1 == cfg.d_model * V + V  # an untied LM head over the written vocabulary
     assert m2.backbone.lm_head.weight.data_ptr() != m2.backbone.tok.weight.data_ptr()
-    for t, published in zip((t1, t2, t3), protocols.SMALL_STUDY["params"].values()):
+    for t, published in zip((t1, t2, t3), study_figures.SMALL_STUDY["params"].values()):
         assert t != published
 
 
@@ -618,8 +619,8 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("module, base", [(experiment, "results"), (e7, "results_7b")])
 def test_default_out_folder_is_per_protocol(module, base, monkeypatch):
-    assert cli.default_out(base, "written") == Path(base)
-    assert cli.default_out(base, "published") == Path(base) / "published"
+    assert settings.default_out(base, "written") == Path(base)
+    assert settings.default_out(base, "published") == Path(base) / "published"
     seen = []
 
     def check_writable(folder):
