@@ -13,10 +13,10 @@ a time, so the GPU never holds more than one unquantised matrix (at most 18,944 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -335,9 +335,8 @@ def _one_row(build, variant: str, enc: Encoded, device: torch.device, steps: int
 
 
 def dry_run(lm: CausalLM, dry: DryRun, lr: float, device: torch.device, preset, make_builder) -> dict:
-    """Each variant's real training step at the preset's batch size and --max-length, checkpointing on
-    and off, on random weights of Qwen2.5-7B's shape (no download, no disk), a tiny one, or --model.
-    `make_builder(lm, lr, device, source, preset)` is experiment_7b's. Prints and returns the table."""
+    """Each variant's real training step at the preset's batch size and --max-length, checkpointing on and
+    off, on random weights of Qwen2.5-7B's shape (no download), a tiny one, or --model; prints the table."""
     from transformers import Qwen2Config
 
     compute_dtype, _ = precision(device)
@@ -364,9 +363,7 @@ def dry_run(lm: CausalLM, dry: DryRun, lr: float, device: torch.device, preset, 
         )
     g = torch.Generator().manual_seed(0)
     for checkpointing in (True, False):
-        build, _ = make_builder(
-            dataclasses.replace(lm, gradient_checkpointing=checkpointing), lr, device, source, preset
-        )
+        build, _ = make_builder(replace(lm, gradient_checkpointing=checkpointing), lr, device, source, preset)
         for variant in VARIANTS:
             bs = preset.batch_for(variant)
             ids = torch.randint(0, vocab, (bs, lm.max_length), generator=g)  # [bs,T] random tokens

@@ -15,7 +15,7 @@ import experiment
 import experiment_7b as e7
 import protocols
 from protocols import BIG, BIG_RUNGS, SMALL, SMALL_RUNGS
-from run import ladder
+from run import cli, ladder
 
 TINY = [
     "--no-progress",
@@ -67,10 +67,10 @@ def test_each_rung_differs_from_the_base_in_exactly_its_fields(presets, rungs, b
 
 def test_a_rung_from_the_command_line_is_recorded_as_its_overrides():
     args = experiment.parse_args(["--rung", "attention", "--set", "lm_weight=0.3"])
-    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    preset, overrides = cli.preset_of(args, SMALL, experiment.PRESET_FLAGS)
     assert overrides == {"causal": False, "lm_weight": 0.3} and not preset.causal and preset.name == "written"
     args = e7.parse_args(["--protocol", "published", "--rung", "precision"])
-    assert protocols.resolve(BIG, args, e7.PRESET_FLAGS)[1] == {"autocast": True}
+    assert cli.preset_of(args, BIG, e7.PRESET_FLAGS)[1] == {"autocast": True}
     with pytest.raises(SystemExit):
         experiment.parse_args(["--rung", "pooling"])  # a 7B rung is not a small one
 

@@ -17,7 +17,6 @@ import torch
 
 import experiment
 import experiment_7b as e7
-import protocols
 from analysis import controls as analysis
 from analysis import study_figures
 from models import SmallConfig, build_small_model, count_parameters
@@ -384,7 +383,8 @@ def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(
 ):
     args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", protocol])
     preset = BIG[protocol]
-    build, dtype = e7.make_builder(args, CPU, str(tiny_qwen), preset)
+    s = e7.settings(args)
+    build, dtype = e7.make_builder(s.model, s.training.lr, CPU, str(tiny_qwen), preset)
     assert dtype == torch.float32
     built = build("sentiment_only", 0, total)
     lam = built.scheduler.lr_lambdas[0]
@@ -399,7 +399,7 @@ def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(
         and group["initial_lr"] == 2e-4
         and group["weight_decay"] == decay
     )
-    recipe = e7.make_recipe(args, preset, build, CPU)
+    recipe = e7.make_recipe(s.model, s.training, preset, build, CPU)
     variants = ("sentiment_only", "dual_head", "dual_engram")
     assert tuple(recipe.batch_size(v) for v in variants) == batches
     assert tuple(recipe.accum_steps(v) for v in variants) == accums
@@ -416,8 +416,8 @@ def _small_recipe(protocol: str, data: Path, out: Path, monkeypatch) -> tuple[tr
     """The Recipe experiment.run() builds, captured instead of run."""
     captured = {}
 
-    def capture(recipe, args, *rest):
-        captured["recipe"], captured["args"] = recipe, args
+    def capture(mode, recipe, settings, *rest):
+        captured["recipe"], captured["args"] = recipe, settings.training
         return {}
 
     monkeypatch.setattr(experiment, "run_and_report", capture)
@@ -472,7 +472,7 @@ def _qlora(protocol: str, tiny_qwen):
 
     args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", protocol])
     torch.manual_seed(0)
-    model = build_qlora_model(args, "dual_engram", CPU, torch.float32, str(tiny_qwen), BIG[protocol])
+    model = build_qlora_model(e7.settings(args).model, "dual_engram", CPU, torch.float32, str(tiny_qwen), BIG[protocol])
     return model.eval()
 
 
@@ -563,17 +563,17 @@ def test_7b_published_protocol_runs_end_to_end(tiny_qwen, sst2_small, tmp_path):
 
 def test_explicit_flags_and_set_are_recorded_as_overrides():
     args = experiment.parse_args(["--protocol", "published", "--lm-weight", "0.5"])
-    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    preset, overrides = cli.preset_of(args, SMALL, experiment.PRESET_FLAGS)
     assert overrides == {"lm_weight": 0.5}
     assert preset == dataclasses.replace(SMALL["published"], lm_weight=0.5)
     assert args.lm_weight == 0.5 and args.weight_decay == 0.01 and args.clip_norm == 1.0 and args.d_ff == 256
     # a flag equal to the preset's value is no override; --set reaches any field
     args = experiment.parse_args(["--protocol", "published", "--lm-weight", "0.3", "--set", "causal=true"])
-    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    preset, overrides = cli.preset_of(args, SMALL, experiment.PRESET_FLAGS)
     assert overrides == {"causal": True} and preset.causal and preset.name == "published"
     args = e7.parse_args(["--protocol", "published", "--warmup-ratio", "0.1"])
-    assert protocols.resolve(BIG, args, e7.PRESET_FLAGS)[1] == {"warmup_ratio": 0.1}
-    assert protocols.resolve(SMALL, experiment.parse_args([]), experiment.PRESET_FLAGS) == (SMALL["written"], {})
+    assert cli.preset_of(args, BIG, e7.PRESET_FLAGS)[1] == {"warmup_ratio": 0.1}
+    assert cli.preset_of(experiment.parse_args([]), SMALL, experiment.PRESET_FLAGS) == (SMALL["written"], {})
 
 
 def test_an_override_is_recorded_in_metrics_and_changes_the_loss(sst2_small, tmp_path):
@@ -642,7 +642,7 @@ def test_the_other_protocol_is_looked_for_beside_this_runs_folder():
     in a folder outside that layout compares with nothing unless --compare names a file."""
 
     def where(*argv):
-        return cli.other_protocol_metrics(experiment.parse_args(list(argv)), "results")
+        return settings.other_protocol_metrics(experiment.settings(experiment.parse_args(list(argv))).run, "results")
 
     assert where() == Path("results/published/metrics.json")
     assert where("--protocol", "published") == Path("results/metrics.json")
