@@ -393,6 +393,7 @@ def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
     import signal
 
     from run import cli
+    from train.stop import check_stop
 
     def rung(args, argv):  # a rung whose last step has just finished when SIGTERM arrives
         assert signal.getsignal(signal.SIGTERM) == cli.STOP.handler
@@ -402,7 +403,7 @@ def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
     def ladder_run(args, argv):
         assert cli.cli_main(lambda a: a, rung, []) == "rung done"
         assert cli.STOP.name == "SIGTERM"  # kept across the rung's own cli_main
-        cli.check_stop("the ladder, before rung vocabulary")
+        check_stop("the ladder, before rung vocabulary")
 
     with pytest.raises(SystemExit) as e:
         cli.cli_main(lambda a: a, ladder_run, [])
