@@ -11,24 +11,25 @@ from dataclasses import asdict
 
 import torch
 
-from analysis import reporting as rep
 from analysis.controls import PROBE_FOLDS
 from analysis.metrics import data_source, run_header
+from analysis.report_small import small_report
+from analysis.study_figures import SMALL_STUDY
 from models import VARIANTS, SmallConfig, build_small_model
-from protocols import SMALL, SMALL_STUDY, ladder_names, parse_with_preset, preset_help, resolve
+from protocols import SMALL, ladder_names, preset_help
 from run.cli import (
     add_logging_arguments,
+    add_preset_flags,
     base_parser,
     cli_main,
-    default_out,
-    non_negative_float,
-    other_protocol_metrics,
+    parse_with_preset,
     positive_int,
-    resolve_device,
+    settings_from,
     unit_interval,
-    validate_common,
 )
-from run.study import before_data, read_metrics, run_and_report
+from run.ladder import run_ladder
+from run.settings import Settings, SmallModel, Training, default_out, other_protocol_metrics, resolve_device
+from run.study import mode_of, prepare, read_metrics, run_and_report, show_status
 from train.data import Encoded, Vocab, check_analysable, load_sst2, parse_extra_eval
 from train.files import check_writable
 from train.loop import Built, Recipe
@@ -37,8 +38,9 @@ from train.stop import UsageError
 from train.tensorboard_log import tensorboard_root
 from train.weights import WeightSpec
 
-DEFAULT_EPOCHS = 8
 OUT = "results"
+TRAINING = Training(epochs=8, lr=3e-4)  # the study's; --epochs below it marks a run as shortened
+MODEL = SmallModel()
 # flag dest -> the preset field it overrides (None on the command line keeps the preset's value)
 PRESET_FLAGS = {
     "vocab_words": "vocab_words",
@@ -56,9 +58,9 @@ def parse_args(argv):
         "experiment.py",
         "Experiment 1 of the study: sentiment_only, dual_head and dual_engram small "
         "transformers trained from scratch on SST-2.",
-        epochs=DEFAULT_EPOCHS,
+        epochs=TRAINING.epochs,
         batch_size=preset_help(SMALL, "batch_size"),
-        lr=3e-4,
+        lr=TRAINING.lr,
         out=OUT,
         protocols=tuple(SMALL),
         variants=VARIANTS,
@@ -74,90 +76,60 @@ def parse_args(argv):
         + preset_help(SMALL, "vocab_words")
         + ")",
     )
-    m.add_argument("--max-len", type=positive_int, default=64, help="tokens per sentence, specials included")
-    m.add_argument("--d-model", type=positive_int, default=128, help="embedding and hidden width")
-    m.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
-    m.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    m.add_argument("--max-len", type=positive_int, default=MODEL.max_len, help="tokens per sentence, specials included")
+    m.add_argument("--d-model", type=positive_int, default=MODEL.d_model, help="embedding and hidden width")
+    m.add_argument("--layers", type=positive_int, default=MODEL.layers, help="transformer blocks")
+    m.add_argument("--heads", type=positive_int, default=MODEL.heads, help="attention heads")
     m.add_argument(
         "--d-ff",
         type=positive_int,
         default=None,
         help="feed-forward width (preset: " + preset_help(SMALL, "d_ff") + ")",
     )
-    m.add_argument("--dropout", type=unit_interval, default=0.1, help="dropout probability")
-    m.add_argument("--engram-dim", type=positive_int, default=32, help="engram width")
+    m.add_argument("--dropout", type=unit_interval, default=MODEL.dropout, help="dropout probability")
+    m.add_argument("--engram-dim", type=positive_int, default=MODEL.engram_dim, help="engram width")
     m.add_argument(
         "--impl",
         choices=("packed", "padded"),
-        default="packed",
+        default=MODEL.impl,
         help="packed: per-token layers on real tokens only; padded: the naive reference (same function, slower)",
     )
     o = p.add_argument_group("loss and optimiser (default: the protocol's preset)")
-    o.add_argument(
-        "--lm-weight",
-        type=non_negative_float,
-        default=None,
-        help="weight of the LM loss in the dual variants (preset: " + preset_help(SMALL, "lm_weight") + ")",
-    )
-    o.add_argument(
-        "--sent-weight",
-        type=non_negative_float,
-        default=None,
-        help="weight of the sentiment loss in the dual variants (preset: "
-        + preset_help(SMALL, "sent_weight")
-        + "); Model 1's loss is CE alone",
-    )
-    o.add_argument(
-        "--weight-decay",
-        type=non_negative_float,
-        default=None,
-        help="decoupled (AdamW) weight decay; 0 is Adam (preset: " + preset_help(SMALL, "weight_decay") + ")",
-    )
-    o.add_argument(
-        "--clip-norm",
-        type=non_negative_float,
-        default=None,
-        help="gradient-norm clipping, 0 = none (preset: " + preset_help(SMALL, "clip_norm") + ")",
-    )
+    add_preset_flags(o, SMALL, ("lm_weight", "sent_weight", "weight_decay", "clip_norm"))
     add_logging_arguments(p)
     return parse_with_preset(p, argv, SMALL, PRESET_FLAGS)
 
 
-def validate(args) -> None:
-    validate_common(args)
-    if args.d_model % args.heads:
-        raise UsageError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
-    if args.max_len < 2:
+def settings(args) -> Settings:
+    """The command line as typed settings, validated."""
+    model = SmallModel(args.max_len, args.d_model, args.layers, args.heads, args.dropout, args.engram_dim, args.impl)
+    s = settings_from(args, SMALL, PRESET_FLAGS, model)
+    if model.d_model % model.heads:
+        raise UsageError(f"--d-model {model.d_model} is not divisible by --heads {model.heads}")
+    if model.max_len < 2:
         raise UsageError("--max-len must be at least 2")
+    return s
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def small_report(m: dict, other: dict | None = None) -> str:
-    lines = rep.report_header(m, "Experiment 1: small transformers from scratch on SST-2")
-    lines += ["## Validation accuracy (%)", "", *rep.accuracy_table(m), *rep.per_seed_table(m)]
-    lines += rep.hypothesis_section(m)
-    lines += rep.extra_section(m)
-    lines += rep.engram_section(m, SMALL_STUDY["engram"])
-    lines += rep.rank_section(m)
-    lines += rep.probe_section(m)
-    lines += rep.summary_section(m)
-    lines += rep.protocols_section(m, other)
-    lines += [
-        "## Figures",
-        "",
-        "![learning curves](learning_curves.png)",
-        "",
-        "![engram clusters](engram_clusters.png)",
-        "",
-    ]
-    lines += rep.history_section(m)
-    return "\n".join(lines)
-
-
 def main(argv=None) -> dict:
     return cli_main(parse_args, run, argv)
+
+
+def run(args, argv) -> dict:
+    """The command line's settings, then one mode of mode_of: the ladder, --status, or the grid
+    (after its data, model and header): rewrite its outputs, submit it, run one job, or run it all."""
+    s = settings(args)
+    out = check_writable(s.run.out or default_out(OUT, s.run.protocol))
+    mode = mode_of(s.run, s.execution)
+    if mode == "ladder":
+        return run_ladder(main, argv, s.run, SMALL, out, s.execution.executor)
+    if mode == "status":
+        return show_status(out, s.run)
+    prepare(mode, s, out)
+    return run_grid(mode, s, argv, out)
 
 
 def small_config(preset, **sizes) -> SmallConfig:
@@ -202,33 +174,30 @@ def small_weights(preset, cfg: SmallConfig, vocab: Vocab) -> WeightSpec:
     return WeightSpec("small", config, words, half=True)
 
 
-def make_builder(args, preset, cfg: SmallConfig, device):
+def make_builder(training: Training, preset, cfg: SmallConfig, device):
     def build(variant: str, seed: int, total_steps: int) -> Built:
         model = build_small_model(variant, cfg, preset.sent_weight, preset.lm_weight).to(device)
         if preset.weight_decay:
-            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=preset.weight_decay)
+            opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=preset.weight_decay)
         else:  # Adam, as written (AdamW with no decay is the same update; fused is the fast CPU kernel)
-            opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+            opt = torch.optim.Adam(model.parameters(), lr=training.lr, fused=True)
         sched = None
         if preset.schedule == "cosine_per_epoch":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=training.epochs)
         return Built(model, opt, sched, scheduler_per="epoch", info={"config": asdict(cfg)})
 
     return build
 
 
-def run(args, argv) -> dict:
-    preset, overrides = resolve(SMALL, args, PRESET_FLAGS)
-    validate(args)
-    out = check_writable(args.out or default_out(OUT, args.protocol))
-    done = before_data(main, argv, args, SMALL, out)
-    if done is not None:
-        return done
-    device = resolve_device(args.device)
-    data = load_sst2(args.data_dir)
-    extra = parse_extra_eval(args.extra_eval)
-    train_split = data["train"].head(args.max_train)
-    val_split = data["validation"].head(args.max_eval)
+def run_grid(mode: str, s: Settings, argv: list[str], out) -> dict:
+    """Load the data, build the vocabulary, the model config, the recipe and the header; then the
+    grid in `mode` (run.study.run_and_report)."""
+    preset, data_s, training, model = s.preset, s.data, s.training, s.model
+    device = resolve_device(s.execution.device)
+    data = load_sst2(data_s.data_dir)
+    extra = parse_extra_eval(list(data_s.extra_eval))
+    train_split = data["train"].head(data_s.max_train)
+    val_split = data["validation"].head(data_s.max_eval)
     check_analysable(
         val_split, PROBE_FOLDS, f"the validation set ({val_split.source or 'dev.tsv'}, {len(val_split)} rows)"
     )
@@ -236,13 +205,13 @@ def run(args, argv) -> dict:
     cfg = small_config(
         preset,
         vocab_size=len(vocab),
-        max_len=args.max_len,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        dropout=args.dropout,
-        engram_dim=args.engram_dim,
-        impl=args.impl,
+        max_len=model.max_len,
+        d_model=model.d_model,
+        n_layers=model.layers,
+        n_heads=model.heads,
+        dropout=model.dropout,
+        engram_dim=model.engram_dim,
+        impl=model.impl,
     )
 
     def encode(split) -> Encoded:
@@ -252,42 +221,43 @@ def run(args, argv) -> dict:
     evals = {"validation": encode(val_split), **{k: encode(v) for k, v in extra.items()}}
     recipe = Recipe(
         "small",
-        make_builder(args, preset, cfg, device),
+        make_builder(training, preset, cfg, device),
         lambda v: preset.batch_size,
-        args.epochs,
+        training.epochs,
         device,
         clip_norm=preset.clip_norm or None,
         drop_last=preset.drop_last,
         train_mode=preset.engram_mode,
         eval_mode=preset.engram_mode,
-        progress=not args.no_progress,
+        progress=not training.no_progress,
         weights=small_weights(preset, cfg, vocab),
-        tensorboard=tensorboard_root(args.report_to, out),
-        log_steps=args.log_steps,
+        tensorboard=tensorboard_root(training.report_to, out),
+        log_steps=training.log_steps,
     )
+    shortened = training.epochs < TRAINING.epochs or data_s.max_train is not None or data_s.max_eval is not None
     header = {
-        **run_header("small", "experiment.py", argv, args, DEFAULT_EPOCHS, preset, overrides),
+        **run_header("small", "experiment.py", argv, s.config, shortened, preset, s.overrides),
         "model_config": asdict(cfg),
         "versions": versions(),
         "device": device_name(device),
         "machine": machine(device),
-        "seeds": args.seeds,
+        "seeds": list(s.run.seeds),
         "data": {
             "train": len(train),
             "validation": len(evals["validation"]),
             "vocab_size": len(vocab),
-            **data_source(args, extra),
+            **data_source(data_s.data_dir, extra),
         },
     }
     panels = [("training accuracy (%)", [("train_acc", "train")]), ("validation accuracy (%)", [("val_acc", "val")])]
     print(
         f"small experiment, protocol {preset.name}: {len(train):,} train / "
         f"{len(evals['validation']):,} validation rows, "
-        f"vocabulary {len(vocab):,}, device {device_name(device)}, seeds {args.seeds}"
+        f"vocabulary {len(vocab):,}, device {device_name(device)}, seeds {list(s.run.seeds)}"
     )
-    other = read_metrics(other_protocol_metrics(args, OUT))
+    other = read_metrics(other_protocol_metrics(s.run, OUT))
     return run_and_report(
-        recipe, args, train, evals, out, header, SMALL_STUDY, panels, lambda m: small_report(m, other)
+        mode, recipe, s, train, evals, out, header, SMALL_STUDY, panels, lambda m: small_report(m, other)
     )
 
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from models import VARIANTS
-from run.cli import cli_main, positive_int, resolve_device, seed_int
+from run.cli import cli_main, positive_int, seed_int
+from run.settings import resolve_device
 
 
 def parse_args(argv):

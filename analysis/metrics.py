@@ -53,26 +53,29 @@ def user_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run_header(scale: str, script: str, argv: list[str], args, default_epochs: int, preset, overrides: dict) -> dict:
-    """The first fields of metrics.json that both scripts write: what was run, and with what settings."""
+def run_header(
+    scale: str, script: str, argv: list[str], config: dict, shortened: bool, preset, overrides: dict
+) -> dict:
+    """The first fields of metrics.json that both scripts write: what was run, and with what settings
+    (`config`: the command line's record, run.settings.Settings.config)."""
     import dataclasses
 
     return {
         "scale": scale,
         "protocol": preset.name,
         "command": f"python {script} " + shlex.join(user_argv(argv)),
-        "shortened": args.epochs < default_epochs or args.max_train is not None or args.max_eval is not None,
+        "shortened": shortened,
         "preset": dataclasses.asdict(preset),
         "overrides": overrides,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": config,
         "code": code_version(),
     }
 
 
-def data_source(args, extra: dict) -> dict:
+def data_source(data_dir: Path | None, extra: dict) -> dict:
     """Where the data came from, and the size of each --extra-eval set (the end of metrics.json's "data")."""
     return {
-        "source": str(args.data_dir) if args.data_dir else "hub:stanfordnlp/sst2",
+        "source": str(data_dir) if data_dir else "hub:stanfordnlp/sst2",
         "extra": {k: len(v) for k, v in extra.items()},
     }
 

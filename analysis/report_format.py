@@ -31,18 +31,23 @@ ENGRAM_ROWS = (
 )
 
 
-def _f(x, digits=2, pct=False):
+def number(x, digits=2, pct=False) -> str:
+    """x to `digits` decimals, "–" for None."""
     if x is None:
         return "–"
     return f"{x:.{digits}f}" + ("%" if pct else "")
 
 
-def _msd(stat: dict | None, digits=2, scale=1.0) -> str:
+def mean_std(stat: dict | None, digits=2, scale=1.0) -> str:
+    """A mean_ci dict as "mean ± std" (the mean alone for one seed), "–" for None."""
     if stat is None:
         return "–"
     if stat.get("std") is None:
-        return _f(stat["mean"] * scale, digits)
+        return number(stat["mean"] * scale, digits)
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+_f, _msd = number, mean_std  # the names the older report modules import
 
 
 def _ci(stat: dict, digits=2, scale=1.0) -> str:

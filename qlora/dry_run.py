@@ -16,6 +16,7 @@ import copy
 import functools
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from engram import run_batch
 from models import VARIANTS, count_parameters, free_memory
 from qlora.loading import bnb_config, load_tokenizer, precision, resolve_model_source
+from qlora.settings import CausalLM, DryRun
 from train.data import Encoded, collate
 from train.provenance import device_name
 from train.stop import UsageError
@@ -332,48 +334,44 @@ def _one_row(build, variant: str, enc: Encoded, device: torch.device, steps: int
     return row
 
 
-def dry_run(args, device: torch.device, preset, make_builder) -> dict:
-    """The real training step of each variant at the protocol's batch size and --max-length, with
-    gradient checkpointing on and off: on random weights of Qwen2.5-7B's shape (`--dry-run`, no
-    download, no disk), a tiny random shape (`--dry-run tiny`), or the model given with --model
-    (`--dry-run model`). `make_builder(args, device, source, preset)` is experiment_7b's. Prints a
-    table with each variant's peak memory and whether it fits a 16 GB card; returns it as a dict."""
+def dry_run(lm: CausalLM, dry: DryRun, lr: float, device: torch.device, preset, make_builder) -> dict:
+    """Each variant's real training step at the preset's batch size and --max-length, checkpointing on and
+    off, on random weights of Qwen2.5-7B's shape (no download), a tiny one, or --model; prints the table."""
     from transformers import Qwen2Config
 
     compute_dtype, _ = precision(device)
     report = {
-        "shape": args.dry_run,
+        "shape": dry.dry_run,
         "device": device_name(device),
-        "max_length": args.max_length,
+        "max_length": lm.max_length,
         "protocol": preset.name,
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "disk_needed_bytes": 0,
         "runs": [],
     }
-    if args.dry_run == "model":
-        source = resolve_model_source(args.model, args.cache_dir)
+    if dry.dry_run == "model":
+        source = resolve_model_source(lm.model, lm.cache_dir)
         vocab = len(load_tokenizer(source))
     else:
-        shape = QWEN25_7B_SHAPE if args.dry_run == "7b" else TINY_SHAPE
+        shape = QWEN25_7B_SHAPE if dry.dry_run == "7b" else TINY_SHAPE
         config = Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"])
         vocab = shape["vocab_size"]
         source = functools.partial(random_causal_lm, config, seed=0)  # (device, compute_dtype, load_in_4bit)
         print(
-            f"random {args.dry_run} weights ({parameter_count(config):,} parameters), built on {device} one matrix "
+            f"random {dry.dry_run} weights ({parameter_count(config):,} parameters), built on {device} one matrix "
             "at a time: no download, no disk"
         )
     g = torch.Generator().manual_seed(0)
     for checkpointing in (True, False):
-        args.gradient_checkpointing = checkpointing
-        build, _ = make_builder(args, device, source, preset)
+        build, _ = make_builder(replace(lm, gradient_checkpointing=checkpointing), lr, device, source, preset)
         for variant in VARIANTS:
             bs = preset.batch_for(variant)
-            ids = torch.randint(0, vocab, (bs, args.max_length), generator=g)  # [bs,T] random tokens
+            ids = torch.randint(0, vocab, (bs, lm.max_length), generator=g)  # [bs,T] random tokens
             row = {
                 "variant": variant,
                 "gradient_checkpointing": checkpointing,
                 "batch_size": bs,
-                "max_length": args.max_length,
+                "max_length": lm.max_length,
             }
             label = f"[dry run {variant}, checkpointing {'on' if checkpointing else 'off'}]"
             free_memory(device)
@@ -382,11 +380,11 @@ def dry_run(args, device: torch.device, preset, make_builder) -> dict:
             try:
                 row.update(
                     _one_row(
-                        build, variant, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, args.dry_run_steps
+                        build, variant, Encoded(ids.tolist(), [i % 2 for i in range(bs)]), device, dry.dry_run_steps
                     )
                 )
                 print(
-                    f"{label} {row['seconds_per_step']:.3f} s/step at batch {bs} x {args.max_length} tokens"
+                    f"{label} {row['seconds_per_step']:.3f} s/step at batch {bs} x {lm.max_length} tokens"
                     + (
                         ""
                         if row["peak_reserved_gib"] is None
@@ -407,7 +405,7 @@ def dry_run(args, device: torch.device, preset, make_builder) -> dict:
                     fits_16gb=False if gib is not None and gib >= CARD_16GB_GIB else None,
                 )
                 print(
-                    f"{label} out of memory at batch {bs} x {args.max_length} tokens "
+                    f"{label} out of memory at batch {bs} x {lm.max_length} tokens "
                     f"({str(e).splitlines()[0] if str(e) else ''})"
                 )
             report["runs"].append(row)

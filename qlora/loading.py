@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from models import EngramModel, HFBackbone, ModelSpec, mlp_sentiment_head
+from qlora.settings import DEFAULT_MODEL, CausalLM
 from train.data import Encoded
 from train.stop import UsageError
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-7B"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # bitsandbytes 0.50's CPU backend, on a CPU with AVX512-BF16 (seen on an AMD EPYC), looks at import
@@ -330,7 +330,7 @@ def keep_training_layout(lm) -> None:
 
 
 def build_qlora_model(
-    args, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str, preset=None
+    lm_settings: CausalLM, variant: str, device: torch.device, compute_dtype: torch.dtype, model_path: str, preset=None
 ) -> EngramModel:
     """`preset` (a protocols.BigProtocol) sets the pooling, the loss weights and whether the decoder
     runs under autocast; default: written."""
@@ -338,21 +338,22 @@ def build_qlora_model(
         from protocols import BIG
 
         preset = BIG["written"]
-    lm = load_base(model_path, device, compute_dtype, args.load_in_4bit, getattr(args, "gradient_checkpointing", True))
-    lm = with_lora(lm, args.lora_r, args.lora_alpha, args.lora_dropout)
+    s = lm_settings
+    lm = load_base(model_path, device, compute_dtype, s.load_in_4bit, s.gradient_checkpointing)
+    lm = with_lora(lm, s.lora_r, s.lora_alpha, s.lora_dropout)
     # under autocast the decoder's input is cast to the compute dtype; without it (the study's code)
     # the embeddings stay in their dtype, fp32 after prepare_model_for_kbit_training
     backbone = HFBackbone(lm, compute_dtype if preset.autocast else None)
     spec = ModelSpec(
         variant=variant,
         pooling=preset.pooling,
-        engram_dim=args.engram_dim,
+        engram_dim=s.engram_dim,
         sent_weight=preset.sent_weight,
         lm_weight=preset.lm_weight,
-        lm_chunk_rows=args.lm_chunk_rows,
+        lm_chunk_rows=s.lm_chunk_rows,
         prefix_predicts_first=preset.prefix_predicts_first,
     )
-    model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, args.head_width))
+    model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, s.head_width))
     # Heads are created in fp32 and stay fp32; only they and the LoRA weights are trainable.
     for module in (model.sentiment_head, model.compressor, model.projector, model.learned_prefix):
         if module is not None:

@@ -1,26 +1,18 @@
-"""What both command lines share: argparse types, the common flags, and main()'s one-line errors
-with their exit codes (the exceptions and the stop request live in train/stop.py)."""
+"""What both command lines share: argparse types, the common flags (preset overrides among them), the
+typed settings a parsed command line becomes (run/settings.py; the namespace stops here and in the
+entries), and main()'s one-line errors with their exit codes (the exceptions are in train/stop.py)."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
+import dataclasses
 import signal
 import sys
 from pathlib import Path
 
+from protocols import preset_help, resolve
+from run.settings import Data, Execution, Run, Settings, Training, flat, record, validate_common, with_threads
 from train.stop import STOP, STOP_SIGNALS, Interrupted, JobsFailed, NonFiniteLoss, UsageError
-
-
-def continue_command(command: str, executor: str = "serial") -> str:
-    """The command that continues a run: the same command line, less --report-only (a rewrite
-    trains nothing) and --overwrite (it would delete what has finished since), with --resume for a
-    serial run (a grid under an executor always continues its folder)."""
-    words = [w for w in shlex.split(command) if w not in ("--report-only", "--overwrite")]
-    if executor == "serial" and "--resume" not in words:
-        words.append("--resume")
-    return shlex.join(words)
-
 
 # ----------------------------------------------------------------------------- argparse types
 
@@ -297,60 +289,96 @@ def add_logging_arguments(p) -> None:
     )
 
 
-def default_out(out: str, protocol: str) -> Path:
-    """results/ for the written protocol, results/<protocol>/ for any other."""
-    return Path(out) if protocol == "written" else Path(out) / protocol
+# flag dest -> (type, help with {} for the value under each protocol): the flags that override a field
+# of the same name of the protocol's preset; a script offers those its presets have, the shared ones
+# (loss weights, weight decay, clipping) in both scripts. None on the command line keeps the preset's.
+PRESET_FLAG_HELP = {
+    "lm_weight": (non_negative_float, "weight of the LM loss in the dual variants (preset: {})"),
+    "sent_weight": (
+        non_negative_float,
+        "weight of the sentiment loss in the dual variants (preset: {}); Model 1's loss is CE alone",
+    ),
+    "weight_decay": (non_negative_float, "decoupled (AdamW) weight decay; 0 is Adam's update (preset: {})"),
+    "warmup_ratio": (
+        unit_interval,
+        "fraction of all optimizer steps with linear warm-up, then cosine decay (preset: {})",
+    ),
+    "clip_norm": (non_negative_float, "gradient-norm clipping, 0 = none (preset: {})"),
+}
 
 
-def other_protocol_metrics(args, out: str) -> Path | None:
-    """Where the other protocol's metrics.json is looked for: --compare, else beside this run's
-    folder as default_out lays them out (OUT and OUT/published); None when --out names a folder
-    outside that layout, so that an unrelated run is never compared."""
-    if args.compare is not None:
-        return args.compare
-    if args.out is None:
-        base = Path(out)
-    elif args.protocol == "written":
-        base = Path(args.out)
-    elif Path(args.out).name == args.protocol:
-        base = Path(args.out).parent
-    else:
-        return None
-    return default_out(base, "published" if args.protocol == "written" else "written") / "metrics.json"
-
-
-def validate_common(args) -> None:
-    if args.batch_size < 2:
-        raise UsageError(
-            f"--batch-size {args.batch_size} is too small: "
-            "dual_engram splits each batch into two halves, so it needs at least 2"
+def add_preset_flags(group, presets: dict, dests: tuple[str, ...]) -> None:
+    """--lm-weight, --weight-decay ...: one flag per preset field, each defined once here."""
+    for dest in dests:
+        kind, text = PRESET_FLAG_HELP[dest]
+        group.add_argument(
+            "--" + dest.replace("_", "-"), type=kind, default=None, help=text.format(preset_help(presets, dest))
         )
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UsageError(f"--seeds repeats a seed: {args.seeds}")
-    if len(set(args.variants)) != len(args.variants):
-        raise UsageError(f"--variants repeats a variant: {args.variants}")
-    validate_execution(args)
 
 
-def validate_execution(args) -> None:
-    """The executor's settings, and the threads each job gets: cores // --jobs on this machine."""
-    import os
+def preset_of(args, presets: dict, flag_fields: dict[str, str]) -> tuple[object, dict]:
+    """The resolved preset and its overrides (protocols.resolve) for this command line."""
+    flags = {field: getattr(args, dest) for dest, field in flag_fields.items()}
+    return resolve(presets, args.protocol, args.rung, args.set, flags)
 
-    if args.executor == "slurm" and args.slurm_time is None and not (args.status or args.report_only):
-        raise UsageError(
-            "--executor slurm needs --slurm-time MINUTES: Slurm's and submitit's default limits are minutes "
-            "and would stop a job long before it ends"
-        )
-    if (args.jobs or 1) > 1 and args.executor == "serial":
-        raise UsageError(f"--jobs {args.jobs} needs --executor local or slurm (serial runs one job at a time)")
-    if args.ladder and args.rung:
-        raise UsageError(
-            f"--ladder runs every rung itself; drop --rung {args.rung} (or drop --ladder to run that one rung)"
-        )
-    if args.overwrite and args.resume:
-        raise UsageError("--overwrite starts over and --resume continues: pass one of them")
-    if args.executor == "local" and args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) // (args.jobs or 1))
+
+def parse_with_preset(parser, argv, presets: dict, flag_fields: dict[str, str], fill=None):
+    """parser.parse_args, then the preset flags left unset given the chosen preset's values (`fill`:
+    those; default all of flag_fields); a bad --set is the parser's own one-line error (exit status 2).
+    A script records the flags it fills in metrics.json's config, so a flag added to a script later
+    is not filled: run.json files written before it lack it, and a resume compares them."""
+    args = parser.parse_args(argv)
+    try:
+        preset, _ = preset_of(args, presets, flag_fields)
+    except ValueError as e:
+        parser.error(str(e))
+    for dest in flag_fields if fill is None else fill:
+        if getattr(args, dest) is None:
+            setattr(args, dest, getattr(preset, flag_fields[dest]))
+    return args
+
+
+def settings_from(args, presets: dict, flag_fields: dict[str, str], model, extra=(), fill=None) -> Settings:
+    """The typed, validated settings of a parsed command line (parse_with_preset's), and their record
+    (`config`): every flag with its value as the namespace holds it, built from the settings."""
+    preset, overrides = preset_of(args, presets, flag_fields)
+    run = Run(
+        protocol=args.protocol,
+        set=tuple(args.set),
+        ladder=args.ladder,
+        rung=args.rung,
+        seeds=tuple(args.seeds),
+        variants=tuple(args.variants),
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        compare=args.compare,
+        status=args.status,
+        report_only=args.report_only,
+        job=args.job,
+    )
+    execution = Execution(
+        device=args.device,
+        threads=args.threads,
+        executor=args.executor,
+        jobs=args.jobs,
+        slurm_partition=args.slurm_partition,
+        slurm_time=args.slurm_time,
+        slurm_gpus=args.slurm_gpus,
+        slurm_cpus=args.slurm_cpus,
+        slurm_extra=tuple(args.slurm_extra),
+    )
+    data = Data(args.data_dir, args.max_train, args.max_eval, tuple(args.extra_eval))
+    training = Training(args.epochs, args.lr, args.no_progress, args.report_to, args.log_steps)
+    s = Settings(run, execution, data, training, preset, overrides, model, tuple(extra))
+    validate_common(s)
+    s = dataclasses.replace(s, execution=with_threads(s.execution))
+    # a preset flag parse_with_preset does not fill (one added to the script later) is recorded only when given
+    filled = flag_fields if fill is None else fill
+    given = {d: getattr(preset, f) for d, f in flag_fields.items() if d in filled or getattr(args, d) is not None}
+    values = flat(run, s.execution, data, training, model, *extra, given)
+    order = tuple(k for k in vars(args) if k in values)
+    return dataclasses.replace(s, config=record(values, order))
 
 
 _DEPTH = [0]  # cli_main calls in progress: the ladder runs each rung through main() inside its own
@@ -390,14 +418,3 @@ def cli_main(parse_args, run, argv=None):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             STOP.signum = None
-
-
-def resolve_device(name: str):
-    """The torch device for --device auto|cpu|cuda; cuda without a GPU is a one-line error."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)

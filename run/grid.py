@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -57,6 +58,16 @@ class Job:
 
     def finished(self, out: Path) -> bool:
         return self.result_state(out) == "finished"
+
+
+def continue_command(command: str, executor: str = "serial") -> str:
+    """The command that continues a run: the same command line, less --report-only (a rewrite
+    trains nothing) and --overwrite (it would delete what has finished since), with --resume for a
+    serial run (a grid under an executor always continues its folder)."""
+    words = [w for w in shlex.split(command) if w not in ("--report-only", "--overwrite")]
+    if executor == "serial" and "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(words)
 
 
 def grid(seeds, variants) -> list[Job]:

@@ -1,16 +1,11 @@
 """Which difference does what: a ladder from one reading of the study to the other, one difference
-at a time. Each rung is an ordinary run (the script's own command line with `--rung NAME`, or
-`--protocol OTHER` for the far end) in OUT/ladder/<rung>/, resumable and reportable on its own and
-run by whatever executor runs a study. LADDER.md, ladder.json and ladder.png set every rung beside
-the base: per model, mean ± std over seeds, and each rung's difference from the base with a 95 %
-interval over the seeds both have, paired by seed; and the study's H1 (Model 2 − Model 1, accuracy
-and effective rank) re-tested on every rung that trains both.
-"""
+at a time, each rung an ordinary run (the command line with `--rung NAME`, or `--protocol OTHER`) in
+OUT/ladder/<rung>/. LADDER.md, ladder.json and ladder.png set every rung beside the base (mean ± std
+over seeds, the paired difference with its 95 % interval) and re-test the study's H1 on each rung."""
 
 from __future__ import annotations
 
 import inspect
-import json
 import shlex
 from pathlib import Path
 
@@ -22,7 +17,9 @@ from analysis.reporting import LABELS, _f
 from analysis.stats import SECONDARY, adjust_family, mean_ci, significant
 from models import VARIANTS
 from protocols import ladder, other_protocol, rungs_for
-from run.cli import continue_command
+from run.grid import continue_command
+from run.settings import Run
+from run.study import read_metrics
 from train.files import save_figure, write_atomic, write_json
 from train.stop import Interrupted, JobsFailed, check_stop
 
@@ -70,22 +67,20 @@ def rung_argv(
     return ["--protocol", protocol, *rung, *rest, "--out", str(out / "ladder" / name), "--variants", *keep]
 
 
-def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
-    """Run (or submit) every rung in turn through `main`, then write the ladder's report. A rung
-    whose jobs failed leaves the others to run; the report marks what is missing. A stop (Ctrl-C,
-    a time limit) writes the report of what has finished before it ends the ladder. --report-only
-    writes only the ladder's report: each rung's own outputs are rewritten by each of its jobs as
-    it finishes (or by the rung's own command with --report-only)."""
-    base, other = args.protocol, other_protocol(presets, args.protocol)
-    # the command that trains the ladder: a --report-only rewrite renders what that command made
+def run_ladder(main, argv: list[str], run: Run, presets: dict, out: Path, executor: str = "serial") -> dict:
+    """Run (or submit) every rung in turn through `main`, then write the ladder's report; a rung whose
+    jobs failed leaves the others to run, and a stop writes the report of what has finished first.
+    --report-only writes only the ladder's report (each rung's jobs rewrite the rung's own outputs)."""
+    base, other = run.protocol, other_protocol(presets, run.protocol)
     script = Path(inspect.getfile(main)).name  # experiment.py or experiment_7b.py, however it was started
-    command = f"python {script} {shlex.join(a for a in argv if a != '--report-only')}"
-    report = lambda: write_ladder(out / "ladder", presets, base, args.seeds, args.variants, command)  # noqa: E731
-    if args.report_only:
+    command = f"python {script} {shlex.join(a for a in argv if a != '--report-only')}"  # what trains the ladder
+    seeds, wanted = list(run.seeds), list(run.variants)
+    report = lambda: write_ladder(out / "ladder", presets, base, seeds, wanted, command)  # noqa: E731
+    if run.report_only:
         return report()
     failed = []
     for name, variants, _ in ladder(presets, rungs_for(presets), base):
-        rung = rung_argv(argv, out, name, variants, base, other, args.variants)
+        rung = rung_argv(argv, out, name, variants, base, other, wanted)
         if rung is None:
             continue
         try:
@@ -101,7 +96,7 @@ def run_ladder(main, argv: list[str], args, presets: dict, out: Path) -> dict:
                 failed.append(name)
         except Interrupted as e:
             report()
-            again = continue_command(command, getattr(args, "executor", "serial"))
+            again = continue_command(command, executor)
             raise Interrupted(
                 f"{e}; {out / 'ladder' / 'LADDER.md'} names what is missing; continue with: {again}", e.signum
             ) from None
@@ -134,10 +129,7 @@ def _per_seed(m: dict, variant: str) -> dict[int, dict]:
 
 
 def _read(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_metrics(folder / "metrics.json")
 
 
 def ladder_summary(

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from run.cli import continue_command
-from run.grid import Job, job_states, status_table, write_record
+from run.grid import Job, continue_command, job_states, status_table, write_record
+from run.settings import Execution
 from train.stop import STOP, STOP_SIGNALS, Interrupted, JobsFailed, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +45,10 @@ class GridJob:
         self.script, self.argv, self.job, self.cwd = script, list(argv), job, cwd
         self.gpu = gpu  # the GPU as the submitter's CUDA_VISIBLE_DEVICES names it (an index, a UUID, a MIG id)
 
-    def checkpoint(self, *args, **kwargs):
+    def checkpoint(self, *call, **kwargs):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+        return submitit.helpers.DelayedSubmission(self, *call, **kwargs)
 
     def __call__(self) -> dict:
         os.chdir(self.cwd)
@@ -98,7 +98,7 @@ def _environment() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
-def submit(args, header: dict, out: Path, jobs: list[Job], writer) -> dict:
+def submit(execution: Execution, header: dict, out: Path, jobs: list[Job], writer) -> dict:
     """Submit every job of the grid that has no result and is not running or queued."""
     try:
         import submitit  # noqa: F401
@@ -117,12 +117,12 @@ def submit(args, header: dict, out: Path, jobs: list[Job], writer) -> dict:
     words = shlex.split(header["command"])  # python SCRIPT.py ARGS...: the user's own command line
     script, argv = Path(words[1]).stem, words[2:]
     folder = out / "jobs"
-    if args.executor == "slurm":
-        return _submit_slurm(args, header, out, todo, folder, script, argv)
-    return _run_local(args, header, out, jobs, todo, folder, script, argv, writer)
+    if execution.executor == "slurm":
+        return _submit_slurm(execution, header, out, todo, folder, script, argv)
+    return _run_local(execution, header, out, jobs, todo, folder, script, argv, writer)
 
 
-def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
+def _submit_slurm(x: Execution, header, out, todo, folder, script, argv) -> dict:
     import submitit
 
     try:
@@ -131,18 +131,18 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
         raise UsageError(f"--executor slurm: {e}") from None
     # the array runs as wide as the queue lets it, unless --jobs caps it (submitit's default is 1: %1)
     params = dict(
-        time=args.slurm_time,
+        time=x.slurm_time,
         job_name=f"engram-{out.resolve().name}",
-        array_parallelism=args.jobs or len(todo),
+        array_parallelism=x.jobs or len(todo),
         stderr_to_stdout=True,
-        additional_parameters=dict(args.slurm_extra),
+        additional_parameters=dict(x.slurm_extra),
     )
-    if args.slurm_partition:
-        params["partition"] = args.slurm_partition
-    if args.slurm_gpus:
-        params["gpus_per_node"] = args.slurm_gpus
-    if args.slurm_cpus:
-        params["cpus_per_task"] = args.slurm_cpus
+    if x.slurm_partition:
+        params["partition"] = x.slurm_partition
+    if x.slurm_gpus:
+        params["gpus_per_node"] = x.slurm_gpus
+    if x.slurm_cpus:
+        params["cpus_per_task"] = x.slurm_cpus
     executor.update_parameters(**params)
     try:
         with executor.batch():
@@ -165,7 +165,7 @@ def _submit_slurm(args, header, out, todo, folder, script, argv) -> dict:
         )
     print(
         f"submitted {len(submitted)} job(s) to Slurm as array {submitted[0][1].job_id.split('_')[0]}"
-        + (f", {args.jobs} at a time" if args.jobs else "")
+        + (f", {x.jobs} at a time" if x.jobs else "")
         + f"; logs in {folder}/"
     )
     watch = continue_command(header["command"], "slurm")
@@ -185,12 +185,12 @@ def visible_gpus() -> list[str]:
     return parent[:n] if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(n)]
 
 
-def _gpus(args) -> list[str]:
-    if args.device == "cpu":
+def _gpus(x: Execution) -> list[str]:
+    if x.device == "cpu":
         return []
     gpus = visible_gpus()
-    if gpus and (args.jobs or 1) > len(gpus):
-        raise UsageError(f"--jobs {args.jobs} exceeds the {len(gpus)} GPU(s) of this machine: one job per GPU")
+    if gpus and (x.jobs or 1) > len(gpus):
+        raise UsageError(f"--jobs {x.jobs} exceeds the {len(gpus)} GPU(s) of this machine: one job per GPU")
     return gpus
 
 
@@ -208,19 +208,19 @@ def _others_gpus(out: Path, jobs: list[Job], mine: set) -> set[str]:
     }
 
 
-def _run_local(args, header, out, jobs, todo, folder, script, argv, writer) -> dict:
+def _run_local(x: Execution, header, out, jobs, todo, folder, script, argv, writer) -> dict:
     """Run the jobs as local processes, --jobs at once (one GPU each where there are GPUs, never one
     that a job of an earlier submitter still holds), and wait for them."""
     import socket
 
     import submitit
 
-    gpus, width = _gpus(args), args.jobs or 1
+    gpus, width = _gpus(x), x.jobs or 1
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=MAX_REQUEUES)
     executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, signal_delay_s=LOCAL_SIGNAL_DELAY_S)
     queue, running = list(todo), {}
     print(
-        f"running {len(todo)} job(s), {width} at a time, {args.threads} thread(s) each"
+        f"running {len(todo)} job(s), {width} at a time, {x.threads} thread(s) each"
         + (f", one GPU each ({len(gpus)} here)" if gpus else "")
         + f"; logs in {folder}/"
     )

@@ -18,8 +18,8 @@ from analysis.controls import analyse, random_compressor_tail
 from analysis.figures import engram_clusters, learning_curves
 from analysis.metrics import build_metrics, predictions, setting, subject
 from models import engram_variant, free_memory
-from run.cli import continue_command
-from run.grid import Job, finished_results, grid, identity, job_states, parse_job, write_record
+from run.grid import Job, continue_command, finished_results, grid, identity, job_states, parse_job, write_record
+from run.settings import Execution, Run, Settings
 from train.checkpoints import check_fresh, latest_checkpoint, prepare_checkpoints, read_result
 from train.files import FolderLock, figure_png, save_figure, write_atomic, write_json, write_npz
 from train.loop import Recipe, train_variant
@@ -269,45 +269,79 @@ def jobs_summary(rows: list[dict], header: dict) -> dict:
     }
 
 
-def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, study: dict, panels, report_fn) -> dict:
-    """Run the grid of seeds x --variants (all of it, or with --job one job of it, as an executor
-    starts it), or submit it (--executor local|slurm), or only rewrite the outputs (--report-only).
-    The outputs are rewritten from every finished job on disk after each job, under the short
-    "outputs" lock, so they grow as jobs finish wherever the jobs run."""
-    jobs = grid(args.seeds, args.variants)
-    for variant in args.variants:  # refuse at the start what would fail after hours
+# ----------------------------------------------------------------------------- the modes
+
+MODES = ("ladder", "status", "report_only", "submit", "one_job", "serial")
+
+
+def mode_of(run: Run, execution: Execution) -> str:
+    """What a command does, the one place that decides it (first match): the ladder (every rung is
+    this command line again, through `main`), --status (the grid's table), --report-only (rewrite
+    the outputs), submit the grid to an executor (--executor local|slurm), one job of the grid (--job,
+    as an executor starts it), or every job in turn in this process (serial)."""
+    if run.ladder:
+        return "ladder"
+    if run.status:
+        return "status"
+    if run.report_only:
+        return "report_only"
+    if execution.executor != "serial" and run.job is None:
+        return "submit"
+    return "one_job" if run.job is not None else "serial"
+
+
+def prepare(mode: str, s: Settings, out: Path) -> None:
+    """Before any data is loaded or downloaded: a fresh serial run refuses a folder with finished
+    jobs it would delete (unless --overwrite); torch gets its thread count."""
+    if mode == "serial" and not s.run.resume:
+        check_fresh(out / "checkpoints", s.run.overwrite)
+    if s.execution.threads:
+        torch.set_num_threads(s.execution.threads)
+
+
+def run_and_report(
+    mode: str, recipe: Recipe, s: Settings, train, evals, out: Path, header: dict, study: dict, panels, report_fn
+) -> dict:
+    """Run the grid of seeds x --variants in `mode` (mode_of): only rewrite the outputs
+    (report_only), submit it (submit), or train one job of it (one_job) or all of it (serial). The
+    outputs are rewritten from every finished job on disk after each job, under the short "outputs"
+    lock, so they grow as jobs finish wherever the jobs run."""
+    run = s.run
+    jobs = grid(run.seeds, run.variants)
+    for variant in run.variants:  # refuse at the start what would fail after hours
         if recipe.steps_per_epoch(variant, len(train)) == 0:
             raise UsageError(
                 f"{len(train)} training rows make no full batch of {recipe.batch_size(variant)} for {variant} "
                 "(the protocol drops an epoch's short last batch); use more rows or a smaller --batch-size"
             )
     writer = Outputs(out, jobs, evals["validation"].labels, header, study, panels, report_fn, recipe)
-    if args.report_only:
+    if mode == "report_only":
         return writer.write(final=True)
     ckpt_root = out / "checkpoints"
-    if args.executor != "serial" and args.job is None:
+    if mode == "submit":
         from run import launch
 
         # a grid continues its folder (with --overwrite: starts it over first)
         prepare_checkpoints(
             ckpt_root,
             header["config"],
-            resume=not args.overwrite,
-            overwrite=args.overwrite,
+            resume=not run.overwrite,
+            overwrite=run.overwrite,
             start_over="rerun with --overwrite",
         )  # an executor's grid always resumes
-        return launch.submit(args, header, out, jobs, writer)
-    mine = jobs if args.job is None else [parse_job(args.job, jobs)]
+        return launch.submit(s.execution, header, out, jobs, writer)
+    one = mode == "one_job"
+    mine = [parse_job(run.job, jobs)] if one else jobs
     prepare_checkpoints(
         ckpt_root,
         header["config"],
-        resume=args.resume or args.job is not None,
-        overwrite=args.overwrite,
-        start_over="run without --resume" if args.job is None else "rerun the grid with --overwrite",
+        resume=run.resume or one,
+        overwrite=run.overwrite,
+        start_over="rerun the grid with --overwrite" if one else "run without --resume",
     )
     command = header["command"]
     for job in mine:
-        if job.result_state(out) and (args.resume or args.job is not None):
+        if job.result_state(out) and (run.resume or one):
             kept = read_result(job.folder(out) / "result.json", job.label)  # unreadable: a warning, then it runs again
             if kept is not None:
                 print(f"[{job.variant} seed {job.seed}] finished in an earlier run; skipping")
@@ -317,7 +351,7 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
             run_job(job, recipe, train, evals, out, command)
         except Interrupted as e:
             last = latest_checkpoint(job.folder(out))
-            if args.job is not None:
+            if one:
                 # a job of an executor stops within its signal's grace: its checkpoint is saved, it exits at once
                 # (no outputs rewritten, no t-SNE, no lock waited for); the next job to finish rewrites them
                 raise Interrupted(
@@ -332,7 +366,7 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
         except (UsageError, NonFiniteLoss):
             writer.write(tolerant=True)
             raise
-        if STOP and args.job is not None:
+        if STOP and one:
             # the stop came after the job's last look (its result is kept): within the signal's grace it exits at
             # once, rewriting nothing; its requeue (or the next job to finish, or --report-only) writes the outputs
             raise Interrupted(
@@ -341,34 +375,17 @@ def run_and_report(recipe: Recipe, args, train, evals, out: Path, header: dict, 
             )
         if job is not mine[-1]:
             writer.write(tolerant=True)  # after the last job, the write below is the one
-    m = writer.write(final=args.job is None)
-    if args.job is None:
+    m = writer.write(final=not one)
+    if not one:
         print(f"wrote {out}/" + ", ".join(outputs_of(m)))  # the figures it drew, no others
     return m
 
 
-def before_data(main, argv: list[str], args, presets: dict, out: Path) -> dict | None:
-    """What a command does before it loads any data: the ladder (every rung is this same command
-    line again, through `main`) or --status, whose result is returned; else None, with torch's
-    thread count set, and the run goes on."""
-    if args.ladder:
-        from run.ladder import run_ladder
-
-        return run_ladder(main, argv, args, presets, out)
-    if args.status:
-        return show_status(out, args)
-    if not (args.resume or args.report_only or args.job or args.executor != "serial"):
-        check_fresh(out / "checkpoints", args.overwrite)  # before any data is loaded or downloaded
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return None
-
-
-def show_status(out: Path, args) -> dict:
+def show_status(out: Path, run: Run) -> dict:
     """--status: the grid's jobs as a table, without starting anything."""
     from run.grid import status_table
 
-    rows = job_states(out, grid(args.seeds, args.variants))
+    rows = job_states(out, grid(run.seeds, run.variants))
     print(f"{out}:\n\n{status_table(rows)}")
     missing = [r for r in rows if r["state"] in ("failed", "not started", "stopped")]
     if missing:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import experiment_7b as e7
+from analysis import report_causal
 from engram import run_batch
 from experiment_7b import parse_args
 from qlora import loading as qlora
@@ -28,7 +29,7 @@ def args(tiny_qwen):
 @pytest.fixture(scope="module")
 def engram_model(args, tiny_qwen):
     torch.manual_seed(0)
-    return build_qlora_model(args, "dual_engram", torch.device("cpu"), torch.float32, str(tiny_qwen))
+    return build_qlora_model(e7.settings(args).model, "dual_engram", torch.device("cpu"), torch.float32, str(tiny_qwen))
 
 
 def test_defaults_are_the_studys(args):
@@ -153,7 +154,7 @@ def test_end_to_end_main_on_a_few_dozen_rows(tiny_qwen, sst2_small, tmp_path):
     assert h["train_lm_loss_batch_mean"] > 0 and h["val_lm_loss_batch_mean"] > 0 and h["train_sent_loss_batch_mean"] > 0
     # with the small experiment's metrics present, the report adds the cross-scale tables
     small.write_text(json.dumps(json.loads((out / "metrics.json").read_text()) | {"command": "python experiment.py"}))
-    text = e7.report_7b(saved, json.loads(small.read_text()))
+    text = report_causal.report_7b(saved, json.loads(small.read_text()))
     assert "## Cross-scale comparison" in text
     table = text.split("## Cross-scale comparison")[1]
     # three columns: the small run beside the study's small figures, this run, the study's 7B figures
@@ -278,9 +279,9 @@ def test_training_checkpoints_as_asked(tiny_qwen, sst2_small, tmp_path, monkeypa
     calls = {}
     real = e7.build_qlora_model
 
-    def build(args, *a, **k):
-        model = real(args, *a, **k)
-        key = args.gradient_checkpointing
+    def build(lm, *a, **k):
+        model = real(lm, *a, **k)
+        key = lm.gradient_checkpointing
         mlp = model.backbone.lm.get_base_model().model.layers[0].mlp
         # a pre-hook: the recompute stops inside the MLP once backward has what it needs
         mlp.register_forward_pre_hook(lambda *_: calls.update({key: calls.get(key, 0) + torch.is_grad_enabled()}))
@@ -354,7 +355,7 @@ def test_precision_never_fp16_on_older_gpus(monkeypatch, args, tiny_qwen, capabi
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     cuda = torch.device("cuda")
     assert qlora.precision(cuda) == (dtype, False)
-    assert e7.make_builder(args, cuda, str(tiny_qwen))[1] == dtype
+    assert e7.make_builder(e7.settings(args).model, 2e-4, cuda, str(tiny_qwen))[1] == dtype
     note = qlora.precision_note(cuda)
     if dtype == torch.float32:
         assert "\n" not in note and "Tesla T4" in note and "7.5" in note and "fp32" in note and "bf16" in note

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from analysis import controls as analysis
 from analysis import figures, metrics, stats
 from analysis.controls import could_change, random_compressor_control, representation_rank
+from analysis.study_figures import SMALL_STUDY
 from models import LinearCrossEntropy, SmallConfig, build_small_model, mlp_sentiment_head
-from protocols import SMALL_STUDY
 from tests.test_models import batch
 from train import provenance
 
@@ -370,13 +370,16 @@ def test_small_model_heads_compute_in_fp32_under_bf16_autocast():
 
 
 def test_qlora_heads_compute_in_fp32_under_bf16_autocast(tiny_qwen):
+    import experiment_7b
     from experiment_7b import parse_args
     from qlora.loading import build_qlora_model
 
     args = parse_args(["--model", str(tiny_qwen)])
     torch.manual_seed(0)
     try:
-        model = build_qlora_model(args, "dual_engram", torch.device("cpu"), torch.bfloat16, str(tiny_qwen))
+        model = build_qlora_model(
+            experiment_7b.settings(args).model, "dual_engram", torch.device("cpu"), torch.bfloat16, str(tiny_qwen)
+        )
     except Exception as e:  # pragma: no cover - depends on the installed bitsandbytes build
         pytest.skip(f"bf16 4-bit loading on the CPU is not available here: {type(e).__name__}: {e}")
     model.eval()

@@ -254,9 +254,9 @@ def tiny_dry_run(monkeypatch, on_build, steps=1, before_build=lambda: None):
     each variant is built and on_build(variant, checkpointing, built) after, before its steps."""
     real = e7.make_builder
 
-    def make_builder(args, device, source, preset=None):
-        build, dtype = real(args, device, source, preset)
-        checkpointing = args.gradient_checkpointing
+    def make_builder(lm, lr, device, source, preset=None):
+        build, dtype = real(lm, lr, device, source, preset)
+        checkpointing = lm.gradient_checkpointing
 
         def wrapped(variant, seed, total_steps):
             before_build()

@@ -15,7 +15,7 @@ import experiment
 import experiment_7b as e7
 import protocols
 from protocols import BIG, BIG_RUNGS, SMALL, SMALL_RUNGS
-from run import ladder
+from run import cli, ladder
 from tests.conftest import tiny_flags
 
 TINY = tiny_flags()
@@ -48,10 +48,10 @@ def test_each_rung_differs_from_the_base_in_exactly_its_fields(presets, rungs, b
 
 def test_a_rung_from_the_command_line_is_recorded_as_its_overrides():
     args = experiment.parse_args(["--rung", "attention", "--set", "lm_weight=0.3"])
-    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    preset, overrides = cli.preset_of(args, SMALL, experiment.PRESET_FLAGS)
     assert overrides == {"causal": False, "lm_weight": 0.3} and not preset.causal and preset.name == "written"
     args = e7.parse_args(["--protocol", "published", "--rung", "precision"])
-    assert protocols.resolve(BIG, args, e7.PRESET_FLAGS)[1] == {"autocast": True}
+    assert cli.preset_of(args, BIG, e7.PRESET_FLAGS)[1] == {"autocast": True}
     with pytest.raises(SystemExit):
         experiment.parse_args(["--rung", "pooling"])  # a 7B rung is not a small one
 
@@ -374,6 +374,7 @@ def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
     import signal
 
     from run import cli
+    from train.stop import check_stop
 
     def rung(args, argv):  # a rung whose last step has just finished when SIGTERM arrives
         assert signal.getsignal(signal.SIGTERM) == cli.STOP.handler
@@ -383,7 +384,7 @@ def test_a_signal_between_two_rungs_is_kept_not_dropped(capsys):
     def ladder_run(args, argv):
         assert cli.cli_main(lambda a: a, rung, []) == "rung done"
         assert cli.STOP.name == "SIGTERM"  # kept across the rung's own cli_main
-        cli.check_stop("the ladder, before rung vocabulary")
+        check_stop("the ladder, before rung vocabulary")
 
     with pytest.raises(SystemExit) as e:
         cli.cli_main(lambda a: a, ladder_run, [])

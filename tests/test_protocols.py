@@ -17,12 +17,12 @@ import torch
 
 import experiment
 import experiment_7b as e7
-import protocols
 from analysis import controls as analysis
+from analysis import study_figures
 from models import SmallConfig, build_small_model, count_parameters
 from nets.small_transformer import SmallBackbone
 from protocols import BIG, SMALL
-from run import cli, study
+from run import cli, settings, study
 from train import loop as training
 from train.checkpoints import seed_everything
 from train.data import Encoded, collate
@@ -144,7 +144,7 @@ def test_published_small_parameter_counts_are_the_studys_exactly():
     }
     assert (
         {v: c[0] for v, c in counts.items()}
-        == protocols.SMALL_STUDY["params"]
+        == study_figures.SMALL_STUDY["params"]
         == {"sentiment_only": 1_297_346, "dual_head": 2_329_346, "dual_engram": 2_354_082}
     )
     assert all(total == trainable for total, trainable in counts.values())
@@ -163,7 +163,7 @@ def test_written_small_parameter_counts_differ_from_the_published_ones():
     t1, t2, t3 = (count_parameters(m)[0] for m in (m1, m2, m3))
     assert t2 - t1 == cfg.d_model * V + V  # an untied LM head over the written vocabulary
     assert m2.backbone.lm_head.weight.data_ptr() != m2.backbone.tok.weight.data_ptr()
-    for t, published in zip((t1, t2, t3), protocols.SMALL_STUDY["params"].values()):
+    for t, published in zip((t1, t2, t3), study_figures.SMALL_STUDY["params"].values()):
         assert t != published
 
 
@@ -383,7 +383,8 @@ def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(
 ):
     args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", protocol])
     preset = BIG[protocol]
-    build, dtype = e7.make_builder(args, CPU, str(tiny_qwen), preset)
+    s = e7.settings(args)
+    build, dtype = e7.make_builder(s.model, s.training.lr, CPU, str(tiny_qwen), preset)
     assert dtype == torch.float32
     built = build("sentiment_only", 0, total)
     lam = built.scheduler.lr_lambdas[0]
@@ -398,7 +399,7 @@ def test_7b_presets_reach_the_scheduler_optimizer_and_recipe(
         and group["initial_lr"] == 2e-4
         and group["weight_decay"] == decay
     )
-    recipe = e7.make_recipe(args, preset, build, CPU)
+    recipe = e7.make_recipe(s.model, s.training, preset, build, CPU)
     variants = ("sentiment_only", "dual_head", "dual_engram")
     assert tuple(recipe.batch_size(v) for v in variants) == batches
     assert tuple(recipe.accum_steps(v) for v in variants) == accums
@@ -415,8 +416,8 @@ def _small_recipe(protocol: str, data: Path, out: Path, monkeypatch) -> tuple[tr
     """The Recipe experiment.run() builds, captured instead of run."""
     captured = {}
 
-    def capture(recipe, args, *rest):
-        captured["recipe"], captured["args"] = recipe, args
+    def capture(mode, recipe, settings, *rest):
+        captured["recipe"], captured["args"] = recipe, settings.training
         return {}
 
     monkeypatch.setattr(experiment, "run_and_report", capture)
@@ -471,7 +472,7 @@ def _qlora(protocol: str, tiny_qwen):
 
     args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", protocol])
     torch.manual_seed(0)
-    model = build_qlora_model(args, "dual_engram", CPU, torch.float32, str(tiny_qwen), BIG[protocol])
+    model = build_qlora_model(e7.settings(args).model, "dual_engram", CPU, torch.float32, str(tiny_qwen), BIG[protocol])
     return model.eval()
 
 
@@ -562,17 +563,17 @@ def test_7b_published_protocol_runs_end_to_end(tiny_qwen, sst2_small, tmp_path):
 
 def test_explicit_flags_and_set_are_recorded_as_overrides():
     args = experiment.parse_args(["--protocol", "published", "--lm-weight", "0.5"])
-    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    preset, overrides = cli.preset_of(args, SMALL, experiment.PRESET_FLAGS)
     assert overrides == {"lm_weight": 0.5}
     assert preset == dataclasses.replace(SMALL["published"], lm_weight=0.5)
     assert args.lm_weight == 0.5 and args.weight_decay == 0.01 and args.clip_norm == 1.0 and args.d_ff == 256
     # a flag equal to the preset's value is no override; --set reaches any field
     args = experiment.parse_args(["--protocol", "published", "--lm-weight", "0.3", "--set", "causal=true"])
-    preset, overrides = protocols.resolve(SMALL, args, experiment.PRESET_FLAGS)
+    preset, overrides = cli.preset_of(args, SMALL, experiment.PRESET_FLAGS)
     assert overrides == {"causal": True} and preset.causal and preset.name == "published"
     args = e7.parse_args(["--protocol", "published", "--warmup-ratio", "0.1"])
-    assert protocols.resolve(BIG, args, e7.PRESET_FLAGS)[1] == {"warmup_ratio": 0.1}
-    assert protocols.resolve(SMALL, experiment.parse_args([]), experiment.PRESET_FLAGS) == (SMALL["written"], {})
+    assert cli.preset_of(args, BIG, e7.PRESET_FLAGS)[1] == {"warmup_ratio": 0.1}
+    assert cli.preset_of(experiment.parse_args([]), SMALL, experiment.PRESET_FLAGS) == (SMALL["written"], {})
 
 
 def test_an_override_is_recorded_in_metrics_and_changes_the_loss(sst2_small, tmp_path):
@@ -618,8 +619,8 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("module, base", [(experiment, "results"), (e7, "results_7b")])
 def test_default_out_folder_is_per_protocol(module, base, monkeypatch):
-    assert cli.default_out(base, "written") == Path(base)
-    assert cli.default_out(base, "published") == Path(base) / "published"
+    assert settings.default_out(base, "written") == Path(base)
+    assert settings.default_out(base, "published") == Path(base) / "published"
     seen = []
 
     def check_writable(folder):
@@ -641,7 +642,7 @@ def test_the_other_protocol_is_looked_for_beside_this_runs_folder():
     in a folder outside that layout compares with nothing unless --compare names a file."""
 
     def where(*argv):
-        return cli.other_protocol_metrics(experiment.parse_args(list(argv)), "results")
+        return settings.other_protocol_metrics(experiment.settings(experiment.parse_args(list(argv))).run, "results")
 
     assert where() == Path("results/published/metrics.json")
     assert where("--protocol", "published") == Path("results/metrics.json")

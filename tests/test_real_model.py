@@ -58,7 +58,9 @@ def test_gguf_is_dequantised_once_into_a_plain_tied_llama(smol_folder, gguf_file
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_tied_lm_head_is_the_input_embedding_unquantised_and_frozen(smol_folder, four_bit):
     args = small_args(smol_folder, *([] if four_bit else ["--no-4bit"]))
-    model = qlora.build_qlora_model(args, "dual_head", torch.device("cpu"), torch.float32, smol_folder)
+    model = qlora.build_qlora_model(
+        e7.settings(args).model, "dual_head", torch.device("cpu"), torch.float32, smol_folder
+    )
     head = model.backbone.lm_head_module()
     embed = model.backbone._decoder.get_input_embeddings()
     assert head.weight is embed.weight  # still tied after k-bit preparation and LoRA
@@ -212,7 +214,9 @@ def test_gradient_checkpointing_gives_the_same_numbers(tiny_qwen):
             ]
         )
         torch.manual_seed(0)
-        model = qlora.build_qlora_model(args, "dual_engram", torch.device("cpu"), torch.float32, str(tiny_qwen))
+        model = qlora.build_qlora_model(
+            e7.settings(args).model, "dual_engram", torch.device("cpu"), torch.float32, str(tiny_qwen)
+        )
         model.sentiment_head[2].p = 0.0  # the head's dropout off, so both runs draw nothing at random
         model.train()
         ids = torch.randint(1, 500, (4, 9), generator=torch.Generator().manual_seed(1))
@@ -249,7 +253,9 @@ def test_each_preset_computes_in_the_dtypes_of_its_reading(four_bit, tiny_qwen, 
     seen = {}
     for name in ("written", "published"):
         args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", name, *([] if four_bit else ["--no-4bit"])])
-        build, _ = e7.make_builder(args, cpu, str(tiny_qwen), BIG[name])
+        build, _ = e7.make_builder(
+            e7.settings(args).model, e7.settings(args).training.lr, cpu, str(tiny_qwen), BIG[name]
+        )
         built = build("dual_engram", 0, 10)
         model = built.model
         dtypes = {}

@@ -138,7 +138,7 @@ def test_a_fresh_run_replaces_the_committed_study_and_refuses_results_git_does_n
 def test_the_command_that_continues_a_run_never_overwrites_and_resumes_a_serial_run(command, executor, expected):
     """Every "continue with" / "rerun" line (a stopped run, a stopped ladder, metrics.json's rerun):
     with --overwrite kept it would be refused (--overwrite with --resume) or delete what finished."""
-    from run.cli import continue_command
+    from run.grid import continue_command
 
     assert continue_command(command, executor) == expected
 
