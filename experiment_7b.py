@@ -23,6 +23,7 @@ from qlora.dry_run import dry_run
 from qlora.loading import (
     build_qlora_model,
     check_bitsandbytes,
+    cosine_with_warmup,
     encode_split,
     load_tokenizer,
     precision,
@@ -190,14 +191,12 @@ def make_builder(lm: CausalLM, lr: float, device: torch.device, model_path: str,
     preset = preset or BIG["written"]
 
     def build(variant: str, seed: int, total_steps: int) -> Built:
-        from transformers import get_cosine_schedule_with_warmup
-
         model = build_qlora_model(lm, variant, device, compute_dtype, model_path, preset)
         total, trainable = count_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=preset.weight_decay)
         # warm-up steps rounded down, as the study's code does: int(ratio * total)
-        sched = get_cosine_schedule_with_warmup(opt, int(preset.warmup_ratio * total_steps), total_steps)
+        sched = cosine_with_warmup(opt, int(preset.warmup_ratio * total_steps), total_steps)
         scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
         # the backbone's autocast dtype (heads stay fp32), or none: the study's code ran without autocast
         autocast = None if compute_dtype == torch.float32 or not preset.autocast else compute_dtype

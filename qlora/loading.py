@@ -359,3 +359,10 @@ def build_qlora_model(
         if module is not None:
             module.to(device=device, dtype=torch.float32)
     return model
+
+
+def cosine_with_warmup(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """transformers' linear warm-up then cosine decay, per optimiser step (the study's schedule)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(opt, warmup_steps, total_steps)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from models import VARIANTS, EngramModel
 from train.data import Encoded, Vocab, collate
 from train.provenance import describe_code
 from train.stop import UsageError
-from train.weights import HEAD_MODULES, load_heads, nearest_cluster, read_weights, weights_folder
+from train.weights import load_heads, nearest_cluster, read_weights, weights_folder
 
 LABELS = ("negative", "positive")
 BATCH = 32  # sentences per forward pass
@@ -129,53 +128,20 @@ def load_small(folder: Path, meta: dict, device: torch.device) -> Loaded:
 
 
 def load_causal_lm(folder: Path, meta: dict, device: torch.device, model: str | None, cache_dir: Path | None) -> Loaded:
-    """The base named in the run (or `model`), loaded as the run loaded it (4-bit NF4 unless it ran
-    with --no-4bit), the saved adapter on it with PeftModel.from_pretrained, and the saved heads."""
-    from peft import PeftModel
+    """The base named in the run (or `model`) with the saved adapter on it (qlora/adapter.py), and
+    the saved heads."""
+    from qlora.adapter import with_adapter
 
-    from models import HFBackbone, ModelSpec, mlp_sentiment_head
-    from qlora import loading as qlora
-
-    cfg = meta["config"]
-    path = qlora.resolve_model_source(model or cfg["base_model"], cache_dir)
-    compute_dtype, _ = qlora.precision(device)
-    if cfg["load_in_4bit"]:
-        qlora.check_bitsandbytes(device)
-    lm = qlora.load_base(path, device, compute_dtype, cfg["load_in_4bit"], checkpointing=False)
-    try:
-        with warnings.catch_warnings():  # peft's own call of a deprecated transformers name, as in qlora.with_lora
-            warnings.filterwarnings(
-                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
-            lm = PeftModel.from_pretrained(lm, str(folder / "adapter"))
-    except Exception as e:  # a missing file, or an adapter of another base
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"the adapter in {folder / 'adapter'} does not load on {path} ({first})") from None
-    qlora.keep_training_layout(lm)  # the layout the run evaluated in (its CPU 4-bit kernels' numbers)
-    backbone = HFBackbone(lm, compute_dtype if cfg["autocast"] else None)
-    spec = ModelSpec(
-        variant=meta["variant"],
-        pooling=cfg["pooling"],
-        engram_dim=cfg["engram_dim"],
-        sent_weight=cfg["sent_weight"],
-        lm_weight=cfg["lm_weight"],
-        lm_chunk_rows=cfg["lm_chunk_rows"],
-        prefix_predicts_first=cfg["prefix_predicts_first"],
-    )
-    engram_model = EngramModel(backbone, spec, mlp_sentiment_head(backbone.hidden_size, cfg["head_width"]))
-    for name in HEAD_MODULES:
-        if getattr(engram_model, name) is not None:
-            getattr(engram_model, name).to(device=device, dtype=torch.float32)
+    engram_model, tok, autocast = with_adapter(folder, meta, device, model, cache_dir)
     try:
         load_heads(engram_model, folder)
     except Exception as e:
         raise cannot_rebuild(folder, meta, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     engram_model.eval()
-    tok = qlora.load_tokenizer(path)
-    autocast = compute_dtype if cfg["autocast"] and compute_dtype != torch.float32 else None
+    max_length = meta["config"]["max_length"]
 
     def encode(sentence: str) -> list[int]:
-        return tok(sentence, truncation=True, max_length=cfg["max_length"])["input_ids"]
+        return tok(sentence, truncation=True, max_length=max_length)["input_ids"]
 
     return Loaded(meta["variant"], engram_model, encode, tok.pad_token_id, autocast, meta, read_kmeans(folder))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from models import VARIANTS
@@ -24,7 +24,7 @@ class Run:
     ladder: bool = False
     rung: str | None = None
     seeds: tuple[int, ...] = (42,)
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = field(default_factory=lambda: tuple(VARIANTS))  # the table, when asked
     out: Path | None = None  # None: the protocol's default folder
     resume: bool = False
     overwrite: bool = False
