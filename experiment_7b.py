@@ -219,10 +219,10 @@ def make_recipe(
     return Recipe(
         "7b",
         build,
-        preset.batch_for,
+        lambda v: preset.batch_for(VARIANTS[v].engram),
         training.epochs,
         device,
-        accum_steps=preset.accum_for,
+        accum_steps=lambda v: preset.accum_for(VARIANTS[v].engram),
         clip_norm=preset.clip_norm or None,
         drop_last=preset.drop_last,
         train_mode="pair",
@@ -255,7 +255,7 @@ def lora_weights(lm: CausalLM, preset, model_path: str) -> WeightSpec:
         "autocast": preset.autocast,
         "prefix_predicts_first": preset.prefix_predicts_first,
         "eval_mode": preset.eval_mode,
-        "batch_size": {v: preset.batch_for(v) for v in VARIANTS},
+        "batch_size": {v: preset.batch_for(e.engram) for v, e in VARIANTS.items()},
     }  # each variant's evaluation batches
     return WeightSpec("causal_lm", config)
 

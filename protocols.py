@@ -99,13 +99,14 @@ class BigProtocol(_Checked):
     # On the CPU the compute dtype is fp32 and both settings compute alike.
     autocast: bool
 
-    def batch_for(self, variant: str) -> int:
-        if variant == "dual_engram" and self.engram_batch_size is not None:
+    def batch_for(self, pair_step: bool) -> int:
+        """Sentences a batch: the engram's sequential-pair step (models.Variant.engram) may have its own."""
+        if pair_step and self.engram_batch_size is not None:
             return self.engram_batch_size
         return self.batch_size
 
-    def accum_for(self, variant: str) -> int:
-        return self.engram_accum_steps if variant == "dual_engram" else self.accum_steps
+    def accum_for(self, pair_step: bool) -> int:
+        return self.engram_accum_steps if pair_step else self.accum_steps
 
 
 SMALL = {

@@ -4,7 +4,7 @@ the study's per-epoch accuracies and training dynamics beside ours, and the cros
 from __future__ import annotations
 
 from analysis import reporting as rep
-from analysis.metrics import subject
+from analysis.metrics import HYPOTHESES, subject
 from analysis.report_format import LABELS, mean_std, number
 from analysis.study_figures import BIG_STUDY, SMALL_STUDY
 from models import VARIANTS
@@ -159,7 +159,7 @@ def cross_scale_section(small: dict | None, big: dict) -> list[str]:
         ),
         lambda st: None,
     )
-    for v in ("sentiment_only", "dual_head"):
+    for v in reversed(HYPOTHESES["H1"]):  # the LM head's pair: the rank it keeps
         row(
             f"Effective rank of pooled states, {LABELS[v]}",
             lambda m, v=v: (

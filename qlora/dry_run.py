@@ -365,7 +365,7 @@ def dry_run(lm: CausalLM, dry: DryRun, lr: float, device: torch.device, preset, 
     for checkpointing in (True, False):
         build, _ = make_builder(replace(lm, gradient_checkpointing=checkpointing), lr, device, source, preset)
         for variant in VARIANTS:
-            bs = preset.batch_for(variant)
+            bs = preset.batch_for(VARIANTS[variant].engram)
             ids = torch.randint(0, vocab, (bs, lm.max_length), generator=g)  # [bs,T] random tokens
             row = {
                 "variant": variant,
