@@ -48,14 +48,7 @@ def report_7b(m: dict, small: dict | None, other: dict | None = None) -> str:
     lines += rep.summary_section(m)
     lines += rep.protocols_section(m, other)
     lines += cross_scale_section(small, m)
-    lines += [
-        "## Figures",
-        "",
-        "![learning curves](learning_curves.png)",
-        "",
-        "![engram clusters](engram_clusters.png)",
-        "",
-    ]
+    lines += rep.figures_section()
     lines += rep.history_section(m)
     return "\n".join(lines)
 

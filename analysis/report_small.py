@@ -16,13 +16,6 @@ def small_report(m: dict, other: dict | None = None) -> str:
     lines += rep.probe_section(m)
     lines += rep.summary_section(m)
     lines += rep.protocols_section(m, other)
-    lines += [
-        "## Figures",
-        "",
-        "![learning curves](learning_curves.png)",
-        "",
-        "![engram clusters](engram_clusters.png)",
-        "",
-    ]
+    lines += rep.figures_section()
     lines += rep.history_section(m)
     return "\n".join(lines)

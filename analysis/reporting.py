@@ -318,3 +318,15 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
                     f"{_msd(ep['random_compressor'][key], digits, scale)} | – |"
                 )
     return lines + [""]
+
+
+def figures_section() -> list[str]:
+    """The two figures every run writes beside its REPORT.md."""
+    return [
+        "## Figures",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![engram clusters](engram_clusters.png)",
+        "",
+    ]
