@@ -9,13 +9,7 @@ from analysis.study_figures import SMALL_STUDY
 def small_report(m: dict, other: dict | None = None) -> str:
     lines = rep.report_header(m, "Experiment 1: small transformers from scratch on SST-2")
     lines += ["## Validation accuracy (%)", "", *rep.accuracy_table(m), *rep.per_seed_table(m)]
-    lines += rep.hypothesis_section(m)
-    lines += rep.extra_section(m)
-    lines += rep.engram_section(m, SMALL_STUDY["engram"])
-    lines += rep.rank_section(m)
-    lines += rep.probe_section(m)
-    lines += rep.summary_section(m)
-    lines += rep.protocols_section(m, other)
+    lines += rep.findings_sections(m, SMALL_STUDY["engram"], other)
     lines += rep.figures_section()
     lines += rep.history_section(m)
     return "\n".join(lines)

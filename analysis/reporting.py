@@ -320,6 +320,20 @@ def protocols_section(m: dict, other: dict | None) -> list[str]:
     return lines + [""]
 
 
+def findings_sections(m: dict, study_engram: dict, other: dict | None) -> list[str]:
+    """The sections both scripts' reports share, after their accuracy tables: the hypotheses, the
+    extra sets, the engram, the ranks, the probes, the summary and the other protocol beside."""
+    return [
+        *hypothesis_section(m),
+        *extra_section(m),
+        *engram_section(m, study_engram),
+        *rank_section(m),
+        *probe_section(m),
+        *summary_section(m),
+        *protocols_section(m, other),
+    ]
+
+
 def figures_section() -> list[str]:
     """The two figures every run writes beside its REPORT.md."""
     return [
