@@ -24,6 +24,15 @@ def tiny_flags(epochs: int | None = None, max_train: int | None = 64) -> list[st
     return flags + ["--max-eval", "40", *model, "--max-len", "24", "--threads", "1"]
 
 
+def token_ids(model: Path, shape: tuple[int, ...], seed: int):
+    """Random token ids in [1, 500) of a saved model's vocabulary, or below its size where that is
+    smaller: the tiny Qwen's tokenizer has 600 tokens on the shared SST-2 rows, ~300 on the generated ones."""
+    import torch
+
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    return torch.randint(1, min(500, vocab), shape, generator=torch.Generator().manual_seed(seed))
+
+
 def write_tsv(path: Path, rows, header="sentence\tlabel") -> Path:
     path.write_text("\n".join([header, *(f"{s}\t{label}" for s, label in rows)]) + "\n")
     return path
@@ -88,12 +97,17 @@ def sst2_rows(out: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
 
         rng = random.Random(seed)
         good, bad = "good great fine lovely superb".split(), "bad awful dull poor boring".split()
+        # English sentences with context around the sentiment words, so that a pretrained LM reads them
+        # as text: SmolLM2's LM loss on them is ~5.4, as on real SST-2 rows (5.6; on bare words, 10.7)
+        subjects = ["the film", "this movie", "the story", "the acting", "the music", "the ending"]
+        verbs = ["is", "was", "feels", "seems"]
         for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
             rows = []
             for _ in range(n):
                 label = rng.randrange(2)
-                words = [rng.choice(good if label else bad) for _ in range(rng.randrange(2, 9))]
-                rows.append((" ".join(words), label))
+                words = [rng.choice(good if label else bad) for _ in range(rng.randrange(1, 3))]
+                subject, verb = rng.choice(subjects), rng.choice(verbs)
+                rows.append((f"i thought that {subject} {verb} {' and '.join(words)} from start to finish .", label))
             write_tsv(out / name, rows)
     return out
 

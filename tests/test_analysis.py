@@ -18,6 +18,7 @@ from analysis import figures, metrics, stats
 from analysis.controls import could_change, random_compressor_control, representation_rank
 from analysis.study_figures import SMALL_STUDY
 from models import LinearCrossEntropy, SmallConfig, build_small_model, mlp_sentiment_head
+from tests.conftest import token_ids
 from tests.test_models import batch
 from train import provenance
 
@@ -383,9 +384,7 @@ def test_qlora_heads_compute_in_fp32_under_bf16_autocast(tiny_qwen):
     except Exception as e:  # pragma: no cover - depends on the installed bitsandbytes build
         pytest.skip(f"bf16 4-bit loading on the CPU is not available here: {type(e).__name__}: {e}")
     model.eval()
-    # below the tokenizer's size: ~600 on the shared SST-2 rows, fewer on conftest's generated ones
-    vocab = json.loads((tiny_qwen / "config.json").read_text())["vocab_size"]
-    ids = torch.randint(1, min(500, vocab), (3, 7), generator=torch.Generator().manual_seed(0))
+    ids = token_ids(tiny_qwen, (3, 7), seed=0)
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 5:] = 0
     ids[mask == 0] = 0

@@ -12,6 +12,7 @@ import torch
 
 import experiment_7b as e7
 from qlora import loading as qlora
+from tests.conftest import token_ids
 from train.stop import UsageError
 
 
@@ -219,7 +220,7 @@ def test_gradient_checkpointing_gives_the_same_numbers(tiny_qwen):
         )
         model.sentiment_head[2].p = 0.0  # the head's dropout off, so both runs draw nothing at random
         model.train()
-        ids = torch.randint(1, 500, (4, 9), generator=torch.Generator().manual_seed(1))
+        ids = token_ids(tiny_qwen, (4, 9), seed=1)
         mask = torch.ones_like(ids)
         mask[1, 6:] = 0
         from engram import run_batch
@@ -249,7 +250,7 @@ def test_each_preset_computes_in_the_dtypes_of_its_reading(four_bit, tiny_qwen, 
 
     monkeypatch.setattr(e7, "precision", lambda device: (torch.bfloat16, False))
     cpu = torch.device("cpu")
-    ids = torch.randint(1, 500, (4, 9), generator=torch.Generator().manual_seed(1))
+    ids = token_ids(tiny_qwen, (4, 9), seed=1)
     seen = {}
     for name in ("written", "published"):
         args = e7.parse_args(["--model", str(tiny_qwen), "--protocol", name, *([] if four_bit else ["--no-4bit"])])
