@@ -98,16 +98,21 @@ def sst2_rows(out: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
         rng = random.Random(seed)
         good, bad = "good great fine lovely superb".split(), "bad awful dull poor boring".split()
         # English sentences with context around the sentiment words, so that a pretrained LM reads them
-        # as text: SmolLM2's LM loss on them is ~5.4, as on real SST-2 rows (5.6; on bare words, 10.7)
+        # as text (SmolLM2's LM loss: ~6.1; real SST-2 rows 5.6, bare word lists 10.7), each about a
+        # made-up name, so that the vocabulary grows with the rows as a real one does (~1,800 words in
+        # 2,000 rows; 4,664 real): a tiny vocabulary makes training cheap beside a job's start-up
         subjects = ["the film", "this movie", "the story", "the acting", "the music", "the ending"]
         verbs = ["is", "was", "feels", "seems"]
+        syllables = "ka lo mi ra te so vi na du be ro sa li mo ta ne gu pa fi zo".split()
         for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
             rows = []
             for _ in range(n):
                 label = rng.randrange(2)
                 words = [rng.choice(good if label else bad) for _ in range(rng.randrange(1, 3))]
                 subject, verb = rng.choice(subjects), rng.choice(verbs)
-                rows.append((f"i thought that {subject} {verb} {' and '.join(words)} from start to finish .", label))
+                about = "".join(rng.choice(syllables) for _ in range(3))
+                sentence = f"i thought that {subject} of {about} {verb} {' and '.join(words)} from start to finish ."
+                rows.append((sentence, label))
             write_tsv(out / name, rows)
     return out
 
